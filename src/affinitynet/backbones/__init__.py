@@ -1,0 +1,67 @@
+"""Backbone registry (timm-style): ``@register_backbone("name")`` on a builder function, then
+``create_backbone(name, output_stride=8, pretrained=...)``.
+
+Every backbone is an ``nn.Module`` whose ``forward(x)`` returns a list of feature maps, one per
+level (a level is a group of units sharing one output stride, paper footnote 1), shallow to deep;
+the last map is at ``output_stride``. AffinityNet uses the last three levels. Attributes:
+
+- ``out_channels``: tuple of channel counts, one per returned level
+- ``output_stride``: int
+- ``mean``, ``std``: the RGB normalisation (0..1 scale) its ImageNet weights expect
+- ``name``: registry name
+
+``pretrained`` is ``True`` (the weights the backbone ships with offline, where it has any),
+``False`` (random initialisation) or a path to a state dict file supplied by the user.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+class WeightsError(RuntimeError):
+    """A weight file that cannot be loaded into a backbone; the message names file and keys."""
+
+
+def register_backbone(name: str):
+    def decorator(builder: Callable[..., nn.Module]):
+        if name in _REGISTRY:
+            raise ValueError(f"backbone '{name}' is registered twice")
+        _REGISTRY[name] = builder
+        return builder
+    return decorator
+
+
+def list_backbones() -> list[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str, output_stride: int = 8, pretrained: bool | str = True) -> nn.Module:
+    _import_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(sorted(_REGISTRY))})")
+    model = _REGISTRY[name](output_stride=output_stride, pretrained=pretrained)
+    model.name = name
+    return model
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm in eval mode with frozen affine parameters (paper's setting).
+
+    Call after ``module.train()``: ``train()`` switches BatchNorm back to batch statistics.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+            for parameter in layer.parameters():
+                parameter.requires_grad_(False)
+
+
+def _import_all() -> None:
+    # Importing the modules runs their @register_backbone decorators.
+    from . import mobilenetv2, efficientnet_lite0, resnet38d, resnet50, vgg16  # noqa: F401

@@ -1,0 +1,398 @@
+"""Experiment configuration: the paper's hyper-parameters as defaults, YAML files, command-line
+overrides, validation with one-line errors, and per-stage hashes for resumable runs.
+
+The defaults are the paper's settings (PASCAL VOC 2012, ResNet-38, Section 5.1); the shipped YAML
+files (``affinitynet/configs/*.yaml``) override what differs for their experiment.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from .io import write_text
+
+
+class ConfigError(ValueError):
+    """A bad configuration; ``str()`` is one line naming the key and what is allowed."""
+
+
+# The paper's values (Section 5.1, 4.2) unless a comment says otherwise.
+DEFAULTS: dict[str, Any] = {
+    "run_dir": "runs/voc12",
+    "seed": 0,
+    "device": "auto",
+    "num_workers": 0,
+    "threads": 0,
+    "strict": False,
+    "dataset": {
+        "name": "voc12",
+        "root": None,
+        "protocol": "object",          # msrc21 only: "object" (14 + background) or "standard21"
+        "train_split": "train_aug",    # CAM, AffinityNet and segmentation training images
+        "label_split": "train",        # split on which pseudo labels are scored (Table 1)
+        "eval_split": "val",           # split on which the segmentation network is scored (Table 2)
+        "labels_file": None,           # folder dataset: CSV or JSON of tags per image
+        "classes_file": None,          # folder dataset: class names, one per line
+        "demo_size": 128,              # demo dataset: image side in pixels
+        "demo_train": 240,             # demo dataset: images in the train split
+        "demo_val": 60,                # demo dataset: images in the val split
+    },
+    "backbone": {
+        "name": "resnet38d",
+        "weights": None,               # file with ImageNet weights; None: the packaged ones, if any
+        "output_stride": 8,
+    },
+    "cam": {
+        "head_channels": 512,          # the 3x3 conv of Section 4.2
+        "crop_size": 448,
+        "resize_long": [256, 512],     # random rescale of the long side (released code)
+        "color_jitter": [0.3, 0.3, 0.3, 0.1],
+        "batch_size": 16,
+        "epochs": 15,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,               # the released code ran with 5e-4 by mistake
+        "weight_decay": 5e-4,
+        "poly_power": 0.9,
+        "new_layer_lr_mult": 10.0,
+        "scales": [1.0, 0.5, 1.5, 2.0],
+        "flip": True,
+        "eval_alpha": 16.0,            # background (1 - max M)^alpha for the "CAM" row of Table 1
+        "eval_bg_threshold": None,     # or a constant background score (released code: 0.2)
+    },
+    "crf": {
+        "gaussian_sxy": 3.0,
+        "gaussian_compat": 3.0,
+        "bilateral_sxy": 80.0,
+        "bilateral_srgb": 13.0,
+        "bilateral_compat": 10.0,
+        "iterations": 10,
+    },
+    "affinity": {
+        "alpha_low": 4.0,              # amplified background: confident objects
+        "alpha_high": 24.0,            # weakened background: confident background (code: 32)
+        "radius": 5,                   # gamma of Eq. 4
+        "distance": "mean",            # "mean" over channels (released code) or "sum" (Eq. 3)
+        "crop_size": 448,
+        "color_jitter": [0.3, 0.3, 0.3, 0.1],
+        "batch_size": 8,
+        "epochs": 8,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "poly_power": 0.9,
+        "new_layer_lr_mult": 10.0,
+    },
+    "random_walk": {
+        "alpha": 16.0,                 # background of Eq. 2 for the walk's input CAMs
+        "beta": 8.0,                   # Hadamard power of Eq. 11
+        "t": 256,                      # iterations of Eq. 12
+        "radius": 5,
+        "crf": True,                   # dCRF on the upsampled revised CAMs (Table 1, last row)
+    },
+    "segmentation": {
+        "head": "resnet38",            # two 3x3 atrous convs, dilation 12 (Section 4.2)
+        "supervision": "pseudo",       # "pseudo" labels, or "gt" for the fully supervised bound
+        "crop_size": 448,
+        "scale_range": [0.7, 1.3],
+        "color_jitter": [0.3, 0.3, 0.3, 0.1],
+        "batch_size": 8,
+        "epochs": 30,
+        "optimizer": "adam",           # Section 5.1; "sgd" with a poly schedule as an option
+        "lr": 1e-4,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "poly_power": 0.9,
+        "new_layer_lr_mult": 10.0,
+        "scales": [0.5, 0.75, 1.0, 1.25, 1.5],   # Appendix A.2
+        "flip": True,
+        "crf": False,
+    },
+    "report": {
+        "gallery_size": 8,
+    },
+    "sweep": {
+        "betas": [2.0, 4.0, 8.0, 16.0, 32.0],
+        "ts": [16, 32, 64, 128, 256],
+        "alphas": [4.0, 8.0, 16.0, 24.0, 32.0],
+        "max_images": 0,               # 0: the whole label split
+    },
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    describe: str
+    check: Callable[[Any], bool]
+
+
+def _number(low: float | None = None, high: float | None = None, *, strict_low: bool = False,
+            integer: bool = False, optional: bool = False) -> Rule:
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if strict_low else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"<= {high:g}")
+    describe = ("an integer" if integer else "a number") + (" " + " and ".join(bounds) if bounds else "")
+    if optional:
+        describe += " (or null)"
+
+    def check(value: Any) -> bool:
+        if value is None:
+            return optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if integer and not isinstance(value, int):
+            return False
+        if value != value:  # NaN
+            return False
+        if low is not None and (value <= low if strict_low else value < low):
+            return False
+        return high is None or value <= high
+
+    return Rule(describe, check)
+
+
+def _choice(*options: str) -> Rule:
+    return Rule("one of " + ", ".join(repr(o) for o in options), lambda v: v in options)
+
+
+def _string(optional: bool = False) -> Rule:
+    return Rule("a string" + (" (or null)" if optional else ""),
+                lambda v: isinstance(v, str) and v != "" or (optional and v is None))
+
+
+def _boolean() -> Rule:
+    return Rule("true or false", lambda v: isinstance(v, bool))
+
+
+def _number_list(low: float = 0.0, length: int | None = None, strict_low: bool = True,
+                 integer: bool = False) -> Rule:
+    item = _number(low, strict_low=strict_low, integer=integer)
+    size = f"{length} " if length else "a non-empty list of "
+    describe = f"{size}{'integers' if integer else 'numbers'} each {item.describe.split(' ', 2)[-1]}"
+
+    def check(value: Any) -> bool:
+        return (isinstance(value, list) and len(value) > 0 and (length is None or len(value) == length)
+                and all(item.check(v) for v in value))
+
+    return Rule(describe, check)
+
+
+RULES: dict[str, Rule] = {
+    "run_dir": _string(),
+    "seed": _number(0, integer=True),
+    "device": Rule("'auto', 'cpu', 'cuda' or 'cuda:N'",
+                   lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or
+                                                     (v.startswith("cuda:") and v[5:].isdigit()))),
+    "num_workers": _number(0, 64, integer=True),
+    "threads": _number(0, 256, integer=True),
+    "strict": _boolean(),
+    "dataset.name": _choice("demo", "msrc21", "voc12", "folder"),
+    "dataset.root": _string(optional=True),
+    "dataset.protocol": _choice("object", "standard21"),
+    "dataset.train_split": _string(),
+    "dataset.label_split": _string(),
+    "dataset.eval_split": _string(),
+    "dataset.labels_file": _string(optional=True),
+    "dataset.classes_file": _string(optional=True),
+    "dataset.demo_size": _number(32, 1024, integer=True),
+    "dataset.demo_train": _number(1, 1_000_000, integer=True),
+    "dataset.demo_val": _number(1, 1_000_000, integer=True),
+    "backbone.name": _string(),
+    "backbone.weights": _string(optional=True),
+    "backbone.output_stride": Rule("8 or 16", lambda v: v in (8, 16) and not isinstance(v, bool)),
+    "cam.eval_alpha": _number(1),
+    "cam.eval_bg_threshold": _number(0, 1, optional=True),
+    "affinity.alpha_low": _number(1),
+    "affinity.alpha_high": _number(1),
+    "affinity.radius": _number(1, 64, integer=True),
+    "affinity.distance": _choice("mean", "sum"),
+    "random_walk.alpha": _number(1),
+    "random_walk.beta": _number(0, strict_low=True),
+    "random_walk.t": _number(1, integer=True),
+    "random_walk.radius": _number(1, 64, integer=True),
+    "random_walk.crf": _boolean(),
+    "segmentation.head": _choice("resnet38", "deeplab_largefov"),
+    "segmentation.supervision": _choice("pseudo", "gt"),
+    "crf.iterations": _number(0, 1000, integer=True),
+    "report.gallery_size": _number(0, 1000, integer=True),
+    "sweep.betas": _number_list(0.0),
+    "sweep.ts": _number_list(1, strict_low=False, integer=True),
+    "sweep.alphas": _number_list(1, strict_low=False),
+    "sweep.max_images": _number(0, integer=True),
+}
+for _section in ("cam", "affinity", "segmentation"):
+    RULES.update({
+        f"{_section}.crop_size": _number(16, 4096, integer=True),
+        f"{_section}.color_jitter": _number_list(0.0, length=4, strict_low=False),
+        f"{_section}.batch_size": _number(1, 4096, integer=True),
+        f"{_section}.epochs": _number(1, 10_000, integer=True),
+        f"{_section}.optimizer": _choice("sgd", "adam"),
+        f"{_section}.lr": _number(0, strict_low=True),
+        f"{_section}.momentum": _number(0, 1),
+        f"{_section}.weight_decay": _number(0),
+        f"{_section}.poly_power": _number(0),
+        f"{_section}.new_layer_lr_mult": _number(0, strict_low=True),
+    })
+RULES.update({
+    "cam.head_channels": _number(1, 8192, integer=True),
+    "cam.resize_long": _number_list(16, length=2, strict_low=False, integer=True),
+    "cam.scales": _number_list(0.0),
+    "cam.flip": _boolean(),
+    "segmentation.scale_range": _number_list(0.0, length=2),
+    "segmentation.scales": _number_list(0.0),
+    "segmentation.flip": _boolean(),
+    "segmentation.crf": _boolean(),
+})
+for _key in ("gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat"):
+    RULES[f"crf.{_key}"] = _number(0)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _known_keys() -> set[str]:
+    return set(_flatten(DEFAULTS))
+
+
+def get(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    known = _known_keys()
+    if dotted not in known:
+        sections = {k.split(".")[0] for k in known if "." in k}
+        head = dotted.split(".")[0]
+        if head in sections and "." in dotted:
+            choices = sorted(k.split(".", 1)[1] for k in known if k.startswith(head + "."))
+            hint = f"known keys in '{head}': {', '.join(choices)}"
+        else:
+            hint = "known top-level keys: " + ", ".join(sorted({k.split('.')[0] for k in known}))
+        raise ConfigError(f"{source}: unknown config key '{dotted}' ({hint})")
+    parts = dotted.split(".")
+    node = config
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _merge(config: dict[str, Any], tree: Any, source: str, prefix: str = "") -> None:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping of keys")
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(_default_at(dotted), dict):
+            _merge(config, value, source, dotted + ".")
+        else:
+            _set(config, dotted, value, source)
+
+
+def _default_at(dotted: str) -> Any:
+    try:
+        return get(DEFAULTS, dotted)
+    except (KeyError, TypeError):
+        return None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` with the value parsed as YAML (so ``8``, ``true``, ``[1, 2]`` work)."""
+    if "=" not in text:
+        raise ConfigError(f"command line: override '{text}' must look like key=value (e.g. random_walk.beta=8)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate(config: dict[str, Any]) -> None:
+    for dotted, value in _flatten(config).items():
+        rule = RULES.get(dotted)
+        if rule is None:
+            # Keys without a rule share the type of their default.
+            default = _default_at(dotted)
+            if default is None or value is None and default is None:
+                continue
+            expected = float if isinstance(default, float) else type(default)
+            ok = isinstance(value, expected) or (expected is float and isinstance(value, int)
+                                                 and not isinstance(value, bool))
+            if not ok:
+                raise ConfigError(f"config key '{dotted}' must be {expected.__name__}, got {value!r}")
+            continue
+        if not rule.check(value):
+            raise ConfigError(f"config key '{dotted}' must be {rule.describe}, got {value!r}")
+    name = config["dataset"]["name"]
+    if name != "demo" and not config["dataset"]["root"]:
+        raise ConfigError(f"config key 'dataset.root' must name the {name} dataset directory (it is null)")
+    if name == "folder" and not config["dataset"]["labels_file"]:
+        raise ConfigError("config key 'dataset.labels_file' must name a CSV or JSON of tags for the folder dataset")
+    root = config["dataset"]["root"]
+    if name != "demo" and root and not Path(root).is_dir():
+        raise ConfigError(f"config key 'dataset.root': directory '{root}' does not exist")
+
+
+def builtin_config_path(name: str) -> Path:
+    return Path(str(resources.files("affinitynet") / "configs" / f"{name}.yaml"))
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                check: bool = True) -> dict[str, Any]:
+    """Defaults <- YAML file (a path, or a built-in name like ``demo``) <- ``key=value`` overrides."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is None:
+        path = builtin_config_path("demo")
+    path = Path(path)
+    if not path.exists() and not path.suffix and builtin_config_path(str(path)).exists():
+        path = builtin_config_path(str(path))
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        line = getattr(getattr(error, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    _merge(config, tree, str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(config, key, value, "command line")
+    if check:
+        validate(config)
+    return config
+
+
+def dump(config: dict[str, Any]) -> str:
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def save_resolved(config: dict[str, Any], path: str | Path) -> None:
+    write_text(path, dump(config))
+
+
+def section_hash(config: dict[str, Any], keys: Iterable[str], *upstream: str) -> str:
+    """Hash of the named config keys (dotted or whole sections) and of upstream stage hashes."""
+    picked = {key: get(config, key) for key in sorted(keys)}
+    payload = json.dumps({"keys": picked, "upstream": list(upstream)}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

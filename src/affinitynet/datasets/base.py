@@ -1,0 +1,91 @@
+"""What every dataset provides: ids, class names, images, image-level labels, optional masks.
+
+Class index 0 is ``background``; object classes are 1..K, as in PASCAL VOC. Image-level labels
+are the object classes present (never background). Masks are uint8 (H, W) with 255 = ignore.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..io import InputError, load_image
+
+IGNORE_INDEX = 255
+
+
+@dataclass
+class Sample:
+    id: str
+    image_path: Path
+    labels: tuple[int, ...]             # object class indices present, 1..K, sorted
+    mask_path: Path | None = None
+
+
+@dataclass
+class SegmentationDataset:
+    """A split of a dataset. Subclasses fill ``samples`` and may override :meth:`load_mask`."""
+
+    name: str
+    root: Path
+    split: str
+    class_names: list[str]              # index 0 = "background"
+    samples: list[Sample] = field(default_factory=list)
+    # Inputs refused while the split was read (one line each), reported by batch commands.
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Background plus object classes."""
+        return len(self.class_names)
+
+    @property
+    def num_object_classes(self) -> int:
+        return len(self.class_names) - 1
+
+    @property
+    def ids(self) -> list[str]:
+        return [sample.id for sample in self.samples]
+
+    @property
+    def has_masks(self) -> bool:
+        return any(sample.mask_path is not None for sample in self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+    def by_id(self, sample_id: str) -> Sample:
+        if not hasattr(self, "_index"):
+            self._index = {sample.id: sample for sample in self.samples}
+        return self._index[sample_id]
+
+    def load_image(self, sample: Sample) -> np.ndarray:
+        """RGB uint8 (H, W, 3); raises InputError naming the file."""
+        return load_image(sample.image_path)
+
+    def load_mask(self, sample: Sample) -> np.ndarray | None:
+        """uint8 (H, W) class indices with 255 = ignore, or None without ground truth."""
+        raise NotImplementedError
+
+    def multi_hot(self, sample: Sample) -> np.ndarray:
+        """Image-level labels over the K object classes (float32, shape (K,))."""
+        target = np.zeros(self.num_object_classes, dtype=np.float32)
+        for label in sample.labels:
+            target[label - 1] = 1.0
+        return target
+
+    def check_mask(self, sample: Sample, mask: np.ndarray, image_shape: tuple[int, int]) -> np.ndarray:
+        """Refuse a mask whose size differs from its image or whose values are not class indices."""
+        path = sample.mask_path or sample.image_path
+        if mask.shape[:2] != tuple(image_shape[:2]):
+            raise InputError(path, f"mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
+                                   f"{image_shape[1]}x{image_shape[0]}")
+        bad = (mask >= self.num_classes) & (mask != IGNORE_INDEX)
+        if bad.any():
+            raise InputError(path, f"mask value {int(mask[bad].max())} out of range "
+                                   f"(0..{self.num_classes - 1} or 255)")
+        return mask
