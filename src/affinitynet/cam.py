@@ -1,0 +1,99 @@
+"""Class activation maps (paper 3.1, 4.2; Eq. 1-2).
+
+The CAM network is a backbone at output stride 8, a 3x3 convolution with 512 channels, global
+average pooling and a fully connected layer without bias, trained with a multi-label soft margin
+loss. CAMs are the FC weights applied at every position of the map before pooling (Eq. 1).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .multiscale import multiscale_maps
+
+NORMALISATION_EPS = 1e-5   # the released code divides by (max + 1e-5)
+
+
+class CAMNet(nn.Module):
+    def __init__(self, backbone: nn.Module, num_object_classes: int, head_channels: int = 512):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(
+            nn.Conv2d(backbone.out_channels[-1], head_channels, 3, padding=1, bias=False),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Conv2d(head_channels, num_object_classes, 1, bias=False)
+        nn.init.kaiming_normal_(self.head[0].weight, nonlinearity="relu")
+        nn.init.xavier_uniform_(self.classifier.weight)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """f_cam of Eq. 1: the map before global average pooling."""
+        return self.head(self.backbone(images)[-1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-level logits (N, K): FC after GAP. The FC is a 1x1 conv so that the same weights
+        give the CAMs; pooling first and classifying after is the same linear map."""
+        pooled = F.adaptive_avg_pool2d(self.features(images), 1)
+        return self.classifier(pooled).flatten(1)
+
+    def cams(self, images: torch.Tensor) -> torch.Tensor:
+        """M_c(x, y) = w_c^T f_cam(x, y) (Eq. 1), before ReLU and normalisation: (N, K, h, w)."""
+        return self.classifier(self.features(images))
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters()) + list(self.classifier.parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters())
+
+
+def normalise_cams(summed: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """Keep the image's classes (1-based indices into the K object classes) and divide each map by
+    its maximum so the peak is 1 (Eq. 1's normalisation). Input (K, H, W) of ReLU'd scores."""
+    index = torch.as_tensor([c - 1 for c in classes], dtype=torch.long, device=summed.device)
+    kept = summed.index_select(0, index) if len(classes) else summed[:0]
+    peak = kept.flatten(1).amax(dim=1).view(-1, 1, 1) if len(classes) else kept
+    return kept / (peak + NORMALISATION_EPS)
+
+
+@torch.no_grad()
+def infer_cams(model: CAMNet, image: torch.Tensor, classes: Sequence[int], scales: Sequence[float],
+               flip: bool) -> torch.Tensor:
+    """Multi-scale + flip CAMs of one normalised image (3, H, W) for its present classes:
+    ReLU'd CAMs of every scale and mirror, upsampled to the image, summed, max-normalised.
+    Returns (len(classes), H, W) in [0, 1]."""
+    if not classes:
+        return image.new_zeros((0,) + tuple(image.shape[-2:]))
+    maps = multiscale_maps(lambda batch: F.relu(model.cams(batch)), image, scales, flip)
+    return normalise_cams(torch.stack(maps).sum(0), classes)
+
+
+def background_map(cams: torch.Tensor | np.ndarray, alpha: float):
+    """M_bg = (1 - max_c M_c)^alpha (Eq. 2); all ones where no object class is present."""
+    if isinstance(cams, np.ndarray):
+        if cams.shape[0] == 0:
+            return np.ones(cams.shape[1:], dtype=np.float32)
+        return np.power(1.0 - cams.max(axis=0), alpha).astype(np.float32)
+    if cams.shape[0] == 0:
+        return cams.new_ones(cams.shape[1:])
+    return (1.0 - cams.amax(dim=0)).clamp_min(0).pow(alpha)
+
+
+def with_background(cams: np.ndarray, alpha: float | None = None, threshold: float | None = None) -> np.ndarray:
+    """Stack a background score on the object CAMs: (1 - max)^alpha, or a constant threshold
+    (the released code scores CAMs alone with a constant 0.2)."""
+    if threshold is not None:
+        background = np.full((1,) + cams.shape[1:], threshold, dtype=np.float32)
+    else:
+        background = background_map(cams, alpha)[None]
+    return np.concatenate([background, cams.astype(np.float32)], axis=0)
+
+
+def labels_from_scores(scores: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Argmax over [background, present classes] mapped back to dataset class indices."""
+    lookup = np.asarray([0] + list(classes), dtype=np.uint8)
+    return lookup[np.argmax(scores, axis=0)]

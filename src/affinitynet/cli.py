@@ -1,0 +1,246 @@
+"""``affinitynet <command>``: the whole pipeline, one command per stage, and the tools around it.
+
+Every pipeline command takes ``--config FILE`` (a YAML file or a built-in name: demo, msrc21,
+voc12) and any number of ``key=value`` overrides (``random_walk.beta=10``); the dataset options
+``--dataset``, ``--root`` and ``--split`` are spelled the same in every command.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None,
+                        help="experiment YAML, or a built-in name: demo (default), msrc21, voc12")
+    parser.add_argument("--dataset", choices=["demo", "msrc21", "voc12", "folder"], default=None,
+                        help="dataset (overrides dataset.name)")
+    parser.add_argument("--root", default=None, help="dataset directory (overrides dataset.root)")
+    parser.add_argument("--run-dir", default=None, help="output directory of the run (overrides run_dir)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. random_walk.beta=10 cam.epochs=5")
+
+
+def _config_from_args(args: argparse.Namespace, check: bool = True) -> dict[str, Any]:
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.dataset:
+        overrides.append(f"dataset.name={args.dataset}")
+    if args.root:
+        overrides.append(f"dataset.root={args.root}")
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run_dir={args.run_dir}")
+    if getattr(args, "strict", False):
+        overrides.append("strict=true")
+    return load_config(args.config, overrides, check=check)
+
+
+def _save_resolved(config: dict[str, Any]) -> None:
+    from . import distributed
+    from .config import save_resolved
+
+    if distributed.is_main():
+        save_resolved(config, Path(config["run_dir"]) / "config.yaml")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_all
+
+    config = _config_from_args(args)
+    _save_resolved(config)
+    print(f"affinitynet run: dataset {config['dataset']['name']}, backbone {config['backbone']['name']}, "
+          f"outputs in {config['run_dir']}")
+    run_all(config, force=args.force or ())
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from .pipeline import run_stage
+
+    config = _config_from_args(args)
+    _save_resolved(config)
+    run_stage(config, args.stage_name, force=args.force)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .datasets import build_dataset
+    from .io import write_json
+    from .metrics import evaluate_predictions, format_table
+
+    config = _config_from_args(args)
+    split = args.split or config["dataset"]["label_split"]
+    data = build_dataset(config["dataset"], split)
+    if not data.has_masks:
+        print(f"affinitynet evaluate: {data.name} split '{split}' has no ground-truth masks", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    result = evaluate_predictions(data, args.pred)
+    print(format_table({args.name: result["iou"]}, data.class_names,
+                       f"{data.name} {split}: mIoU {result['miou']:.1f} over {result['num_images']} images"))
+    for line in result.get("skipped", []):
+        print(f"skipped: {line}", file=sys.stderr)
+    if args.json:
+        write_json(args.json, result)
+    if args.strict and result.get("skipped"):
+        return EXIT_BAD_INPUT
+    return 0 if result["num_images"] > 0 else EXIT_BAD_INPUT
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from . import datasets
+
+    if args.action == "list":
+        for name, description in datasets.DATASETS.items():
+            print(f"{name:8s} {description}")
+        return 0
+    config = _config_from_args(args)
+    if args.action == "generate":
+        root = config["dataset"]["root"] or "data/demo"
+        ds = config["dataset"]
+        datasets.generate_demo(root, ds["demo_size"], ds["demo_train"], ds["demo_val"], config["seed"])
+        print(f"demo dataset written to {root}")
+        return 0
+    split = args.split or config["dataset"]["train_split"]
+    data = datasets.build_dataset(config["dataset"], split)
+    report = datasets.check_dataset(data)
+    problems = list(data.skipped) + list(report.get("problems", []))
+    print(f"{data.name} '{split}': {len(data)} images, {len(data.class_names) - 1} object classes, "
+          f"{len(problems)} problems")
+    for line in problems:
+        print(f"  {line}")
+    return EXIT_BAD_INPUT if problems else 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .segmentation import predict_files
+
+    return predict_files(args.checkpoint, args.inputs, args.out, scales=args.scales, flip=not args.no_flip,
+                         crf=args.crf, device=args.device, strict=args.strict)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(Path(args.run_dir), gallery_size=args.gallery)
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    config = _config_from_args(args)
+    run_sweep(config, which=args.grid)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="affinitynet",
+        description="Pixel-level labels from image-level tags with AffinityNet (Ahn & Kwak, CVPR 2018), "
+                    "and a segmentation network trained on them.")
+    parser.add_argument("--version", action="version", version=f"affinitynet {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true", help="more log output")
+    commands = parser.add_subparsers(dest="command", metavar="<command>")
+    commands.required = True
+
+    run = commands.add_parser("run", help="the whole pipeline, skipping stages whose outputs are current",
+                              description="Run every stage in order: " + " -> ".join(s.command for s in STAGES)
+                              + ". Stages whose outputs are complete and current are skipped.")
+    _add_config_options(run)
+    run.add_argument("--force", action="append", metavar="STAGE", help="re-run this stage (name, repeatable)")
+    run.set_defaults(func=cmd_run)
+
+    for spec in STAGES:
+        sub = commands.add_parser(spec.command, help=spec.help, description=spec.help[0].upper() + spec.help[1:] + ".")
+        _add_config_options(sub)
+        sub.add_argument("--force", action="store_true", help="discard this stage's outputs and redo it")
+        sub.set_defaults(func=cmd_stage, stage_name=spec.name)
+
+    evaluate = commands.add_parser("evaluate", help="score index PNGs against a split's ground truth (mIoU)",
+                                   description="Confusion matrix over the split, per-class IoU and mIoU "
+                                               "(255 ignored), printed in the paper's table layout.")
+    _add_config_options(evaluate)
+    evaluate.add_argument("--split", default=None, help="split to score (default: dataset.label_split)")
+    evaluate.add_argument("--pred", required=True, help="directory of predictions <id>.png")
+    evaluate.add_argument("--json", default=None, help="write {miou, iou, num_images} here")
+    evaluate.add_argument("--name", default="prediction", help="row name in the printed table")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    data = commands.add_parser("datasets", help="list, check or generate datasets",
+                               description="list: the datasets known; check: open every image and mask of a "
+                                           "split and report problems; generate: write the demo dataset.")
+    data.add_argument("action", choices=["list", "check", "generate"])
+    _add_config_options(data)
+    data.add_argument("--split", default=None, help="split to check (default: dataset.train_split)")
+    data.set_defaults(func=cmd_datasets)
+
+    predict = commands.add_parser("predict", help="segment image files or folders with a trained model",
+                                  description="Masks (VOC-palette PNG) and colour overlays for images, from a "
+                                              "segmentation checkpoint alone (it carries classes, "
+                                              "normalisation and backbone).")
+    predict.add_argument("checkpoint", help="train_seg/model.pt of a run")
+    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict.add_argument("--out", required=True, help="output directory")
+    predict.add_argument("--scales", type=float, nargs="+", default=[1.0], help="inference scales (A.2: 0.5 0.75 1 1.25 1.5)")
+    predict.add_argument("--no-flip", action="store_true", help="no horizontal-flip averaging")
+    predict.add_argument("--crf", action="store_true", help="refine with the dense CRF")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--strict", action="store_true", help="stop at the first bad image")
+    predict.set_defaults(func=cmd_predict)
+
+    report = commands.add_parser("report", help="write an HTML report of a run",
+                                 description="One self-contained HTML page with tables, charts, training "
+                                             "curves and a gallery of every stage's output.")
+    report.add_argument("run_dir")
+    report.add_argument("--gallery", type=int, default=8, help="images in the gallery")
+    report.set_defaults(func=cmd_report)
+
+    sweep = commands.add_parser("sweep", help="hyper-parameter analysis of beta x t and alpha (Fig. 8)",
+                                description="Re-run only the random walk and labelling over grids, reusing "
+                                            "the saved CAMs and affinities, and plot pseudo-label mIoU.")
+    _add_config_options(sweep)
+    sweep.add_argument("--grid", choices=["beta_t", "alpha", "both"], default="both")
+    sweep.set_defaults(func=cmd_sweep)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .config import ConfigError
+    from .io import InputError
+    from .training import TrainingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, InputError, TrainingError) as error:
+        print(f"affinitynet: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RuntimeError as error:
+        if args.verbose:
+            raise
+        print(f"affinitynet: error: {str(error).splitlines()[0] if str(error) else error!r}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("affinitynet: interrupted; finished outputs are kept and a re-run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

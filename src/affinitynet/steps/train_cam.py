@@ -1,0 +1,66 @@
+"""Stage ``train-cam``: the multi-label classifier whose CAMs seed everything (3.1, 4.2)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+
+from .. import distributed, transforms
+from ..backbones import create_backbone, freeze_batchnorm
+from ..cam import CAMNet
+from ..pipeline import StageRun
+from ..training import ImageTrainSet, train
+from . import dataset, setup
+
+
+class CAMTrainSet(ImageTrainSet):
+    """Random rescale of the long side, flip, colour jitter, random crop (5.1)."""
+
+    def __init__(self, data, section: dict[str, Any], mean, std, seed: int):
+        super().__init__(data, seed)
+        self.section, self.mean, self.std = section, mean, std
+
+    def make_item(self, image, label, sample, rng):
+        low, high = self.section["resize_long"]
+        image, _ = transforms.random_resize_long(image, None, low, high, rng)
+        image, _ = transforms.random_flip(image, None, rng)
+        image = transforms.color_jitter(image, self.section["color_jitter"], rng)
+        image, _, _ = transforms.random_crop(image, None, self.section["crop_size"], rng,
+                                             fill=transforms.mean_fill(self.mean))
+        return transforms.normalize(image, self.mean, self.std), self.dataset.multi_hot(sample)
+
+
+def build_model(config: dict[str, Any], num_object_classes: int, pretrained=True) -> CAMNet:
+    backbone_cfg = config["backbone"]
+    weights = backbone_cfg["weights"] if backbone_cfg["weights"] else pretrained
+    backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"], pretrained=weights)
+    return CAMNet(backbone, num_object_classes, config["cam"]["head_channels"])
+
+
+def classification_step(model, batch):
+    images, targets = batch
+    device = next(model.parameters()).device
+    logits = model(images.to(device, non_blocking=True))
+    return F.multilabel_soft_margin_loss(logits, targets.to(device, non_blocking=True)), {}
+
+
+def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    device = setup(config)
+    stage = StageRun(config, "train_cam", force)
+    data = dataset(config, "train_split")
+    stage.skipped.extend(data.skipped)
+    model = build_model(config, data.num_object_classes)
+    section = config["cam"]
+    backbone = model.backbone
+    meta = {"kind": "cam", "class_names": data.class_names, "backbone": config["backbone"]["name"],
+            "output_stride": config["backbone"]["output_stride"], "head_channels": section["head_channels"],
+            "mean": list(backbone.mean), "std": list(backbone.std)}
+    result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
+                                        (model.new_parameters(), section["new_layer_lr_mult"])],
+                   dataset=CAMTrainSet(data, section, backbone.mean, backbone.std, config["seed"]),
+                   step=classification_step, section=section, out_dir=stage.dir, seed=config["seed"],
+                   device=device, meta=meta, desc="cam", num_workers=config["num_workers"],
+                   prepare=freeze_batchnorm)
+    stage.images = len(data) if distributed.is_main() else 0
+    stage.skipped.extend(sorted(set(result.skipped)))
+    return stage.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)
