@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
         "demo_size": 128,              # demo dataset: image side in pixels
         "demo_train": 240,             # demo dataset: images in the train split
         "demo_val": 60,                # demo dataset: images in the val split
+        "demo_seed": 0,                # demo dataset: generator seed
+        "masks_dir": None,             # folder dataset: optional ground-truth masks
     },
     "backbone": {
         "name": "resnet38d",
@@ -207,6 +209,8 @@ RULES: dict[str, Rule] = {
     "dataset.demo_size": _number(32, 1024, integer=True),
     "dataset.demo_train": _number(1, 1_000_000, integer=True),
     "dataset.demo_val": _number(1, 1_000_000, integer=True),
+    "dataset.demo_seed": _number(0, integer=True),
+    "dataset.masks_dir": _string(optional=True),
     "backbone.name": _string(),
     "backbone.weights": _string(optional=True),
     "backbone.output_stride": Rule("8 or 16", lambda v: v in (8, 16) and not isinstance(v, bool)),

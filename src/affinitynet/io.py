@@ -166,7 +166,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             rgb = image.convert("RGBA").convert("RGB")
         else:
             rgb = image.convert("RGB")
-        array = np.asarray(rgb, dtype=np.uint8)
+        array = np.array(rgb, dtype=np.uint8)  # a writable copy: pydensecrf refuses read-only buffers
     except InputError:
         raise
     except Exception as error:
