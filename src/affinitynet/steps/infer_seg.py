@@ -1,0 +1,44 @@
+"""Stage ``infer-seg``: the segmentation network on every image of the evaluation split, with the
+multi-scale + flip averaging of Appendix A.2 (and the dense CRF if ``segmentation.crf``), scored
+in the layout of Table 2 (per class IoU and mean)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import distributed
+from ..io import save_label_png
+from ..metrics import format_table
+from ..pipeline import StageRun, map_images, stage_dir
+from ..segmentation import model_from_checkpoint, predict_labels
+from . import dataset, score, setup
+
+
+def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    device = setup(config)
+    stage = StageRun(config, "infer_seg", force)
+    data = dataset(config, "eval_split")
+    stage.skipped.extend(data.skipped)
+    # The checkpoint's meta, not the config, says how the network was built: the stage hash
+    # already ties this model.pt to the current training settings.
+    model, meta = model_from_checkpoint(stage_dir(config, "train_seg") / "model.pt", device)
+    section = config["segmentation"]
+    crf = config["crf"] if section["crf"] else None
+    pred_dir = stage.dir / "predictions"
+
+    def outputs(sample):
+        return [pred_dir / f"{sample.id}.png"]
+
+    def work(sample):
+        image = data.load_image(sample)
+        labels = predict_labels(model, image, meta["mean"], meta["std"], section["scales"], section["flip"], crf)
+        save_label_png(pred_dir / f"{sample.id}.png", labels)
+
+    map_images(stage, data.samples, outputs, work, "infer-seg", config["strict"])
+    distributed.barrier()
+    row = ("Fully supervised" if meta.get("supervision") == "gt" else "Ours") + f"-{meta['backbone']}"
+    result = score(config, pred_dir, "eval_split", row)
+    if result is not None:
+        print(format_table({row: result}, data.class_names,
+                           f"Table 2 layout (segmentation network), {result['split']}: mIoU "
+                           f"{result['miou']:.1f} over {result['num_images']} images"))
+    return stage.finish(segmentation=result)

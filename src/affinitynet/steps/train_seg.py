@@ -1,0 +1,135 @@
+"""Stage ``train-seg``: a fully supervised segmentation network trained on the synthesized labels
+(3.4, 4.2), or on the ground-truth masks for the fully supervised bound of Table 4
+(``segmentation.supervision: gt``; the same code path, only the labels differ).
+
+Cross-entropy over the labelled pixels (255 ignored), augmentation of 5.1 (random scale, flip,
+colour jitter, random crop), Adam by default (5.1) or SGD with a poly schedule.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import distributed, transforms
+from ..backbones import freeze_batchnorm
+from ..io import InputError, load_label_png
+from ..pipeline import StageRun, stage_dir
+from ..segmentation import CHECKPOINT_KIND, build_segmentation_model
+from ..training import ImageTrainSet, TrainingError, train
+from . import dataset, setup
+
+IGNORE_INDEX = transforms.IGNORE_INDEX
+
+
+class SegTrainSet(ImageTrainSet):
+    """Random rescale, flip, colour jitter, random crop with the label padded by 255 (5.1)."""
+
+    def __init__(self, data, section: dict[str, Any], mean, std, seed: int,
+                 load_label: Callable[[Any], np.ndarray]):
+        super().__init__(data, seed, load_label)
+        self.section, self.mean, self.std = section, mean, std
+
+    def make_item(self, image, label, sample, rng):
+        image, label = transforms.random_scale(image, label, self.section["scale_range"], rng)
+        image, label = transforms.random_flip(image, label, rng)
+        image = transforms.color_jitter(image, self.section["color_jitter"], rng)
+        image, label, _ = transforms.random_crop(image, label, self.section["crop_size"], rng,
+                                                 fill=transforms.mean_fill(self.mean))
+        return transforms.normalize(image, self.mean, self.std), torch.from_numpy(label.astype(np.int64))
+
+
+def pseudo_label_dir(config: dict[str, Any]) -> Path:
+    return stage_dir(config, "random_walk") / "pseudo_labels"
+
+
+def label_loader(config: dict[str, Any], data) -> Callable[[Any], np.ndarray]:
+    """The training labels of a sample: its pseudo label PNG (3.4) or its ground-truth mask."""
+    supervision = config["segmentation"]["supervision"]
+    num_classes = data.num_classes
+    label_dir = pseudo_label_dir(config)
+
+    def load(sample) -> np.ndarray:
+        if supervision == "gt":
+            path = sample.mask_path or sample.image_path
+            label = data.load_mask(sample)
+            if label is None:
+                raise InputError(path, "no ground-truth mask (segmentation.supervision is 'gt')")
+        else:
+            path = label_dir / f"{sample.id}.png"
+            label = load_label_png(path)
+        # An out-of-range index would abort cross-entropy for the whole batch; refuse the file.
+        bad = (label >= num_classes) & (label != IGNORE_INDEX)
+        if bad.any():
+            raise InputError(path, f"label value {int(label[bad].max())} out of range "
+                                   f"(0..{num_classes - 1} or {IGNORE_INDEX})")
+        return label
+
+    return load
+
+
+def check_labels_exist(config: dict[str, Any], data) -> None:
+    """Fail at once, with the fix, when no training image has a label, instead of skipping them
+    all one by one through an epoch that learns nothing."""
+    if config["segmentation"]["supervision"] == "gt":
+        if not data.has_masks:
+            raise TrainingError(f"segmentation.supervision is 'gt' but {data.name} split '{data.split}' has "
+                                f"no ground-truth masks; use segmentation.supervision=pseudo")
+        return
+    label_dir = pseudo_label_dir(config)
+    if not any((label_dir / f"{sample.id}.png").exists() for sample in data.samples):
+        raise TrainingError(f"no pseudo labels for the {data.split} split in {label_dir}: run "
+                            f"`affinitynet random-walk` first (or segmentation.supervision=gt)")
+
+
+def segmentation_step(model, batch):
+    """Mean cross-entropy over the labelled pixels of the batch; a crop with no labelled pixel
+    (all padding or neutral) contributes zero instead of making the loss NaN."""
+    images, labels = batch
+    device = next(model.parameters()).device
+    labels = labels.to(device, non_blocking=True)
+    logits = model(images.to(device, non_blocking=True))
+    valid = labels != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / count
+    with torch.no_grad():
+        correct = ((logits.argmax(1) == labels) & valid).sum()
+    return loss, {"pixel_accuracy": float(correct) / float(count)}
+
+
+def build_model(config: dict[str, Any], num_classes: int, pretrained=True):
+    backbone_cfg = config["backbone"]
+    weights = backbone_cfg["weights"] if backbone_cfg["weights"] else pretrained
+    return build_segmentation_model(backbone_cfg["name"], backbone_cfg["output_stride"], num_classes,
+                                    config["segmentation"]["head"], pretrained=weights)
+
+
+def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    device = setup(config)
+    stage = StageRun(config, "train_seg", force)
+    data = dataset(config, "train_split")
+    stage.skipped.extend(data.skipped)
+    check_labels_exist(config, data)
+    section = config["segmentation"]
+    model = build_model(config, data.num_classes)
+    backbone = model.backbone
+    # Everything predict() needs, so a model.pt alone segments images (affinitynet predict).
+    meta = {"kind": CHECKPOINT_KIND, "class_names": list(data.class_names), "num_classes": data.num_classes,
+            "backbone": config["backbone"]["name"], "output_stride": config["backbone"]["output_stride"],
+            "head": section["head"], "supervision": section["supervision"],
+            "mean": list(backbone.mean), "std": list(backbone.std)}
+    result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
+                                        (model.new_parameters(), section["new_layer_lr_mult"])],
+                   dataset=SegTrainSet(data, section, backbone.mean, backbone.std, config["seed"],
+                                       label_loader(config, data)),
+                   step=segmentation_step, section=section, out_dir=stage.dir, seed=config["seed"],
+                   device=device, meta=meta, desc="segmentation", num_workers=config["num_workers"],
+                   prepare=freeze_batchnorm)
+    stage.images = len(data) if distributed.is_main() else 0
+    stage.skipped.extend(sorted(set(result.skipped)))
+    last = result.history[-1] if result.history else {}
+    return stage.finish(epochs=result.epochs, final_loss=last.get("loss"),
+                        final_pixel_accuracy=last.get("pixel_accuracy"))
