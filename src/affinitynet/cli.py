@@ -105,9 +105,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         return 0
     config = _config_from_args(args)
     if args.action == "generate":
-        root = config["dataset"]["root"] or "data/demo"
         ds = config["dataset"]
-        datasets.generate_demo(root, ds["demo_size"], ds["demo_train"], ds["demo_val"], config["seed"])
+        root = ds["root"] or datasets.default_demo_root(ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"])
+        datasets.generate_demo(root, ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"], progress=True)
         print(f"demo dataset written to {root}")
         return 0
     split = args.split or config["dataset"]["train_split"]

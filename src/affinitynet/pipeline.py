@@ -26,7 +26,7 @@ from .io import InputError, read_json, write_json
 log = logging.getLogger(__name__)
 
 DATASET_KEYS = ("dataset.name", "dataset.root", "dataset.protocol", "dataset.labels_file",
-                "dataset.classes_file", "dataset.demo_size", "dataset.demo_train", "dataset.demo_val",
+                "dataset.classes_file", "dataset.demo_size", "dataset.demo_train", "dataset.demo_val", "dataset.demo_seed", "dataset.masks_dir",
                 "dataset.train_split")
 _TRAIN = ("crop_size", "color_jitter", "batch_size", "epochs", "optimizer", "lr", "momentum",
           "weight_decay", "poly_power", "new_layer_lr_mult")

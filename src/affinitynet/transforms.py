@@ -103,7 +103,7 @@ def random_crop(image: np.ndarray, label: np.ndarray | None, crop: int, rng: np.
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 tensor (3, H, W) normalised as the backbone's weights expect."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    tensor = torch.from_numpy(np.require(image, requirements=['C', 'W'])).permute(2, 0, 1).float().div_(255.0)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (tensor - mean_t) / std_t

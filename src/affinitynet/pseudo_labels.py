@@ -1,0 +1,73 @@
+"""Pseudo labels (3.3-3.4): CAMs with background -> feature grid -> random walk with AffinityNet's
+affinities (Eq. 11-12) -> bilinear upsampling to the image -> optional dense CRF -> argmax.
+
+The random-walk stage and the hyper-parameter sweep share these functions, so the sweep
+reproduces the stage's labels exactly at the stage's own (alpha, beta, t).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cam import background_map, labels_from_scores
+from .crf import CRFParams, dense_crf
+from .random_walk import random_walk
+
+
+def grid_size(height: int, width: int, stride: int) -> tuple[int, int]:
+    """Feature-grid size of a padded conv net at this output stride: ceil(H / s) x ceil(W / s)."""
+    return -(-height // stride), -(-width // stride)
+
+
+def to_grid(maps: torch.Tensor, stride: int) -> torch.Tensor:
+    """Average (C, H, W) maps over each stride x stride cell of the feature grid; cells that hang
+    over the image's edge average only the pixels they cover (the released code zero-pads)."""
+    height, width = maps.shape[-2:]
+    h, w = grid_size(height, width, stride)
+    pad = (0, w * stride - width, 0, h * stride - height)
+    summed = F.avg_pool2d(F.pad(maps[None], pad), stride)[0]
+    coverage = F.avg_pool2d(F.pad(maps.new_ones((1, 1, height, width)), pad), stride)[0]
+    return summed / coverage
+
+
+def to_image(maps: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
+    """Bilinear upsampling of grid maps (C, h, w) to the image: each cell covers stride x stride
+    pixels, so upsample to the padded size and crop, rather than stretch the grid onto (H, W)."""
+    h, w = maps.shape[-2:]
+    up = F.interpolate(maps[None], size=(h * stride, w * stride), mode="bilinear", align_corners=False)[0]
+    return up[:, :height, :width]
+
+
+def walk_scores(cams: np.ndarray, affinities: torch.Tensor, alpha: float, beta: float, t: int,
+                radius: int, stride: int) -> torch.Tensor:
+    """Revised scores (1 + K, H, W) at image resolution: background (Eq. 2) stacked on the CAMs,
+    moved to the grid, walked with T^t (Eq. 12), upsampled back."""
+    cams_t = torch.from_numpy(np.asarray(cams, dtype=np.float32))
+    scores = torch.cat([background_map(cams_t, alpha)[None], cams_t])
+    grid = to_grid(scores, stride).to(affinities.device, affinities.dtype)
+    if tuple(grid.shape[-2:]) != tuple(affinities.shape[-2:]):
+        raise ValueError(f"CAM grid {tuple(grid.shape[-2:])} does not match the affinity grid "
+                         f"{tuple(affinities.shape[-2:])}")
+    revised = random_walk(grid, affinities=affinities, radius=radius, beta=beta, t=t)
+    return to_image(revised.float().cpu(), cams.shape[1], cams.shape[2], stride)
+
+
+def refine_with_crf(image: np.ndarray, scores: torch.Tensor, crf: CRFParams) -> np.ndarray:
+    """Dense CRF on the revised scores, read as per-pixel class probabilities."""
+    probs = scores.clamp_min(0).numpy()
+    probs = probs / np.maximum(probs.sum(axis=0, keepdims=True), 1e-8)
+    return dense_crf(image, probs, **crf.as_kwargs())
+
+
+def label_maps(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], affinities: torch.Tensor,
+               alpha: float, beta: float, t: int, radius: int, stride: int,
+               crf: CRFParams | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(CAM+RW label, CAM+RW+dCRF label or None) for one image."""
+    scores = walk_scores(cams, affinities, alpha, beta, t, radius, stride)
+    walked = labels_from_scores(scores.numpy(), classes)
+    if crf is None:
+        return walked, None
+    return walked, labels_from_scores(refine_with_crf(image, scores, crf), classes)

@@ -1,0 +1,96 @@
+"""Stage ``random-walk``: AffinityNet's affinities for every image, the random walk that revises
+its CAMs (3.3, Eq. 11-12), and the pseudo labels (3.4): Table 1's rows CAM+RW and CAM+RW+dCRF.
+
+Per image it keeps the affinities (float16, the input of ``affinitynet sweep``), a boundary
+picture (Fig. 5d), the CAM+RW labels and, with ``random_walk.crf``, the CAM+RW+dCRF labels that
+train the segmentation network.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import distributed, transforms
+from ..affinity import boundary_image, boundary_map
+from ..crf import CRFParams
+from ..io import load_npz, save_label_png, save_npz, save_rgb_png
+from ..metrics import format_table
+from ..pipeline import StageRun, map_images, stage_dir
+from ..pseudo_labels import label_maps
+from ..random_walk import pair_affinities
+from . import label_images, load_model_checkpoint, score, setup
+from .train_affinity import build_model
+
+
+def load_affinity_model(config: dict[str, Any], device: torch.device):
+    state, _ = load_model_checkpoint(stage_dir(config, "train_affinity") / "model.pt")
+    model = build_model(config, pretrained=False)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def output_dirs(run_dir_stage) -> dict[str, Any]:
+    return {name: run_dir_stage / name for name in ("affinities", "boundaries", "rw_labels", "pseudo_labels")}
+
+
+def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    device = setup(config)
+    stage = StageRun(config, "random_walk", force)
+    data = label_images(config)
+    stage.skipped.extend(data.skipped)
+    model = load_affinity_model(config, device)
+    mean, std, stride = model.backbone.mean, model.backbone.std, model.output_stride
+    section = config["random_walk"]
+    distance = config["affinity"]["distance"]
+    crf = CRFParams.from_config(config["crf"]) if section["crf"] else None
+    cam_dir = stage_dir(config, "infer_cam") / "cams"
+    dirs = output_dirs(stage.dir)
+
+    def outputs(sample):
+        names = ["affinities", "boundaries", "rw_labels"] + (["pseudo_labels"] if crf else [])
+        suffix = {"affinities": ".npz"}
+        return [dirs[name] / f"{sample.id}{suffix.get(name, '.png')}" for name in names]
+
+    def work(sample):
+        image = data.load_image(sample)
+        stored = load_npz(cam_dir / f"{sample.id}.npz")
+        with torch.no_grad():
+            features = model.features(transforms.normalize(image, mean, std)[None].to(device))[0]
+            affinities = pair_affinities(features, section["radius"], distance)
+            boundaries = boundary_image(boundary_map(features, section["radius"], distance))
+        # The walk uses the float16 values it stores, so the sweep reproduces these labels exactly.
+        affinities16 = affinities.half().cpu()
+        walked, refined = label_maps(image, stored["cams"].astype(np.float32), stored["classes"].tolist(),
+                                     affinities16.float(), section["alpha"], section["beta"], section["t"],
+                                     section["radius"], stride, crf)
+        height, width = image.shape[:2]
+        big = np.asarray(Image.fromarray(boundaries).resize((width, height), Image.NEAREST))
+        save_rgb_png(dirs["boundaries"] / f"{sample.id}.png", np.repeat(big[:, :, None], 3, axis=2))
+        save_label_png(dirs["rw_labels"] / f"{sample.id}.png", walked)
+        if refined is not None:
+            save_label_png(dirs["pseudo_labels"] / f"{sample.id}.png", refined)
+        save_npz(dirs["affinities"] / f"{sample.id}.npz", affinities=affinities16.numpy(),
+                 stride=np.int16(stride))
+
+    map_images(stage, data.samples, outputs, work, "random-walk", config["strict"])
+    distributed.barrier()
+    if crf is None and distributed.is_main():
+        # Without the CRF the walked labels are the pseudo labels.
+        import shutil
+        shutil.copytree(dirs["rw_labels"], dirs["pseudo_labels"], dirs_exist_ok=True)
+    rows, results = {}, {}
+    for title, directory in (("CAM", stage_dir(config, "infer_cam") / "labels"),
+                             ("CAM+RW", dirs["rw_labels"]),
+                             ("CAM+RW+dCRF", dirs["pseudo_labels"] if crf else None)):
+        if directory is None:
+            continue
+        result = score(config, directory, "label_split", title)
+        if result is not None:
+            rows[title], results[title] = result["iou"], result
+    if rows:
+        split = next(iter(results.values()))["split"]
+        print(format_table(rows, data.class_names, f"Table 1: pseudo labels on {data.name} {split} (mIoU %)"))
+    return stage.finish(table1={title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()})

@@ -1,0 +1,75 @@
+"""Stage ``train-affinity``: AffinityNet trained on affinity labels drawn from the confident
+regions (3.2.2, Eq. 4-10). Its backbone starts from ImageNet, not from the CAM network."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import distributed, transforms
+from ..affinity import AffinityNet, affinity_loss_from_distances, downsample_labels, feature_distances, pair_labels
+from ..backbones import create_backbone, freeze_batchnorm
+from ..io import load_label_png
+from ..pipeline import StageRun, stage_dir
+from ..training import ImageTrainSet, train
+from . import dataset, setup
+
+
+class AffinityTrainSet(ImageTrainSet):
+    """Flip, colour jitter and random crop as for the CAM network, no random rescale (5.1); the
+    confident-region labels follow the same flip and crop, then move to the feature grid."""
+
+    def __init__(self, data, label_dir, section: dict[str, Any], mean, std, stride: int, seed: int):
+        super().__init__(data, seed, load_label=lambda sample: load_label_png(label_dir / f"{sample.id}.png"))
+        self.section, self.mean, self.std, self.stride = section, mean, std, stride
+
+    def make_item(self, image, label, sample, rng):
+        image, label = transforms.random_flip(image, label, rng)
+        image = transforms.color_jitter(image, self.section["color_jitter"], rng)
+        image, label, _ = transforms.random_crop(image, label, self.section["crop_size"], rng,
+                                                 fill=transforms.mean_fill(self.mean))
+        grid = downsample_labels(label, stride=self.stride)
+        return transforms.normalize(image, self.mean, self.std), torch.from_numpy(np.ascontiguousarray(grid))
+
+
+def build_model(config: dict[str, Any], pretrained=True) -> AffinityNet:
+    backbone_cfg = config["backbone"]
+    weights = backbone_cfg["weights"] if backbone_cfg["weights"] else pretrained
+    backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"], pretrained=weights)
+    return AffinityNet(backbone, radius=config["affinity"]["radius"], distance=config["affinity"]["distance"])
+
+
+def make_step(radius: int, distance: str):
+    def step(model, batch):
+        images, grid_labels = batch
+        device = next(model.parameters()).device
+        features = model(images.to(device, non_blocking=True))
+        distances = feature_distances(features, radius, distance)
+        masks = pair_labels(grid_labels.to(device), radius)
+        loss, parts = affinity_loss_from_distances(distances, masks["pos_fg"], masks["pos_bg"], masks["neg"])
+        return loss, {name: float(value) for name, value in parts.items()}
+    return step
+
+
+def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    device = setup(config)
+    stage = StageRun(config, "train_affinity", force)
+    data = dataset(config, "train_split")
+    stage.skipped.extend(data.skipped)
+    model = build_model(config)
+    section = config["affinity"]
+    backbone = model.backbone
+    meta = {"kind": "affinity", "class_names": data.class_names, "backbone": config["backbone"]["name"],
+            "output_stride": config["backbone"]["output_stride"], "radius": section["radius"],
+            "distance": section["distance"], "mean": list(backbone.mean), "std": list(backbone.std)}
+    train_set = AffinityTrainSet(data, stage_dir(config, "confident_regions") / "labels", section,
+                                 backbone.mean, backbone.std, backbone.output_stride, config["seed"])
+    result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
+                                        (model.new_parameters(), section["new_layer_lr_mult"])],
+                   dataset=train_set, step=make_step(section["radius"], section["distance"]), section=section,
+                   out_dir=stage.dir, seed=config["seed"], device=device, meta=meta, desc="affinity",
+                   num_workers=config["num_workers"], prepare=freeze_batchnorm)
+    stage.images = len(data) if distributed.is_main() else 0
+    stage.skipped.extend(sorted(set(result.skipped)))
+    return stage.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)
