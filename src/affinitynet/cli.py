@@ -7,6 +7,7 @@ voc12) and any number of ``key=value`` overrides (``random_walk.beta=10``); the 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -217,26 +218,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OS_ERROR_HINTS = {
+    errno.EACCES: "check the permissions of this path, or write elsewhere with --run-dir or --out",
+    errno.EPERM: "check the permissions of this path, or write elsewhere with --run-dir or --out",
+    errno.EROFS: "write elsewhere with --run-dir or --out",
+    errno.ENOSPC: "disk full: free some space and re-run; finished outputs are kept and the run resumes",
+    errno.EDQUOT: "disk quota exceeded: free some space and re-run; finished outputs are kept and the run resumes",
+}
+
+
+def _os_error_line(error: OSError) -> str:
+    """``<path>: <reason> (<what to do>)`` on one line; an atomic write's temporary file is
+    reported as the directory it was to be written in."""
+    reason = error.strerror or (str(error).splitlines()[0] if str(error) else error.__class__.__name__)
+    hint = _OS_ERROR_HINTS.get(error.errno)
+    text = f"{reason} ({hint})" if hint else reason
+    if error.filename is None:
+        return text
+    path = Path(os.fsdecode(error.filename))
+    if path.name.startswith(".") and path.name.endswith(".tmp"):
+        path = path.parent
+    return f"{path}: {text}"
+
+
+def _one_line(error: Exception) -> str:
+    """The message on one line: a WeightsError lists mismatched keys on indented lines below
+    its first, which become ``first rest1; rest2``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:1] + ["; ".join(lines[1:])] if len(lines) > 1 else lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options (`run --force train_cam cam.epochs=2`); argparse's single
+    # positional list would refuse those after the first option.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from .backbones import WeightsError
     from .config import ConfigError
     from .io import InputError
     from .training import TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, InputError, TrainingError) as error:
-        print(f"affinitynet: error: {error}", file=sys.stderr)
+    except (ConfigError, InputError, TrainingError, WeightsError) as error:
+        print(f"affinitynet: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RuntimeError as error:
         if args.verbose:
             raise
         print(f"affinitynet: error: {str(error).splitlines()[0] if str(error) else error!r}", file=sys.stderr)
         return 1
+    except OSError as error:  # read-only or full output directory, permissions, ...
+        if args.verbose:
+            raise
+        print(f"affinitynet: error: {_os_error_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("affinitynet: interrupted; finished outputs are kept and a re-run resumes", file=sys.stderr)
         return 130

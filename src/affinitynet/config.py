@@ -154,7 +154,7 @@ def _number(low: float | None = None, high: float | None = None, *, strict_low: 
             return False
         if integer and not isinstance(value, int):
             return False
-        if value != value:  # NaN
+        if value != value or value in (float("inf"), float("-inf")):  # NaN, infinity
             return False
         if low is not None and (value <= low if strict_low else value < low):
             return False
@@ -285,6 +285,10 @@ def get(config: dict[str, Any], dotted: str) -> Any:
 
 def _set(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     known = _known_keys()
+    section = _default_at(dotted)
+    if isinstance(section, dict):  # e.g. "random_walk: 5": a section given a value
+        raise ConfigError(f"{source}: '{dotted}' is a section of keys, not a value "
+                          f"(its keys: {', '.join(sorted(_flatten(section)))})")
     if dotted not in known:
         sections = {k.split(".")[0] for k in known if "." in k}
         head = dotted.split(".")[0]

@@ -1,10 +1,18 @@
 """torch.distributed plumbing: every command works unchanged under ``torchrun``.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain ``affinitynet`` call is a world of one.
-Backend: nccl on CUDA, gloo on CPU.
+Backend: nccl on CUDA, gloo on CPU. The process group is joined by the first stage's ``setup``
+and left at exit.
+
+The collective timeout (default 60 minutes, ``AFFINITYNET_DIST_TIMEOUT_MIN``) is longer than
+torch's NCCL default of 10 minutes: ranks wait at a barrier while rank 0 removes a stale stage
+directory (gigabytes of CAMs on VOC) or while the slowest rank finishes its share of a
+per-image stage.
 """
 from __future__ import annotations
 
+import atexit
+import datetime
 import os
 from typing import Sequence, TypeVar
 
@@ -13,14 +21,32 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
+TIMEOUT_ENV = "AFFINITYNET_DIST_TIMEOUT_MIN"
+
+
+def launched() -> bool:
+    """True when started by torchrun (or any launcher) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
 
 def init_from_env(device: torch.device | None = None) -> None:
-    """Join the process group torchrun describes (no-op for a single process)."""
-    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        if device is not None and device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+    """Join the process group torchrun describes (no-op for a single process or when joined)."""
+    if not (dist.is_available() and launched()) or dist.is_initialized():
+        return
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device if device.index is not None else torch.device("cuda", local_rank()))
+    timeout = datetime.timedelta(minutes=float(os.environ.get(TIMEOUT_ENV, "60")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # at interpreter exit a peer may already be gone; nothing to do then
+            pass
 
 
 def is_distributed() -> bool:
@@ -40,12 +66,23 @@ def local_rank() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Rank 0; before the group is joined, the launcher's RANK says (so that work done before
+    the first stage, such as saving the resolved config, happens once)."""
+    if is_distributed():
+        return dist.get_rank() == 0
+    return not launched() or int(os.environ.get("RANK", "0")) == 0
+
+
+def backend() -> str | None:
+    return dist.get_backend() if is_distributed() else None
 
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        if backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def shard(items: Sequence[T]) -> list[T]:
@@ -54,12 +91,20 @@ def shard(items: Sequence[T]) -> list[T]:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place, and return it. A CPU tensor under nccl (which
+    reduces CUDA tensors only) makes a round trip through the current GPU."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if backend() == "nccl" and tensor.device.type != "cuda":
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` for a single process."""
     if not is_distributed():
         return [obj]
     gathered: list = [None] * world_size()

@@ -184,17 +184,33 @@ def evaluate_predictions(dataset, pred_dir: str | os.PathLike, progress: bool = 
     ``skipped`` holds this evaluation's problems only (the dataset's own ``skipped`` entries, refused
     when the split was read, are not repeated). Images without ground truth, with a missing, unreadable or wrongly sized prediction, or with
     values outside the class range are skipped with one line each; the rest are still scored.
+
+    The work splits over processes: :func:`scored_samples` lists the images, :func:`score_samples`
+    scores any share of them, and :func:`summarize_scores` turns the summed parts into this dict.
     """
+    samples = scored_samples(dataset)
+    confusion, num_images, skipped = score_samples(dataset, pred_dir, samples, progress=progress)
+    return summarize_scores(dataset.class_names, confusion, num_images, [line for _, line in skipped])
+
+
+def scored_samples(dataset) -> list[tuple[int, Any]]:
+    """(position, sample) of every sample with a ground-truth mask, in dataset order."""
+    return list(enumerate(s for s in dataset.samples if s.mask_path is not None))
+
+
+def score_samples(dataset, pred_dir: str | os.PathLike, samples: Sequence[tuple[int, Any]],
+                  progress: bool = False) -> tuple[ConfusionMatrix, int, list[tuple[int, str]]]:
+    """Confusion matrix, number of scored images and ``(position, problem)`` of the skipped ones
+    over ``samples`` (a share of :func:`scored_samples`); partial results of several shares add
+    up (``ConfusionMatrix.merge`` or an all-reduce of :meth:`ConfusionMatrix.state`)."""
     from tqdm import tqdm
 
     pred_dir = Path(pred_dir)
-    class_names = list(dataset.class_names)
-    confusion = ConfusionMatrix(len(class_names))
-    skipped: list[str] = []
+    confusion = ConfusionMatrix(len(dataset.class_names))
+    skipped: list[tuple[int, str]] = []
     num_images = 0
-    samples = [s for s in dataset.samples if s.mask_path is not None]
-    for sample in tqdm(samples, desc=f"evaluate {dataset.name}/{dataset.split}", unit="img",
-                       disable=not progress, leave=False):
+    for position, sample in tqdm(samples, desc=f"evaluate {dataset.name}/{dataset.split}", unit="img",
+                                 disable=not progress, leave=False):
         pred_path = pred_dir / f"{sample.id}.png"
         try:
             gt = dataset.load_mask(sample)
@@ -209,16 +225,23 @@ def evaluate_predictions(dataset, pred_dir: str | os.PathLike, progress: bool = 
             except ValueError as error:
                 raise InputError(pred_path, str(error)) from None
         except InputError as error:
-            skipped.append(str(error))
+            skipped.append((position, str(error)))
             continue
         confusion.merge(counts)
         num_images += 1
+    return confusion, num_images, skipped
+
+
+def summarize_scores(class_names: Sequence[str], confusion: ConfusionMatrix, num_images: int,
+                     skipped: Sequence[str]) -> dict[str, Any]:
+    """The result dict of :func:`evaluate_predictions` from (summed) counts."""
+    class_names = list(class_names)
     iou = confusion.iou()
     return {
         "miou": nanmean(iou) * 100.0,
         "iou": {name: float(value) * 100.0 for name, value in zip(class_names, iou) if not np.isnan(value)},
-        "num_images": num_images,
+        "num_images": int(num_images),
         "absent": [name for name, value in zip(class_names, iou) if np.isnan(value)],
-        "skipped": skipped,
+        "skipped": list(skipped),
         "confusion": confusion.counts.tolist(),
     }

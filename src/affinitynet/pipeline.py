@@ -119,6 +119,10 @@ class StageRun:
                 # Outputs made from other settings must not be mixed with new ones.
                 if self.dir.exists():
                     shutil.rmtree(self.dir)
+            else:
+                # A killed write leaves its temporary file (io.atomic_write); a resumed stage drops them.
+                for stale in self.dir.rglob(".*.tmp"):
+                    stale.unlink(missing_ok=True)
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(marker, {"stage": name, "hash": self.hash, "complete": False})
         distributed.barrier()

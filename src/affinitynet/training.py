@@ -1,11 +1,15 @@
 """The training loop the three networks share: SGD with a poly schedule (or Adam), new layers at
 a higher learning rate, per-epoch checkpoints that a killed run resumes from exactly, a CSV log,
 a stop with a clear message when the loss stops being finite, and DistributedDataParallel when
-started by torchrun.
+started by torchrun. On a GPU: mixed precision (bfloat16, or float16 with a GradScaler),
+channels-last convolutions and pinned-memory batches; :func:`for_inference` and
+:func:`autocast` give the inference stages the same precision settings.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import inspect
 import io
 import logging
 import math
@@ -31,6 +35,8 @@ class TrainingError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU (torchrun's LOCAL_RANK) if CUDA is available, else the CPU.
+    A bare ``cuda`` also means this process's GPU, so that N processes do not share GPU 0."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", distributed.local_rank())
@@ -38,6 +44,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"config key 'device' is '{name}' but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", distributed.local_rank())
     return device
 
 
@@ -107,15 +115,201 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+# --- Mixed precision, channels-last, DDP -----------------------------------------------------
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+CHANNELS_LAST_CHOICES = ("auto", "on", "off")
+
+
+def amp_dtype(device: torch.device, amp: str | bool | None = "auto") -> torch.dtype | None:
+    """The autocast dtype that ``amp`` means on ``device``; None: plain float32.
+
+    ``"auto"`` (or True): bfloat16 on a CUDA GPU that supports it, else float16 (trained with a
+    GradScaler); off on a CPU. ``"bf16"`` / ``"fp16"`` force a dtype (also on a CPU, where
+    autocast exists too: that is how the tests exercise these paths). ``"off"`` (or False, None):
+    float32 everywhere, the paper's setting and the way to reproduce a CPU run bit for bit.
+    """
+    if amp is None or amp is False:
+        return None
+    if amp is True:
+        amp = "auto"
+    amp = str(amp).lower()
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TrainingError("amp is 'bf16' but this GPU does not support bfloat16: use amp=fp16 or amp=auto")
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    raise TrainingError(f"amp is '{amp}': choose one of {', '.join(AMP_CHOICES)}")
+
+
+def use_channels_last(device: torch.device, channels_last: str | bool | None = "auto",
+                      dtype: torch.dtype | None = None) -> bool:
+    """Whether convolutions should run on NHWC tensors. ``"auto"``: on CUDA under mixed
+    precision, where cuDNN's tensor-core kernels are NHWC and NCHW costs a transpose per conv;
+    never on a CPU (its NCHW kernels are the tuned ones for this project's dilated convs)."""
+    if channels_last is None or channels_last == "auto":
+        return device.type == "cuda" and dtype is not None
+    if isinstance(channels_last, bool):
+        return channels_last
+    value = str(channels_last).lower()
+    if value in ("on", "true", "1"):
+        return True
+    if value in ("off", "false", "0"):
+        return False
+    raise TrainingError(f"channels_last is '{channels_last}': choose one of {', '.join(CHANNELS_LAST_CHOICES)}")
+
+
+def autocast(device: torch.device, amp: str | bool | None = "auto"):
+    """``with autocast(device, amp):`` runs the body in mixed precision (a no-op context when
+    ``amp`` means float32). Cast the network's outputs with ``.float()`` before any sum or
+    normalisation: bfloat16 keeps 3 significant digits."""
+    dtype = amp_dtype(device, amp)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _outputs_to_float(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float().contiguous() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_outputs_to_float(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _outputs_to_float(item) for key, item in value.items()}
+    return value
+
+
+def _inputs_to_channels_last(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point():
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+class AmpModule(nn.Module):
+    """``module`` whose ``forward`` (and the other ``methods``, e.g. ``("cams",)`` of the CAM
+    network or ``("features",)`` of AffinityNet) run under autocast with NHWC inputs when asked,
+    and return float32, NCHW-contiguous tensors: losses, sums over scales and random walks then
+    run in float32 outside autocast, as in a float32 run. Other attributes (``backbone``,
+    ``output_stride``...) read through to ``module``. With neither option it only forwards."""
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None,
+                 channels_last: bool = False, methods: Iterable[str] = ()):
+        super().__init__()
+        self.module = module
+        self.device_type = device_type
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.methods = tuple(methods)
+
+    def _call(self, function: Callable, args, kwargs):
+        if self.channels_last:
+            args = tuple(_inputs_to_channels_last(arg) for arg in args)
+        if self.dtype is None:
+            output = function(*args, **kwargs)
+        else:
+            with torch.autocast(self.device_type, dtype=self.dtype):
+                output = function(*args, **kwargs)
+        return _outputs_to_float(output) if (self.dtype is not None or self.channels_last) else output
+
+    def forward(self, *args, **kwargs):
+        return self._call(self.module, args, kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        inner = super().__getattr__("module")
+        attribute = getattr(inner.module if isinstance(inner, nn.parallel.DistributedDataParallel) else inner, name)
+        if name in self.__dict__.get("methods", ()) and callable(attribute):
+            return lambda *args, **kwargs: self._call(attribute, args, kwargs)
+        return attribute
+
+
+def for_inference(model: nn.Module, device: torch.device, amp: str | bool | None = "auto",
+                  channels_last: str | bool | None = "auto", methods: Iterable[str] = ()) -> nn.Module:
+    """``model`` on ``device`` in eval mode, wrapped for mixed precision / NHWC as ``amp`` and
+    ``channels_last`` say (:class:`AmpModule`); the model itself when both are off.
+
+    Example (infer-cam): ``model = for_inference(model, device, config["amp"], methods=("cams",))``;
+    ``model.cams(batch)`` then runs in bfloat16 on a GPU and returns float32 maps.
+    """
+    dtype = amp_dtype(device, amp)
+    nhwc = use_channels_last(device, channels_last, dtype)
+    model = model.to(device).eval()
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
+    if dtype is None and not nhwc:
+        return model
+    return AmpModule(model, device.type, dtype, nhwc, methods).eval()
+
+
+def _batchnorm_in_training(model: nn.Module) -> bool:
+    """True when some BatchNorm normalises with batch statistics (training mode). Frozen
+    BatchNorm (eval mode, the paper's setting in all three networks) does not, whether or not
+    its affine parameters are trained: it needs no SyncBatchNorm and no buffer broadcasts."""
+    return any(isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training for layer in model.modules())
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device, desc: str) -> nn.Module:
+    """DistributedDataParallel over the parameters that train *now*: call after ``prepare``
+    froze BatchNorm, else DDP waits for gradients that frozen parameters never get.
+
+    BatchNorm in training mode (not the case in this project) becomes SyncBatchNorm on CUDA, so
+    that statistics are those of the global batch as in one process; on a CPU, where
+    SyncBatchNorm does not run, each process normalises over its share and a warning says so.
+    """
+    training_bn = _batchnorm_in_training(model)
+    if training_bn:
+        if device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)   # in place: the root is not a BatchNorm
+            if distributed.is_main():
+                log.info("%s: BatchNorm in training mode: converted to SyncBatchNorm", desc)
+        elif distributed.is_main():
+            log.warning("%s: BatchNorm in training mode on a CPU: each process uses the statistics of "
+                        "its own share of the batch (SyncBatchNorm needs CUDA)", desc)
+    # Buffers (BatchNorm's running statistics) are synced from rank 0 at construction; during
+    # training only when BatchNorm updates them. Newer torch renames the keyword.
+    options = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    sync = {"forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers": training_bn}
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=False, **sync)
+
+
+def _all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (one tiny all-reduce; no collective for one process).
+    Every rank must then take the same branch, or the others hang in DDP's gradient all-reduce."""
+    if not distributed.is_distributed():
+        return flag
+    failed = torch.tensor([0 if flag else 1], dtype=torch.int32,
+                          device=device if device.type == "cuda" else "cpu")
+    return int(distributed.all_reduce_sum(failed).item()) == 0
+
+
 def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]], dataset: EpochDataset,
           step: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]], section: dict[str, Any],
           out_dir: Path, seed: int, device: torch.device, meta: dict[str, Any], desc: str,
-          num_workers: int = 0, prepare: Callable[[nn.Module], None] | None = None) -> TrainResult:
+          num_workers: int = 0, prepare: Callable[[nn.Module], None] | None = None,
+          amp: str | bool | None = None, channels_last: str | bool | None = None) -> TrainResult:
     """Train ``model`` for ``section['epochs']`` epochs; resume from ``out_dir/checkpoint.pt``.
 
     ``step(model, batch)`` returns the loss and named parts for the log. ``prepare(model)`` is
     called after every ``model.train()`` (e.g. to keep BatchNorm frozen). The final weights
     ``out_dir/model.pt`` carry ``meta`` so that inference needs no config.
+
+    Under torchrun each of N processes takes batch_size / N of every global batch (the same
+    batches as one process), DDP averages the gradients, and rank 0 writes checkpoints and logs.
+    ``amp`` / ``channels_last`` (None: ``section['amp']`` / ``section['channels_last']`` if set,
+    else ``"auto"``): see :func:`amp_dtype` and :func:`use_channels_last`; the model's forward
+    runs under autocast and ``step`` gets float32 outputs, so losses are computed in float32.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -125,14 +319,23 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
         raise TrainingError(f"config key '{desc}.batch_size' ({section['batch_size']}) must be divisible "
                             f"by the number of processes ({world})")
     per_rank_batch = section["batch_size"] // world
+    dtype = amp_dtype(device, section.get("amp", "auto") if amp is None else amp)
+    nhwc = use_channels_last(device, section.get("channels_last", "auto") if channels_last is None
+                             else channels_last, dtype)
 
     model.to(device)
+    if nhwc:
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(groups, section)
+    # A GradScaler only for float16 (bfloat16 has float32's range); disabled it is a pass-through.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, history, skipped_all = 0, [], []
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
         if distributed.is_main():
             log.info("%s: resuming after epoch %d from %s", desc, start_epoch, checkpoint_path)
@@ -141,6 +344,9 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
     # N processes with batch B/N see exactly the batches of one process with batch B.
     sampler = DistributedSampler(dataset, num_replicas=world, rank=distributed.rank(), shuffle=True,
                                  seed=seed, drop_last=False)
+    # Pinned host memory lets the steps' .to(device, non_blocking=True) overlap the copy with
+    # compute. Workers are not persistent: they hold a copy of the dataset, whose epoch (the
+    # augmentation seed) is set in this process before every epoch.
     loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate_skipping, drop_last=True, pin_memory=device.type == "cuda",
                         persistent_workers=False)
@@ -150,58 +356,89 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
                             f"{section['batch_size']}; lower {desc}.batch_size")
     total_steps = steps_per_epoch * section["epochs"]
 
+    # Freeze first (BatchNorm), then wrap: DDP registers the parameters that require gradients
+    # when it is built.
+    model.train()
+    if prepare is not None:
+        prepare(model)
     net: nn.Module = model
     if distributed.is_distributed():
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+        net = _wrap_ddp(model, device, desc)
+    if dtype is not None or nhwc:
+        net = AmpModule(net, device.type, dtype, nhwc)
 
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # fixed crop size: tune the conv kernels once
     started = time.time()
-    for epoch in range(start_epoch, section["epochs"]):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        net.train()
-        if prepare is not None:
-            prepare(model)
-        totals: dict[str, float] = {}
-        count = 0
-        progress = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{section['epochs']}", leave=False,
-                        disable=not distributed.is_main(), dynamic_ncols=True)
-        for index, (batch, skipped) in enumerate(progress):
-            skipped_all.extend(skipped)
-            global_step = epoch * steps_per_epoch + index
-            for group in optimizer.param_groups:
-                if section["optimizer"] == "sgd":
-                    group["lr"] = poly_lr(section["lr"], global_step, total_steps, section["poly_power"]) * group["lr_mult"]
-            if batch is None:
-                continue
-            loss, parts = step(net, batch)
-            if not torch.isfinite(loss):
-                kept = (f"the last good checkpoint {checkpoint_path} (after epoch {epoch}) is intact"
-                        if checkpoint_path.exists() else "no checkpoint had been written yet")
-                raise TrainingError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {index + 1}; "
-                                    f"training stopped and {kept}. Lower {desc}.lr or check the inputs.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            count += 1
-            for name, value in {"loss": float(loss.detach()), **parts}.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-            progress.set_postfix(loss=f"{totals['loss'] / count:.4f}")
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               **{name: value / max(count, 1) for name, value in totals.items()},
-               "seconds": round(time.time() - started, 2)}
-        history.append(row)
-        if distributed.is_main():
-            save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "epoch": epoch + 1, "history": history})
-            _write_log(out_dir / "log.csv", history)
-            tqdm.write(f"{desc}: epoch {epoch + 1}/{section['epochs']} loss {row.get('loss', float('nan')):.4f}")
-        distributed.barrier()
+    try:
+        for epoch in range(start_epoch, section["epochs"]):
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            net.train()
+            if prepare is not None:
+                prepare(model)
+            totals: dict[str, float] = {}
+            count = 0
+            progress = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{section['epochs']}", leave=False,
+                            disable=not distributed.is_main(), dynamic_ncols=True)
+            for index, (batch, skipped) in enumerate(progress):
+                skipped_all.extend(skipped)
+                global_step = epoch * steps_per_epoch + index
+                for group in optimizer.param_groups:
+                    if section["optimizer"] == "sgd":
+                        group["lr"] = poly_lr(section["lr"], global_step, total_steps, section["poly_power"]) * group["lr_mult"]
+                # A share of a batch whose images all failed to load: every rank skips the step.
+                if not _all_ranks_true(batch is not None, device):
+                    continue
+                loss, parts = step(net, batch)
+                finite = bool(torch.isfinite(loss.detach()))
+                if not _all_ranks_true(finite, device):
+                    kept = (f"the last good checkpoint {checkpoint_path} (after epoch {epoch}) is intact"
+                            if checkpoint_path.exists() else "no checkpoint had been written yet")
+                    value = "non-finite in another process" if finite else loss.item()
+                    hint = " (or use amp=bf16 or amp=off)" if dtype == torch.float16 else ""
+                    raise TrainingError(f"{desc}: loss became {value} at epoch {epoch + 1}, step {index + 1}; "
+                                        f"training stopped and {kept}. Lower {desc}.lr{hint} or check the inputs.")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                count += 1
+                for name, value in {"loss": float(loss.detach()), **parts}.items():
+                    totals[name] = totals.get(name, 0.0) + float(value)
+                progress.set_postfix(loss=f"{totals['loss'] / count:.4f}")
+            means = _mean_over_ranks(totals, count)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means,
+                   "seconds": round(time.time() - started, 2)}
+            history.append(row)
+            if distributed.is_main():
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch + 1, "history": history}
+                if scaler.is_enabled():
+                    state["scaler"] = scaler.state_dict()
+                save_checkpoint(checkpoint_path, state)
+                _write_log(out_dir / "log.csv", history)
+                tqdm.write(f"{desc}: epoch {epoch + 1}/{section['epochs']} loss {row.get('loss', float('nan')):.4f}")
+            distributed.barrier()
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
 
     if distributed.is_main():
         save_checkpoint(final_path, {"model": model.state_dict(), "meta": meta, "history": history})
     distributed.barrier()
     return TrainResult(final_path, section["epochs"], time.time() - started, skipped_all, history)
+
+
+def _mean_over_ranks(totals: dict[str, float], count: int) -> dict[str, float]:
+    """Per-epoch means of the logged values over every step of every rank: each rank's loss is
+    the mean over its share of a batch, so this is the single-process log (up to rounding)."""
+    if not distributed.is_distributed():
+        return {name: value / max(count, 1) for name, value in totals.items()}
+    gathered = distributed.all_gather_objects((count, totals))
+    steps = sum(item[0] for item in gathered)
+    names = list(dict.fromkeys(name for _, part in gathered for name in part))   # "loss" first
+    return {name: sum(part.get(name, 0.0) for _, part in gathered) / max(steps, 1) for name in names}
 
 
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:

@@ -52,21 +52,72 @@ def label_images(config: dict[str, Any]) -> SegmentationDataset:
 
 
 def score(config: dict[str, Any], pred_dir, split_key: str, title: str) -> dict[str, Any] | None:
-    """Score the label PNGs in ``pred_dir`` on a split with ground truth; None without it."""
-    from ..metrics import evaluate_predictions
+    """Score the label PNGs in ``pred_dir`` on a split with ground truth; None without it.
+
+    Every rank must call it: under torchrun each scores its share of the images and the
+    confusion matrices are summed (all-reduce), so the result is exactly the single-process one
+    (skipped lines in dataset order). It is returned on rank 0 only (None elsewhere), so that
+    one process prints and records it.
+    """
+    from ..metrics import ConfusionMatrix, score_samples, scored_samples, summarize_scores
 
     data = dataset(config, split_key)
-    if not data.has_masks or not distributed.is_main():
+    if not data.has_masks:
         return None
-    result = evaluate_predictions(data, pred_dir, progress=False)
+    confusion, num_images, skipped = score_samples(data, pred_dir, distributed.shard(scored_samples(data)))
+    if distributed.is_distributed():
+        counts = distributed.all_reduce_sum(torch.from_numpy(confusion.state()))
+        confusion = ConfusionMatrix.from_state(counts.numpy(), confusion.ignore)
+        parts = distributed.all_gather_objects((num_images, skipped))
+        num_images = sum(part[0] for part in parts)
+        skipped = sorted(item for part in parts for item in part[1])
+    if not distributed.is_main():
+        return None
+    result = summarize_scores(data.class_names, confusion, num_images, [line for _, line in skipped])
     result["title"] = title
     result["split"] = data.split
     return result
 
 
 def load_model_checkpoint(path):
-    """(state dict, meta) of a stage's final ``model.pt``, loaded with ``weights_only=True``."""
-    from ..training import load_checkpoint
+    """(state dict, meta) of a stage's final ``model.pt``, loaded with ``weights_only=True``;
+    a file that is not one (a bare state dict, say) raises a one-line TrainingError."""
+    from ..training import TrainingError, load_checkpoint
 
     state = load_checkpoint(path)
-    return state["model"], state.get("meta", {})
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise TrainingError(f"{path}: not the model.pt of an affinitynet stage (no 'model' weights in it)")
+    meta = state.get("meta")
+    return state["model"], meta if isinstance(meta, dict) else {}
+
+
+def check_model_meta(path, meta: dict[str, Any], class_names=None, backbone: str | None = None,
+                     command: str = "run") -> None:
+    """Refuse, in one line, a model.pt trained on other classes or with another backbone than the
+    dataset and config say: its weights would not load, or worse, would label with wrong names."""
+    from ..training import TrainingError
+
+    trained = meta.get("class_names")
+    if class_names is not None and trained is not None and list(trained) != list(class_names):
+        if len(trained) != len(class_names):
+            detail = f"{len(trained)} classes in it, {len(class_names)} in the dataset"
+        else:
+            index = next(i for i, (a, b) in enumerate(zip(trained, class_names)) if a != b)
+            detail = f"class {index} is '{trained[index]}' in it but '{class_names[index]}' in the dataset"
+        raise TrainingError(f"{path}: trained on other classes than the dataset ({detail}); retrain it "
+                            f"(affinitynet {command} --force) or use the dataset it was trained on")
+    if backbone is not None and meta.get("backbone") not in (None, backbone):
+        raise TrainingError(f"{path}: trained with backbone '{meta['backbone']}' but config key 'backbone.name' "
+                            f"is '{backbone}'; retrain it (affinitynet {command} --force)")
+
+
+def load_weights(model, state, path) -> None:
+    """``model.load_state_dict(state)``; a mismatch is one line naming the file."""
+    from ..training import TrainingError
+
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0]) if lines else error.__class__.__name__
+        raise TrainingError(f"{path}: weights do not fit the configured model ({detail[:160]})") from None

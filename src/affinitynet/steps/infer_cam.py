@@ -12,14 +12,16 @@ from ..cam import infer_cams, labels_from_scores, with_background
 from ..io import save_label_png, save_npz
 from ..metrics import format_table
 from ..pipeline import StageRun, map_images, stage_dir
-from . import label_images, load_model_checkpoint, score, setup
+from . import check_model_meta, label_images, load_model_checkpoint, load_weights, score, setup
 from .train_cam import build_model
 
 
-def load_cam_model(config: dict[str, Any], device: torch.device, num_object_classes: int):
-    state, meta = load_model_checkpoint(stage_dir(config, "train_cam") / "model.pt")
+def load_cam_model(config: dict[str, Any], device: torch.device, num_object_classes: int, class_names=None):
+    path = stage_dir(config, "train_cam") / "model.pt"
+    state, meta = load_model_checkpoint(path)
+    check_model_meta(path, meta, class_names, config["backbone"]["name"], "train-cam")
     model = build_model(config, num_object_classes, pretrained=False)
-    model.load_state_dict(state)
+    load_weights(model, state, path)
     return model.to(device).eval()
 
 
@@ -28,7 +30,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     stage = StageRun(config, "infer_cam", force)
     data = label_images(config)
     stage.skipped.extend(data.skipped)
-    model = load_cam_model(config, device, data.num_object_classes)
+    model = load_cam_model(config, device, data.num_object_classes, data.class_names)
     mean, std = model.backbone.mean, model.backbone.std
     section = config["cam"]
     cam_dir, label_dir = stage.dir / "cams", stage.dir / "labels"

@@ -10,7 +10,7 @@ from ..io import save_label_png
 from ..metrics import format_table
 from ..pipeline import StageRun, map_images, stage_dir
 from ..segmentation import model_from_checkpoint, predict_labels
-from . import dataset, score, setup
+from . import check_model_meta, dataset, score, setup
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -21,6 +21,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     # The checkpoint's meta, not the config, says how the network was built: the stage hash
     # already ties this model.pt to the current training settings.
     model, meta = model_from_checkpoint(stage_dir(config, "train_seg") / "model.pt", device)
+    check_model_meta(stage_dir(config, "train_seg") / "model.pt", meta, data.class_names, command="train-seg")
     section = config["segmentation"]
     crf = config["crf"] if section["crf"] else None
     pred_dir = stage.dir / "predictions"

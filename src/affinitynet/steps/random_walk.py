@@ -21,14 +21,16 @@ from ..metrics import format_table
 from ..pipeline import StageRun, map_images, stage_dir
 from ..pseudo_labels import label_maps
 from ..random_walk import pair_affinities
-from . import label_images, load_model_checkpoint, score, setup
+from . import check_model_meta, label_images, load_model_checkpoint, load_weights, score, setup
 from .train_affinity import build_model
 
 
-def load_affinity_model(config: dict[str, Any], device: torch.device):
-    state, _ = load_model_checkpoint(stage_dir(config, "train_affinity") / "model.pt")
+def load_affinity_model(config: dict[str, Any], device: torch.device, class_names=None):
+    path = stage_dir(config, "train_affinity") / "model.pt"
+    state, meta = load_model_checkpoint(path)
+    check_model_meta(path, meta, class_names, config["backbone"]["name"], "train-affinity")
     model = build_model(config, pretrained=False)
-    model.load_state_dict(state)
+    load_weights(model, state, path)
     return model.to(device).eval()
 
 
@@ -41,7 +43,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     stage = StageRun(config, "random_walk", force)
     data = label_images(config)
     stage.skipped.extend(data.skipped)
-    model = load_affinity_model(config, device)
+    model = load_affinity_model(config, device, data.class_names)
     mean, std, stride = model.backbone.mean, model.backbone.std, model.output_stride
     section = config["random_walk"]
     distance = config["affinity"]["distance"]

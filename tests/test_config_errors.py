@@ -1,0 +1,152 @@
+"""Configuration errors: each is one line naming the key and what is allowed, from
+``load_config`` (ConfigError) and from the CLI (``affinitynet: error: <that line>`` on stderr,
+exit code 2, nothing written)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from affinitynet.cli import main
+from affinitynet.config import DEFAULTS, ConfigError, load_config
+
+TOP_LEVEL = ", ".join(sorted(DEFAULTS))
+
+# (overrides, message)
+OVERRIDE_CASES = [
+    # unknown keys
+    (["random_walk.betta=3"],
+     "command line: unknown config key 'random_walk.betta' (known keys in 'random_walk': alpha, beta, crf, radius, t)"),
+    (["randomwalk.beta=3"], f"command line: unknown config key 'randomwalk.beta' (known top-level keys: {TOP_LEVEL})"),
+    (["random_walk=5"],
+     "command line: 'random_walk' is a section of keys, not a value (its keys: alpha, beta, crf, radius, t)"),
+    (["beta"], "command line: override 'beta' must look like key=value (e.g. random_walk.beta=8)"),
+    # wrong types
+    (["random_walk.beta=abc"], "config key 'random_walk.beta' must be a number > 0, got 'abc'"),
+    (["random_walk.crf=maybe"], "config key 'random_walk.crf' must be true or false, got 'maybe'"),
+    (["random_walk.t=true"], "config key 'random_walk.t' must be an integer >= 1, got True"),
+    (["cam.epochs=1.5"], "config key 'cam.epochs' must be an integer >= 1 and <= 10000, got 1.5"),
+    (["cam.scales=1.0"], "config key 'cam.scales' must be a non-empty list of numbers each > 0, got 1.0"),
+    (["cam.color_jitter=[0.3,0.3]"], "config key 'cam.color_jitter' must be 4 numbers each >= 0, got [0.3, 0.3]"),
+    (["dataset.root=5"], "config key 'dataset.root' must be a string (or null), got 5"),
+    (["device=gpu"], "config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    # out of range
+    (["random_walk.beta=-1"], "config key 'random_walk.beta' must be a number > 0, got -1"),
+    (["random_walk.beta=0"], "config key 'random_walk.beta' must be a number > 0, got 0"),
+    (["random_walk.beta=.nan"], "config key 'random_walk.beta' must be a number > 0, got nan"),
+    (["random_walk.beta=.inf"], "config key 'random_walk.beta' must be a number > 0, got inf"),
+    (["random_walk.radius=0"], "config key 'random_walk.radius' must be an integer >= 1 and <= 64, got 0"),
+    (["affinity.radius=0"], "config key 'affinity.radius' must be an integer >= 1 and <= 64, got 0"),
+    (["random_walk.t=0"], "config key 'random_walk.t' must be an integer >= 1, got 0"),
+    (["random_walk.alpha=0.5"], "config key 'random_walk.alpha' must be a number >= 1, got 0.5"),
+    (["affinity.alpha_low=0.5"], "config key 'affinity.alpha_low' must be a number >= 1, got 0.5"),
+    (["affinity.alpha_high=0"], "config key 'affinity.alpha_high' must be a number >= 1, got 0"),
+    (["cam.eval_alpha=0.9"], "config key 'cam.eval_alpha' must be a number >= 1, got 0.9"),
+    (["cam.lr=-0.1"], "config key 'cam.lr' must be a number > 0, got -0.1"),
+    (["cam.resize_long=[8,600]"], "config key 'cam.resize_long' must be 2 integers each >= 16, got [8, 600]"),
+    (["backbone.output_stride=4"], "config key 'backbone.output_stride' must be 8 or 16, got 4"),
+    (["seed=-1"], "config key 'seed' must be an integer >= 0, got -1"),
+    # the dataset
+    (["dataset.name=imagenet"], "config key 'dataset.name' must be one of 'demo', 'msrc21', 'voc12', 'folder', got 'imagenet'"),
+    (["dataset.name=voc12", "dataset.root=null"],
+     "config key 'dataset.root' must name the voc12 dataset directory (it is null)"),
+    (["dataset.name=msrc21", "dataset.root="],
+     "config key 'dataset.root' must name the msrc21 dataset directory (it is null)"),
+    (["dataset.name=voc12", "dataset.root=/nonexistent/VOC2012"],
+     "config key 'dataset.root': directory '/nonexistent/VOC2012' does not exist"),
+]
+
+
+def _id(case):
+    return " ".join(case[0])
+
+
+@pytest.mark.parametrize("overrides, message", OVERRIDE_CASES, ids=[_id(c) for c in OVERRIDE_CASES])
+def test_load_config_gives_one_exact_line(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config("demo", overrides)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("command", ["run", "infer-cam", "random-walk"])
+@pytest.mark.parametrize("overrides, message", OVERRIDE_CASES, ids=[_id(c) for c in OVERRIDE_CASES])
+def test_cli_prints_the_line_and_exits_2_before_writing(tmp_path, capsys, command, overrides, message):
+    run_dir = tmp_path / "run"
+    code = main([command, "--config", "demo", f"run_dir={run_dir}", *overrides])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err == f"affinitynet: error: {message}\n"
+    assert captured.out == ""
+    assert not run_dir.exists()
+
+
+def test_dataset_options_are_checked_the_same_way(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    cases = [
+        (["--dataset", "voc12", "--root", str(tmp_path / "absent")],
+         f"config key 'dataset.root': directory '{tmp_path / 'absent'}' does not exist"),
+        (["--dataset", "folder", "--root", str(tmp_path / "photos")],
+         "config key 'dataset.labels_file' must name a CSV or JSON of tags for the folder dataset"),
+        (["--dataset", "folder", "dataset.root=null", "dataset.labels_file=tags.csv"],
+         "config key 'dataset.root' must name the folder dataset directory (it is null)"),
+    ]
+    for options, message in cases:
+        code = main(["train-cam", "--config", "demo", f"run_dir={tmp_path / 'run'}", *options])
+        captured = capsys.readouterr()
+        assert (code, captured.err) == (2, f"affinitynet: error: {message}\n")
+    assert not (tmp_path / "run").exists()
+
+
+# --- YAML files --------------------------------------------------------------------------------------
+
+FILE_CASES = [
+    ("random_walk:\n  betta: 3\n",
+     "{path}: unknown config key 'random_walk.betta' (known keys in 'random_walk': alpha, beta, crf, radius, t)"),
+    ("random_walk: 5\n", "{path}: 'random_walk' is a section of keys, not a value (its keys: alpha, beta, crf, radius, t)"),
+    ("random_walk:\n  beta: -2\n", "config key 'random_walk.beta' must be a number > 0, got -2"),
+    ("random_walk:\n  t: 0\n", "config key 'random_walk.t' must be an integer >= 1, got 0"),
+    ("affinity:\n  radius: 0\n", "config key 'affinity.radius' must be an integer >= 1 and <= 64, got 0"),
+    ("random_walk:\n  alpha: 0.5\n", "config key 'random_walk.alpha' must be a number >= 1, got 0.5"),
+    ("dataset:\n  name: voc12\n", "config key 'dataset.root' must name the voc12 dataset directory (it is null)"),
+    ("random_walk: [1, 2\n", "{path}: not valid YAML (line 2)"),
+    ("- a\n- b\n", "{path}: 'top level' must be a mapping of keys"),
+]
+
+
+@pytest.mark.parametrize("text, message", FILE_CASES, ids=[m.split(": ", 1)[-1][:40] for _, m in FILE_CASES])
+def test_config_file_errors(tmp_path, capsys, text, message):
+    path = tmp_path / "experiment.yaml"
+    path.write_text(text)
+    expected = message.format(path=path)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == expected
+    code = main(["run", "--config", str(path), f"run_dir={tmp_path / 'run'}"])
+    assert (code, capsys.readouterr().err) == (2, f"affinitynet: error: {expected}\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: config file not found"
+    assert main(["run", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"affinitynet: error: {path}: config file not found\n"
+
+
+# --- a real process ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("random_walk.beta=-1", "config key 'random_walk.beta' must be a number > 0, got -1"),
+    ("random_walk.betta=3", "command line: unknown config key 'random_walk.betta' "
+                            "(known keys in 'random_walk': alpha, beta, crf, radius, t)"),
+])
+def test_python_m_affinitynet_exits_2_with_one_line(tmp_path, override, message):
+    result = subprocess.run([sys.executable, "-m", "affinitynet", "run", "--config", "demo",
+                             f"run_dir={tmp_path / 'run'}", override],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"affinitynet: error: {message}\n"
+    assert result.stdout == "" and not (tmp_path / "run").exists()
