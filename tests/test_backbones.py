@@ -60,7 +60,8 @@ def imagenet_input(image, mean, std) -> torch.Tensor:
 
 
 def test_registry_lists_every_backbone():
-    assert list_backbones() == sorted(NAMES)
+    # Other test modules may register throw-away backbones (named with a leading underscore).
+    assert [name for name in list_backbones() if not name.startswith("_")] == sorted(NAMES)
 
 
 @pytest.mark.parametrize("name,output_stride", CASES)

@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "num_workers": 0,
     "threads": 0,
     "strict": False,
+    "amp": "auto",                     # mixed precision: auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16, off
+    "channels_last": "auto",           # NHWC convolutions: auto (CUDA with AMP), on, off
     "dataset": {
         "name": "voc12",
         "root": None,
@@ -198,6 +200,11 @@ RULES: dict[str, Rule] = {
     "num_workers": _number(0, 64, integer=True),
     "threads": _number(0, 256, integer=True),
     "strict": _boolean(),
+    # YAML reads on/off as booleans, which mean the same here.
+    "amp": Rule("one of 'auto', 'bf16', 'fp16', 'off' (or true/false)",
+                lambda v: isinstance(v, bool) or v in ("auto", "bf16", "fp16", "off")),
+    "channels_last": Rule("one of 'auto', 'on', 'off' (or true/false)",
+                          lambda v: isinstance(v, bool) or v in ("auto", "on", "off")),
     "dataset.name": _choice("demo", "msrc21", "voc12", "folder"),
     "dataset.root": _string(optional=True),
     "dataset.protocol": _choice("object", "standard21"),

@@ -11,6 +11,7 @@ from .. import distributed, transforms
 from ..cam import infer_cams, labels_from_scores, with_background
 from ..io import save_label_png, save_npz
 from ..metrics import format_table
+from ..training import for_inference
 from ..pipeline import StageRun, map_images, stage_dir
 from . import check_model_meta, label_images, load_model_checkpoint, load_weights, score, setup
 from .train_cam import build_model
@@ -30,7 +31,8 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     stage = StageRun(config, "infer_cam", force)
     data = label_images(config)
     stage.skipped.extend(data.skipped)
-    model = load_cam_model(config, device, data.num_object_classes, data.class_names)
+    model = for_inference(load_cam_model(config, device, data.num_object_classes, data.class_names),
+                          device, config["amp"], config["channels_last"], methods=("cams",))
     mean, std = model.backbone.mean, model.backbone.std
     section = config["cam"]
     cam_dir, label_dir = stage.dir / "cams", stage.dir / "labels"

@@ -9,6 +9,7 @@ from .. import distributed
 from ..io import save_label_png
 from ..metrics import format_table
 from ..pipeline import StageRun, map_images, stage_dir
+from ..training import for_inference
 from ..segmentation import model_from_checkpoint, predict_labels
 from . import check_model_meta, dataset, score, setup
 
@@ -22,6 +23,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     # already ties this model.pt to the current training settings.
     model, meta = model_from_checkpoint(stage_dir(config, "train_seg") / "model.pt", device)
     check_model_meta(stage_dir(config, "train_seg") / "model.pt", meta, data.class_names, command="train-seg")
+    model = for_inference(model, device, config["amp"], config["channels_last"])
     section = config["segmentation"]
     crf = config["crf"] if section["crf"] else None
     pred_dir = stage.dir / "predictions"

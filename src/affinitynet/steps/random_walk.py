@@ -18,6 +18,7 @@ from ..affinity import boundary_image, boundary_map
 from ..crf import CRFParams
 from ..io import load_npz, save_label_png, save_npz, save_rgb_png
 from ..metrics import format_table
+from ..training import for_inference
 from ..pipeline import StageRun, map_images, stage_dir
 from ..pseudo_labels import label_maps
 from ..random_walk import pair_affinities
@@ -43,7 +44,8 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     stage = StageRun(config, "random_walk", force)
     data = label_images(config)
     stage.skipped.extend(data.skipped)
-    model = load_affinity_model(config, device, data.class_names)
+    model = for_inference(load_affinity_model(config, device, data.class_names), device,
+                          config["amp"], config["channels_last"], methods=("features",))
     mean, std, stride = model.backbone.mean, model.backbone.std, model.output_stride
     section = config["random_walk"]
     distance = config["affinity"]["distance"]
@@ -64,7 +66,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
             affinities = pair_affinities(features, section["radius"], distance)
             boundaries = boundary_image(boundary_map(features, section["radius"], distance))
         # The walk uses the float16 values it stores, so the sweep reproduces these labels exactly.
-        affinities16 = affinities.half().cpu()
+        affinities16 = affinities.half()  # stays on the device: the walk runs there
         walked, refined = label_maps(image, stored["cams"].astype(np.float32), stored["classes"].tolist(),
                                      affinities16.float(), section["alpha"], section["beta"], section["t"],
                                      section["radius"], stride, crf)
@@ -74,7 +76,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         save_label_png(dirs["rw_labels"] / f"{sample.id}.png", walked)
         if refined is not None:
             save_label_png(dirs["pseudo_labels"] / f"{sample.id}.png", refined)
-        save_npz(dirs["affinities"] / f"{sample.id}.npz", affinities=affinities16.numpy(),
+        save_npz(dirs["affinities"] / f"{sample.id}.npz", affinities=affinities16.cpu().numpy(),
                  stride=np.int16(stride))
 
     map_images(stage, data.samples, outputs, work, "random-walk", config["strict"])

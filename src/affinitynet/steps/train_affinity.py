@@ -69,7 +69,8 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                                         (model.new_parameters(), section["new_layer_lr_mult"])],
                    dataset=train_set, step=make_step(section["radius"], section["distance"]), section=section,
                    out_dir=stage.dir, seed=config["seed"], device=device, meta=meta, desc="affinity",
-                   num_workers=config["num_workers"], prepare=freeze_batchnorm)
+                   num_workers=config["num_workers"],
+                   amp=config["amp"], channels_last=config["channels_last"], prepare=freeze_batchnorm)
     stage.images = len(data) if distributed.is_main() else 0
     stage.skipped.extend(sorted(set(result.skipped)))
     return stage.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)

@@ -127,6 +127,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                                        label_loader(config, data)),
                    step=segmentation_step, section=section, out_dir=stage.dir, seed=config["seed"],
                    device=device, meta=meta, desc="segmentation", num_workers=config["num_workers"],
+                   amp=config["amp"], channels_last=config["channels_last"],
                    prepare=freeze_batchnorm)
     stage.images = len(data) if distributed.is_main() else 0
     stage.skipped.extend(sorted(set(result.skipped)))

@@ -1,0 +1,106 @@
+"""CAMs (Eq. 1-2), multi-scale inference, frozen BatchNorm, and the pseudo-label plumbing."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from affinitynet.backbones import freeze_batchnorm
+from affinitynet.cam import CAMNet, background_map, infer_cams, labels_from_scores, normalise_cams, with_background
+from affinitynet.pseudo_labels import to_grid, to_image
+
+
+class TinyBackbone(nn.Module):
+    """Three levels at stride 2, 4 and 4, with BatchNorm: enough to exercise the CAM network."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 6, 3, 2, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(6, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.out_channels, self.output_stride = (4, 6, 8), 4
+        self.mean, self.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+    def forward(self, x):
+        a = self.a(x)
+        b = self.b(a)
+        return [a, b, self.c(b)]
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(0)
+    net = CAMNet(TinyBackbone(), num_object_classes=4, head_channels=5)
+    with torch.no_grad():
+        net.classifier.weight.normal_(0, 1)   # visible CAMs, not the near-zero initial ones
+    return net.eval()
+
+
+def test_logits_are_the_gap_of_the_cams(model):
+    """Eq. 1: pooling then classifying equals classifying every position then pooling."""
+    x = torch.randn(2, 3, 24, 20)
+    assert torch.allclose(model(x), model.cams(x).mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_normalisation_and_background_against_eq_1_and_2():
+    rng = np.random.default_rng(0)
+    summed = torch.from_numpy(rng.random((4, 7, 9)).astype(np.float32)) * 3
+    cams = normalise_cams(summed, [2, 4]).numpy()
+    direct = np.stack([summed[1].numpy() / (summed[1].numpy().max() + 1e-5),
+                       summed[3].numpy() / (summed[3].numpy().max() + 1e-5)])
+    np.testing.assert_allclose(cams, direct, rtol=1e-6)
+    for alpha in (1.0, 4.0, 16.0, 24.0):
+        expected = (1 - direct.max(axis=0)) ** alpha
+        np.testing.assert_allclose(background_map(cams, alpha), expected, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(background_map(torch.from_numpy(cams), alpha).numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert np.all(background_map(np.zeros((0, 3, 5), np.float32), 16.0) == 1)
+    scores = with_background(cams, alpha=16.0)
+    np.testing.assert_array_equal(labels_from_scores(scores, [2, 4]), np.array([0, 2, 4])[scores.argmax(0)])
+    constant = with_background(cams, threshold=0.2)
+    assert np.all(constant[0] == np.float32(0.2))
+
+
+def test_multiscale_flip_equals_the_mean_of_the_separate_maps(model):
+    image = torch.randn(3, 21, 27)
+    scales, classes = (1.0, 0.5, 1.5), [1, 3]
+    got = infer_cams(model, image, classes, scales, flip=True)
+    maps = []
+    with torch.no_grad():
+        for scale in scales:
+            size = (round(21 * scale), round(27 * scale))
+            scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+            for flipped in (False, True):
+                cam = F.relu(model.cams(scaled.flip(-1) if flipped else scaled))
+                cam = F.interpolate(cam, size=(21, 27), mode="bilinear", align_corners=False)[0]
+                maps.append(cam.flip(-1) if flipped else cam)
+    mean = torch.stack(maps).mean(0)[[0, 2]]
+    expected = mean / (mean.flatten(1).amax(1).view(-1, 1, 1) + 1e-5 / len(maps))
+    # The sum of the maps, max-normalised, equals their mean, max-normalised (up to the epsilon).
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert got.shape == (2, 21, 27) and float(got.amax()) <= 1.0
+    assert infer_cams(model, image, [], scales, True).shape == (0, 21, 27)
+
+
+def test_frozen_batchnorm_stays_frozen_after_a_training_step(model):
+    model.train()
+    freeze_batchnorm(model)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "bn" in k or ".1." in k}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    loss = F.multilabel_soft_margin_loss(model(torch.randn(4, 3, 16, 16)), torch.ones(4, 4))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    assert model.head[0].weight.grad is not None
+
+
+def test_grid_round_trip_and_partial_cells():
+    maps = torch.rand(3, 19, 13)
+    grid = to_grid(maps, 8)
+    assert grid.shape == (3, 3, 2)
+    # A cell hanging over the edge averages only the pixels it covers.
+    torch.testing.assert_close(grid[:, 2, 1], maps[:, 16:19, 8:13].mean(dim=(1, 2)))
+    torch.testing.assert_close(grid[:, 0, 0], maps[:, :8, :8].mean(dim=(1, 2)))
+    constant = to_image(torch.full((2, 3, 2), 0.25), 19, 13, 8)
+    assert constant.shape == (2, 19, 13) and torch.allclose(constant, torch.tensor(0.25))
