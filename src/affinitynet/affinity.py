@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cam import background_map
 from .crf import CRFParams, dense_crf
 
 __all__ = ["NEUTRAL", "AffinityNet", "affinity_loss", "affinity_loss_from_distances",
@@ -57,27 +58,6 @@ def num_offsets(radius: int) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Background and confident regions (Section 3.1, Eq. 2; Section 3.2.1)
-
-def background_map(cams, alpha: float):
-    """Background score of Eq. 2: ``(1 - max_c M_c)^alpha`` for normalised CAMs ``cams`` (K, H, W).
-
-    ``max_c M_c`` is clipped to [0, 1] first: CAMs normalised by their maximum can exceed 1 by a
-    rounding error, and a negative base with a fractional alpha would give NaN. With K == 0 (no
-    object class in the image) the maximum over an empty set is taken as 0, so the background is
-    1 everywhere. Accepts a numpy array or a torch tensor and returns the same kind, (H, W).
-    """
-    if cams.ndim != 3:
-        raise ValueError(f"cams must be (K, H, W), got shape {tuple(cams.shape)}")
-    if isinstance(cams, torch.Tensor):
-        if cams.shape[0] == 0:
-            return torch.ones(cams.shape[1:], dtype=cams.dtype if cams.is_floating_point()
-                              else torch.float32, device=cams.device)
-        return (1.0 - cams.amax(dim=0).clamp(0.0, 1.0)).pow(alpha)
-    cams = np.asarray(cams)
-    if cams.shape[0] == 0:
-        return np.ones(cams.shape[1:], dtype=np.float32)
-    return np.power(1.0 - np.clip(cams.max(axis=0), 0.0, 1.0), alpha).astype(np.float32)
-
 
 def confident_regions(image: np.ndarray, cams, classes: Sequence[int], alpha_low: float,
                       alpha_high: float, crf_params: CRFParams | Mapping[str, Any] | None = None

@@ -73,15 +73,24 @@ def infer_cams(model: CAMNet, image: torch.Tensor, classes: Sequence[int], scale
     return normalise_cams(torch.stack(maps).sum(0), classes)
 
 
-def background_map(cams: torch.Tensor | np.ndarray, alpha: float):
-    """M_bg = (1 - max_c M_c)^alpha (Eq. 2); all ones where no object class is present."""
-    if isinstance(cams, np.ndarray):
+def background_map(cams, alpha: float):
+    """M_bg = (1 - max_c M_c)^alpha (Eq. 2) for normalised CAMs (K, H, W), numpy or torch.
+
+    ``max_c M_c`` is clipped to [0, 1] first (a max-normalised CAM can exceed 1 by a rounding
+    error, and a negative base with a fractional alpha is NaN); with no object class present
+    (K == 0) the background is 1 everywhere.
+    """
+    if cams.ndim != 3:
+        raise ValueError(f"cams must be (K, H, W), got shape {tuple(cams.shape)}")
+    if isinstance(cams, torch.Tensor):
         if cams.shape[0] == 0:
-            return np.ones(cams.shape[1:], dtype=np.float32)
-        return np.power(1.0 - cams.max(axis=0), alpha).astype(np.float32)
+            return torch.ones(cams.shape[1:], dtype=cams.dtype if cams.is_floating_point() else torch.float32,
+                              device=cams.device)
+        return (1.0 - cams.amax(dim=0).clamp(0.0, 1.0)).pow(alpha)
+    cams = np.asarray(cams)
     if cams.shape[0] == 0:
-        return cams.new_ones(cams.shape[1:])
-    return (1.0 - cams.amax(dim=0)).clamp_min(0).pow(alpha)
+        return np.ones(cams.shape[1:], dtype=np.float32)
+    return np.power(1.0 - np.clip(cams.max(axis=0), 0.0, 1.0), alpha).astype(np.float32)
 
 
 def with_background(cams: np.ndarray, alpha: float | None = None, threshold: float | None = None) -> np.ndarray:

@@ -100,6 +100,7 @@ DEFAULTS: dict[str, Any] = {
         "beta": 8.0,                   # Hadamard power of Eq. 11
         "t": 256,                      # iterations of Eq. 12
         "radius": 5,
+        "scale": 1.0,                  # AffinityNet's input scale for the walk (finer grid above 1)
         "crf": True,                   # dCRF on the upsampled revised CAMs (Table 1, last row)
     },
     "segmentation": {
@@ -231,6 +232,7 @@ RULES: dict[str, Rule] = {
     "random_walk.beta": _number(0, strict_low=True),
     "random_walk.t": _number(1, integer=True),
     "random_walk.radius": _number(1, 64, integer=True),
+    "random_walk.scale": _number(0, 8, strict_low=True),
     "random_walk.crf": _boolean(),
     "segmentation.head": _choice("resnet38", "deeplab_largefov"),
     "segmentation.supervision": _choice("pseudo", "gt"),

@@ -15,6 +15,7 @@ from PIL import Image
 
 from .. import distributed, transforms
 from ..affinity import boundary_image, boundary_map
+from ..config import ConfigError
 from ..crf import CRFParams
 from ..io import load_npz, save_label_png, save_npz, save_rgb_png
 from ..metrics import format_table
@@ -46,8 +47,14 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     stage.skipped.extend(data.skipped)
     model = for_inference(load_affinity_model(config, device, data.class_names), device,
                           config["amp"], config["channels_last"], methods=("features",))
-    mean, std, stride = model.backbone.mean, model.backbone.std, model.output_stride
     section = config["random_walk"]
+    mean, std = model.backbone.mean, model.backbone.std
+    # AffinityNet sees the image enlarged by `scale`, so one grid cell spans stride / scale pixels.
+    stride = model.output_stride / section["scale"]
+    if stride != int(stride) or stride < 1:
+        raise ConfigError(f"config key 'random_walk.scale' must divide the output stride "
+                          f"{model.output_stride} into whole pixels (e.g. 1, 2, 4), got {section['scale']}")
+    stride = int(stride)
     distance = config["affinity"]["distance"]
     crf = CRFParams.from_config(config["crf"]) if section["crf"] else None
     cam_dir = stage_dir(config, "infer_cam") / "cams"
@@ -61,8 +68,11 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     def work(sample):
         image = data.load_image(sample)
         stored = load_npz(cam_dir / f"{sample.id}.npz")
+        height, width = image.shape[:2]
+        seen = image if section["scale"] == 1 else transforms.resize_image(
+            image, (round(height * section["scale"]), round(width * section["scale"])))
         with torch.no_grad():
-            features = model.features(transforms.normalize(image, mean, std)[None].to(device))[0]
+            features = model.features(transforms.normalize(seen, mean, std)[None].to(device))[0]
             affinities = pair_affinities(features, section["radius"], distance)
             boundaries = boundary_image(boundary_map(features, section["radius"], distance))
         # The walk uses the float16 values it stores, so the sweep reproduces these labels exactly.
@@ -70,7 +80,6 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         walked, refined = label_maps(image, stored["cams"].astype(np.float32), stored["classes"].tolist(),
                                      affinities16.float(), section["alpha"], section["beta"], section["t"],
                                      section["radius"], stride, crf)
-        height, width = image.shape[:2]
         big = np.asarray(Image.fromarray(boundaries).resize((width, height), Image.NEAREST))
         save_rgb_png(dirs["boundaries"] / f"{sample.id}.png", np.repeat(big[:, :, None], 3, axis=2))
         save_label_png(dirs["rw_labels"] / f"{sample.id}.png", walked)

@@ -1,0 +1,96 @@
+"""Training throughput of the CPU default backbone's CAM network at the MSRC-21 config's crop
+size, and the FLOP/s it achieves as a fraction of this machine's float32 matmul peak, both
+measured in the same run (this machine's speed swings from minute to minute).
+
+    python benchmarks/cam_training.py [--threads N] [--steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from affinitynet.backbones import create_backbone, freeze_batchnorm  # noqa: E402
+from affinitynet.cam import CAMNet  # noqa: E402
+from affinitynet.config import load_config  # noqa: E402
+
+
+def matmul_peak(seconds: float = 3.0, size: int = 2048) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best, end = 0.0, time.time() + seconds
+    while time.time() < end:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """Multiply-adds x 2 of every convolution in one forward pass, counted from the layers'
+    shapes (groups and dilation included). A training step is taken as 3 forward passes
+    (forward, gradient of the input, gradient of the weights), the usual estimate."""
+    total = 0
+
+    def hook(layer, inputs, output):
+        nonlocal total
+        kh, kw = layer.kernel_size
+        total += 2 * output.numel() * (layer.in_channels // layer.groups) * kh * kw
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = load_config("msrc21", check=False)
+    section, crop, batch = config["cam"], config["cam"]["crop_size"], config["cam"]["batch_size"]
+    model = CAMNet(create_backbone("mobilenetv2", 8, pretrained=True), 14, section["head_channels"])
+    model.train()
+    freeze_batchnorm(model)
+    images, targets = torch.randn(batch, 3, crop, crop), (torch.rand(batch, 14) > 0.8).float()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    def step():
+        loss = F.multilabel_soft_margin_loss(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    flops = 3 * forward_flops(model, images)
+    peak_before = matmul_peak()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak_after = matmul_peak()
+    peak = max(peak_before, peak_after)
+    best = min(times)
+    achieved = flops / best
+    print(f"threads {args.threads}, channels_last {args.channels_last}, crop {crop}, batch {batch}")
+    print(f"training step: {flops / 1e9:.1f} GFLOP, best {best:.2f} s, median {sorted(times)[len(times) // 2]:.2f} s")
+    print(f"throughput: {batch / best:.2f} images/s (best step)")
+    print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})")
+    print(f"achieved: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.2f} of the matmul peak (goal 0.40)")
+
+
+if __name__ == "__main__":
+    main()
