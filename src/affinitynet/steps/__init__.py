@@ -121,3 +121,12 @@ def load_weights(model, state, path) -> None:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         detail = (lines[1] if len(lines) > 1 else lines[0]) if lines else error.__class__.__name__
         raise TrainingError(f"{path}: weights do not fit the configured model ({detail[:160]})") from None
+
+
+def imagenet_weights(config: dict[str, Any], pretrained: bool = True):
+    """What ``create_backbone(pretrained=...)`` gets: nothing to load when the weights will be
+    overwritten by a stage's own ``model.pt`` (inference), else the user's file or the packaged
+    weights."""
+    if not pretrained:
+        return False
+    return config["backbone"]["weights"] or True

@@ -13,7 +13,7 @@ from ..backbones import create_backbone, freeze_batchnorm
 from ..io import load_label_png
 from ..pipeline import StageRun, stage_dir
 from ..training import ImageTrainSet, train
-from . import dataset, setup
+from . import dataset, imagenet_weights, setup
 
 
 class AffinityTrainSet(ImageTrainSet):
@@ -35,7 +35,7 @@ class AffinityTrainSet(ImageTrainSet):
 
 def build_model(config: dict[str, Any], pretrained=True) -> AffinityNet:
     backbone_cfg = config["backbone"]
-    weights = backbone_cfg["weights"] if backbone_cfg["weights"] else pretrained
+    weights = imagenet_weights(config, pretrained)
     backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"], pretrained=weights)
     return AffinityNet(backbone, radius=config["affinity"]["radius"], distance=config["affinity"]["distance"])
 

@@ -10,7 +10,7 @@ from ..backbones import create_backbone, freeze_batchnorm
 from ..cam import CAMNet
 from ..pipeline import StageRun
 from ..training import ImageTrainSet, train
-from . import dataset, setup
+from . import dataset, imagenet_weights, setup
 
 
 class CAMTrainSet(ImageTrainSet):
@@ -32,7 +32,7 @@ class CAMTrainSet(ImageTrainSet):
 
 def build_model(config: dict[str, Any], num_object_classes: int, pretrained=True) -> CAMNet:
     backbone_cfg = config["backbone"]
-    weights = backbone_cfg["weights"] if backbone_cfg["weights"] else pretrained
+    weights = imagenet_weights(config, pretrained)
     backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"], pretrained=weights)
     return CAMNet(backbone, num_object_classes, config["cam"]["head_channels"])
 

@@ -20,7 +20,7 @@ from ..io import InputError, load_label_png
 from ..pipeline import StageRun, stage_dir
 from ..segmentation import CHECKPOINT_KIND, build_segmentation_model
 from ..training import ImageTrainSet, TrainingError, train
-from . import dataset, setup
+from . import dataset, imagenet_weights, setup
 
 IGNORE_INDEX = transforms.IGNORE_INDEX
 
@@ -102,7 +102,7 @@ def segmentation_step(model, batch):
 
 def build_model(config: dict[str, Any], num_classes: int, pretrained=True):
     backbone_cfg = config["backbone"]
-    weights = backbone_cfg["weights"] if backbone_cfg["weights"] else pretrained
+    weights = imagenet_weights(config, pretrained)
     return build_segmentation_model(backbone_cfg["name"], backbone_cfg["output_stride"], num_classes,
                                     config["segmentation"]["head"], pretrained=weights)
 
