@@ -32,16 +32,21 @@ __all__ = ["neighbour_offsets", "pair_affinities", "transition_matrix", "random_
 _DISTANCES = ("mean", "sum")
 
 
-def _check_radius(radius) -> int:
-    if isinstance(radius, bool):
-        raise TypeError(f"radius must be an integer, got {radius!r}")
+def _check_int(name: str, value) -> int:
+    """A positive integer (bools refused: ``True`` is not a radius)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
     try:
-        radius = operator.index(radius)
+        value = operator.index(value)
     except TypeError:
-        raise TypeError(f"radius must be an integer, got {radius!r}") from None
-    if radius < 1:
-        raise ValueError(f"radius must be >= 1, got {radius}")
-    return radius
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _check_radius(radius) -> int:
+    return _check_int("radius", radius)
 
 
 @lru_cache(maxsize=None)
@@ -278,14 +283,7 @@ def random_walk(
     _check_map("cams", cams)
     radius = _check_radius(radius)
     beta = _check_beta(beta)
-    if isinstance(t, bool):
-        raise TypeError(f"t must be an integer, got {t!r}")
-    try:
-        t = operator.index(t)
-    except TypeError:
-        raise TypeError(f"t must be an integer, got {t!r}") from None
-    if t < 1:
-        raise ValueError(f"t must be >= 1, got {t}")
+    t = _check_int("t", t)
     _check_distance(distance)
     if (features is None) == (affinities is None):
         raise ValueError("give exactly one of features and affinities")

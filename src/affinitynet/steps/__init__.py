@@ -130,3 +130,22 @@ def imagenet_weights(config: dict[str, Any], pretrained: bool = True):
     if not pretrained:
         return False
     return config["backbone"]["weights"] or True
+
+
+def train_network(config: dict[str, Any], stage, device: torch.device, model, section: dict[str, Any],
+                  train_set, step, meta: dict[str, Any], desc: str):
+    """The shared loop (``training.train``) as every training stage calls it: backbone at the base
+    learning rate, new layers at ``new_layer_lr_mult`` times it, BatchNorm frozen (the paper's
+    setting); the stage's image count and skipped inputs recorded."""
+    from ..backbones import freeze_batchnorm
+    from ..training import train
+
+    result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
+                                        (model.new_parameters(), section["new_layer_lr_mult"])],
+                   dataset=train_set, step=step, section=section, out_dir=stage.dir, seed=config["seed"],
+                   device=device, meta=meta, desc=desc, num_workers=config["num_workers"],
+                   amp=config["amp"], channels_last=config["channels_last"], prepare=freeze_batchnorm)
+    stage.images = len(train_set) if distributed.is_main() else 0
+    stage.skipped.extend(sorted(set(result.skipped)))
+    return result
+

@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import distributed, transforms
+from .. import transforms
 from ..affinity import AffinityNet, affinity_loss_from_distances, downsample_labels, feature_distances, pair_labels
-from ..backbones import create_backbone, freeze_batchnorm
+from ..backbones import create_backbone
 from ..io import load_label_png
 from ..pipeline import StageRun, stage_dir
-from ..training import ImageTrainSet, train
-from . import dataset, imagenet_weights, setup
+from ..training import ImageTrainSet
+from . import dataset, imagenet_weights, setup, train_network
 
 
 class AffinityTrainSet(ImageTrainSet):
@@ -65,12 +65,6 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
             "distance": section["distance"], "mean": list(backbone.mean), "std": list(backbone.std)}
     train_set = AffinityTrainSet(data, stage_dir(config, "confident_regions") / "labels", section,
                                  backbone.mean, backbone.std, backbone.output_stride, config["seed"])
-    result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
-                                        (model.new_parameters(), section["new_layer_lr_mult"])],
-                   dataset=train_set, step=make_step(section["radius"], section["distance"]), section=section,
-                   out_dir=stage.dir, seed=config["seed"], device=device, meta=meta, desc="affinity",
-                   num_workers=config["num_workers"],
-                   amp=config["amp"], channels_last=config["channels_last"], prepare=freeze_batchnorm)
-    stage.images = len(data) if distributed.is_main() else 0
-    stage.skipped.extend(sorted(set(result.skipped)))
+    result = train_network(config, stage, device, model, section, train_set,
+                           make_step(section["radius"], section["distance"]), meta, "affinity")
     return stage.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)

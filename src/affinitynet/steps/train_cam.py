@@ -5,12 +5,12 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from .. import distributed, transforms
-from ..backbones import create_backbone, freeze_batchnorm
+from .. import transforms
+from ..backbones import create_backbone
 from ..cam import CAMNet
 from ..pipeline import StageRun
-from ..training import ImageTrainSet, train
-from . import dataset, imagenet_weights, setup
+from ..training import ImageTrainSet
+from . import dataset, imagenet_weights, setup, train_network
 
 
 class CAMTrainSet(ImageTrainSet):
@@ -55,13 +55,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     meta = {"kind": "cam", "class_names": data.class_names, "backbone": config["backbone"]["name"],
             "output_stride": config["backbone"]["output_stride"], "head_channels": section["head_channels"],
             "mean": list(backbone.mean), "std": list(backbone.std)}
-    result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
-                                        (model.new_parameters(), section["new_layer_lr_mult"])],
-                   dataset=CAMTrainSet(data, section, backbone.mean, backbone.std, config["seed"]),
-                   step=classification_step, section=section, out_dir=stage.dir, seed=config["seed"],
-                   device=device, meta=meta, desc="cam", num_workers=config["num_workers"],
-                   amp=config["amp"], channels_last=config["channels_last"],
-                   prepare=freeze_batchnorm)
-    stage.images = len(data) if distributed.is_main() else 0
-    stage.skipped.extend(sorted(set(result.skipped)))
+    result = train_network(config, stage, device, model, section,
+                           CAMTrainSet(data, section, backbone.mean, backbone.std, config["seed"]),
+                           classification_step, meta, "cam")
     return stage.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)

@@ -14,13 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import distributed, transforms
-from ..backbones import freeze_batchnorm
+from .. import transforms
 from ..io import InputError, load_label_png
 from ..pipeline import StageRun, stage_dir
 from ..segmentation import CHECKPOINT_KIND, build_segmentation_model
-from ..training import ImageTrainSet, TrainingError, train
-from . import dataset, imagenet_weights, setup
+from ..training import ImageTrainSet, TrainingError
+from . import dataset, imagenet_weights, setup, train_network
 
 IGNORE_INDEX = transforms.IGNORE_INDEX
 
@@ -121,16 +120,10 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
             "backbone": config["backbone"]["name"], "output_stride": config["backbone"]["output_stride"],
             "head": section["head"], "supervision": section["supervision"],
             "mean": list(backbone.mean), "std": list(backbone.std)}
-    result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
-                                        (model.new_parameters(), section["new_layer_lr_mult"])],
-                   dataset=SegTrainSet(data, section, backbone.mean, backbone.std, config["seed"],
+    result = train_network(config, stage, device, model, section,
+                           SegTrainSet(data, section, backbone.mean, backbone.std, config["seed"],
                                        label_loader(config, data)),
-                   step=segmentation_step, section=section, out_dir=stage.dir, seed=config["seed"],
-                   device=device, meta=meta, desc="segmentation", num_workers=config["num_workers"],
-                   amp=config["amp"], channels_last=config["channels_last"],
-                   prepare=freeze_batchnorm)
-    stage.images = len(data) if distributed.is_main() else 0
-    stage.skipped.extend(sorted(set(result.skipped)))
+                           segmentation_step, meta, "segmentation")
     last = result.history[-1] if result.history else {}
     return stage.finish(epochs=result.epochs, final_loss=last.get("loss"),
                         final_pixel_accuracy=last.get("pixel_accuracy"))
