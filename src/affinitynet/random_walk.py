@@ -45,10 +45,6 @@ def _check_int(name: str, value) -> int:
     return value
 
 
-def _check_radius(radius) -> int:
-    return _check_int("radius", radius)
-
-
 @lru_cache(maxsize=None)
 def _offsets(radius: int) -> tuple[tuple[int, int], ...]:
     return tuple(
@@ -68,7 +64,7 @@ def neighbour_offsets(radius: int) -> list[tuple[int, int]]:
     ``(0, 1), ..., (0, r-1), (1, -(r-1)), ..., (r-1, ...)``.
     ``radius=5`` gives 34 offsets (68 neighbours); ``radius=1`` gives none.
     """
-    return list(_offsets(_check_radius(radius)))
+    return list(_offsets(_check_int("radius", radius)))
 
 
 def _span(size: int, shift: int) -> tuple[slice, slice]:
@@ -122,7 +118,7 @@ def pair_affinities(
     """
     _check_map("features", features)
     _check_distance(distance)
-    offsets = _offsets(_check_radius(radius))
+    offsets = _offsets(_check_int("radius", radius))
     return _pair_distances(features, offsets, distance).neg_().exp_()
 
 
@@ -212,7 +208,7 @@ def transition_matrix(
     farther than ``radius`` have ``W_ij = 0``. Rows are indexed by the row-major flat pixel index
     ``y * w + x``; every row sums to 1. Entries of ``affinities`` must be finite and >= 0.
     """
-    radius = _check_radius(radius)
+    radius = _check_int("radius", radius)
     beta = _check_beta(beta)
     offsets = _offsets(radius)
     _check_map("affinities", affinities)
@@ -281,7 +277,7 @@ def random_walk(
         TypeError: non-tensor maps, or a non-integer ``t``/``radius``.
     """
     _check_map("cams", cams)
-    radius = _check_radius(radius)
+    radius = _check_int("radius", radius)
     beta = _check_beta(beta)
     t = _check_int("t", t)
     _check_distance(distance)
