@@ -267,6 +267,18 @@ def test_mixed_precision_training_on_cpu(tmp_path, amp):
     assert ("scaler" in checkpoint) == (amp == "fp16")   # a GradScaler for float16 only
 
 
+@pytest.mark.parametrize("optimizer,power", [("sgd", 0.9), ("adam", 0.9), ("adam", 0.0)])
+def test_learning_rate_follows_the_poly_schedule_for_both_optimizers(tmp_path, optimizer, power):
+    section = {**SECTION, "epochs": 3, "optimizer": optimizer, "poly_power": power}
+    model = _Tiny()
+    result = train(model=model, groups=[(model.parameters(), 1.0)], dataset=_Blobs(), step=_step([]),
+                   section=section, out_dir=tmp_path, seed=0, device=torch.device("cpu"), meta={}, desc="tiny")
+    # 8 samples in batches of 4: 2 steps per epoch, 6 in all; the log holds the rate of each
+    # epoch's last step, lr * (1 - step / 6)^power with step 1, 3, 5.
+    expected = [0.01 * (1 - step / 6) ** power for step in (1, 3, 5)]
+    assert [row["lr"] for row in result.history] == pytest.approx(expected, rel=1e-12)
+
+
 def test_amp_settings_and_inference_wrapper():
     cpu = torch.device("cpu")
     assert amp_dtype(cpu, "auto") is None and amp_dtype(cpu, "off") is None and amp_dtype(cpu, False) is None

@@ -111,11 +111,11 @@ DEFAULTS: dict[str, Any] = {
         "color_jitter": [0.3, 0.3, 0.3, 0.1],
         "batch_size": 8,
         "epochs": 30,
-        "optimizer": "adam",           # Section 5.1; "sgd" with a poly schedule as an option
+        "optimizer": "adam",           # Section 5.1; or "sgd"
         "lr": 1e-4,
         "momentum": 0.9,
         "weight_decay": 5e-4,
-        "poly_power": 0.9,
+        "poly_power": 0.9,             # the poly schedule, for Adam as for SGD; 0: constant lr
         "new_layer_lr_mult": 10.0,
         "scales": [0.5, 0.75, 1.0, 1.25, 1.5],   # Appendix A.2
         "flip": True,

@@ -1,4 +1,4 @@
-"""The training loop the three networks share: SGD with a poly schedule (or Adam), new layers at
+"""The training loop the three networks share: SGD or Adam with a poly schedule, new layers at
 a higher learning rate, per-epoch checkpoints that a killed run resumes from exactly, a CSV log,
 a stop with a clear message when the loss stops being finite, and DistributedDataParallel when
 started by torchrun. On a GPU: mixed precision (bfloat16, or float16 with a GradScaler),
@@ -72,6 +72,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
+    """The released code's poly schedule, base_lr * (1 - step / total)^power; power 0 keeps the
+    learning rate constant."""
     return base_lr * (1.0 - step / max(total_steps, 1)) ** power
 
 
@@ -385,9 +387,10 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
             for index, (batch, skipped) in enumerate(progress):
                 skipped_all.extend(skipped)
                 global_step = epoch * steps_per_epoch + index
+                # Adam decays too: at a constant rate the last epochs' training loss rose again
+                # (MSRC-21, README), so the final weights were wherever the last steps left them.
                 for group in optimizer.param_groups:
-                    if section["optimizer"] == "sgd":
-                        group["lr"] = poly_lr(section["lr"], global_step, total_steps, section["poly_power"]) * group["lr_mult"]
+                    group["lr"] = poly_lr(section["lr"], global_step, total_steps, section["poly_power"]) * group["lr_mult"]
                 # A share of a batch whose images all failed to load: every rank skips the step.
                 if not _all_ranks_true(batch is not None, device):
                     continue

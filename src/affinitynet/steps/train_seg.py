@@ -3,7 +3,7 @@
 (``segmentation.supervision: gt``; the same code path, only the labels differ).
 
 Cross-entropy over the labelled pixels (255 ignored), augmentation of 5.1 (random scale, flip,
-colour jitter, random crop), Adam by default (5.1) or SGD with a poly schedule.
+colour jitter, random crop), Adam by default (5.1) or SGD, either under the poly schedule.
 """
 from __future__ import annotations
 
