@@ -1,0 +1,109 @@
+"""Where does the dCRF of Section 3.4 gain or lose? (CAM+RW -> CAM+RW+dCRF in Table 1)
+
+For every image of a finished run's label split that has ground truth, the CAM+RW labels and the
+CAM+RW+dCRF labels are compared pixel by pixel. A pixel the dCRF relabels is either near a label
+boundary of the walk (within ``band`` pixels of it: the boundary refinement the dCRF is there for,
+since the walk's labels come from a grid of stride 8) or inside a region (a whole region or object
+part relabelled by colour). For each kind, among the relabelled pixels that the ground truth
+scores, the script counts how many the dCRF gets right and how many the walk had right, and it
+reports how much of the boundary band the ground truth leaves void. It also scores a
+"band-limited" dCRF: the dCRF's labels inside the band, the walk's elsewhere.
+
+    python benchmarks/crf_changes.py runs/msrc21
+
+Only saved label PNGs are read; nothing is recomputed, so the figures are those of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from affinitynet.config import load_config
+from affinitynet.io import load_label_png
+from affinitynet.metrics import IGNORE_INDEX, ConfusionMatrix
+from affinitynet.steps import dataset
+
+
+def boundary_band(labels: np.ndarray, width: int) -> np.ndarray:
+    """Pixels within ``width`` pixels (Chebyshev distance) of a pixel whose right or lower
+    neighbour has another label; both sides of every label boundary are included."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    vertical = labels[:-1] != labels[1:]
+    horizontal = labels[:, :-1] != labels[:, 1:]
+    edge[:-1] |= vertical
+    edge[1:] |= vertical
+    edge[:, :-1] |= horizontal
+    edge[:, 1:] |= horizontal
+    if width <= 1:
+        return edge
+    grown = F.max_pool2d(torch.from_numpy(edge.astype(np.float32))[None, None], 2 * width - 1,
+                         stride=1, padding=width - 1)
+    return grown[0, 0].numpy() > 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--bands", type=int, nargs="+", default=[4, 8],
+                        help="band widths in pixels around the walk's label boundaries")
+    args = parser.parse_args()
+    run_dir = Path(args.run_dir)
+    config = load_config(run_dir / "config.yaml")
+    data = dataset(config, "label_split")
+    walk_dir = run_dir / "random_walk" / "rw_labels"
+    crf_dir = run_dir / "random_walk" / "pseudo_labels"
+    if not config["random_walk"]["crf"]:
+        print(f"{run_dir}: this run has no dCRF (random_walk.crf is false)", file=sys.stderr)
+        return 1
+    kinds = [f"band{w}" for w in args.bands] + [f"outside{w}" for w in args.bands]
+    counts = {kind: np.zeros(4, dtype=np.int64) for kind in kinds}  # changed, scored, crf right, walk right
+    band_void = {w: np.zeros(2, dtype=np.int64) for w in args.bands}  # band pixels, void among them
+    scores = {name: ConfusionMatrix(data.num_classes)
+              for name in ["CAM+RW", "CAM+RW+dCRF"] + [f"dCRF within {w} px" for w in args.bands]}
+    changed_total = pixels = images = 0
+    for sample in tqdm(data.samples, desc="dCRF changes", dynamic_ncols=True):
+        walk_path, crf_path = walk_dir / f"{sample.id}.png", crf_dir / f"{sample.id}.png"
+        if sample.mask_path is None or not walk_path.exists() or not crf_path.exists():
+            continue
+        walk, refined, gt = load_label_png(walk_path), load_label_png(crf_path), data.load_mask(sample)
+        images += 1
+        pixels += gt.size
+        changed = walk != refined
+        changed_total += int(changed.sum())
+        scored = gt != IGNORE_INDEX
+        scores["CAM+RW"].add(gt, walk)
+        scores["CAM+RW+dCRF"].add(gt, refined)
+        for width in args.bands:
+            band = boundary_band(walk, width)
+            band_void[width] += (int(band.sum()), int((band & ~scored).sum()))
+            scores[f"dCRF within {width} px"].add(gt, np.where(band, refined, walk))
+            for kind, where in ((f"band{width}", band), (f"outside{width}", ~band)):
+                mask = changed & where
+                hit = mask & scored
+                counts[kind] += (int(mask.sum()), int(hit.sum()), int((hit & (refined == gt)).sum()),
+                                 int((hit & (walk == gt)).sum()))
+    if not images:
+        print(f"{run_dir}: no image with ground truth and both label maps", file=sys.stderr)
+        return 1
+    print(f"{data.name} {data.split}, {images} images: the dCRF relabels {100 * changed_total / pixels:.1f}% "
+          f"of the pixels")
+    for width in args.bands:
+        print(f"\nband = within {width} px of a CAM+RW label boundary "
+              f"({100 * band_void[width][1] / max(band_void[width][0], 1):.1f}% of the band is void in the ground truth)")
+        for kind, title in ((f"band{width}", "in the band"), (f"outside{width}", "outside it")):
+            changed, scored, crf_right, walk_right = counts[kind]
+            print(f"  relabelled {title}: {100 * changed / max(changed_total, 1):5.1f}% of the changes; "
+                  f"of the {scored} scored: dCRF right {crf_right} ({100 * crf_right / max(scored, 1):.1f}%), "
+                  f"CAM+RW right {walk_right} ({100 * walk_right / max(scored, 1):.1f}%)")
+    print("\nmIoU %: " + ", ".join(f"{name} {100 * cm.miou():.1f}" for name, cm in scores.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
