@@ -378,3 +378,18 @@ def test_predict_skips_bad_images_and_fails_only_when_none_is_segmented(referenc
 
     code, out, err = tiny.cli(["predict", model, str(bad), "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and err == f"skipped: {line}\n"
+
+
+def test_a_stage_command_on_a_finished_stage_skips_it_unless_forced(reference, tmp_path, capsys):
+    ref_run, data_root = reference
+    run = tiny.copy_stages(ref_run, tmp_path / "run", ["train_cam"])
+    before = tiny.stage_state(run, "train_cam")
+    code, out, err = tiny.cli(tiny.argv("train-cam", run, data_root), capsys)
+    assert code == 0, err
+    assert "[train_cam] up to date, skipped" in out
+    assert tiny.stage_state(run, "train_cam") == before    # its recorded time is kept
+    code, out, err = tiny.cli(tiny.argv("train-cam", run, data_root, flags=["--force"]), capsys)
+    assert code == 0, err
+    after = tiny.stage_state(run, "train_cam")
+    assert after["complete"] and after["images"] == 12 and after["seconds"] != before["seconds"]
+    assert "up to date" not in out
