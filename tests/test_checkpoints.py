@@ -10,6 +10,8 @@ test_code_executing_pickle_is_refused, ...); here they are checked once more thr
 """
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -164,7 +166,10 @@ def test_bad_model_checkpoint_stops_the_stage_with_one_line(reference, tmp_path,
 def test_bad_resume_checkpoint_stops_training_with_one_line(reference, tmp_path, capsys, case):
     ref_run, data_root = reference
     run = tiny.copy_stages(ref_run, tmp_path / "run", ["train_cam"], checkpoints=True)
-    (run / "train_cam" / "model.pt").unlink()          # as if killed during the last epoch
+    # As if killed during the last epoch: no final model, the stage marked unfinished.
+    (run / "train_cam" / "model.pt").unlink()
+    state = tiny.stage_state(run, "train_cam")
+    (run / "train_cam" / "_stage.json").write_text(json.dumps({**state, "complete": False}))
     path = run / "train_cam" / "checkpoint.pt"
     marker = tmp_path / "code-ran"
     if case == "truncated":
