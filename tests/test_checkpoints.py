@@ -11,7 +11,6 @@ test_code_executing_pickle_is_refused, ...); here they are checked once more thr
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
