@@ -66,16 +66,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .pipeline import is_complete, run_stage
+    from .pipeline import run_stage
 
     config = _config_from_args(args)
     _save_resolved(config)
-    if not args.force and is_complete(config, args.stage_name):
-        # As `run` does: re-entering a finished stage would only overwrite its recorded time.
-        if distributed.is_main():
-            print(f"[{args.stage_name}] up to date, skipped (--force redoes it)")
-        return 0
     run_stage(config, args.stage_name, force=args.force)
     return 0
 

@@ -177,7 +177,13 @@ def map_images(run: StageRun, items: Sequence[Any], outputs: Callable[[Any], Ite
         raise RuntimeError(f"{desc}: every one of {len(items)} inputs failed; first: {run.skipped[0]}")
 
 
-def run_stage(config: dict[str, Any], name: str, force: bool = False) -> dict[str, Any]:
+def run_stage(config: dict[str, Any], name: str, force: bool = False) -> dict[str, Any] | None:
+    """Run one stage, or skip it (None) when its outputs are complete and current and it is not
+    forced: re-entering a finished stage would only overwrite its recorded time."""
+    if not force and is_complete(config, name):
+        if distributed.is_main():
+            print(f"[{name}] up to date, skipped")
+        return None
     module = importlib.import_module(f"affinitynet.steps.{name}")
     return module.run(config, force=force)
 
@@ -191,8 +197,4 @@ def run_all(config: dict[str, Any], only_available: bool = True, force: Sequence
             if only_available and error.name == f"affinitynet.steps.{spec.name}":
                 continue
             raise
-        if is_complete(config, spec.name) and spec.name not in force:
-            if distributed.is_main():
-                print(f"[{spec.name}] up to date, skipped")
-            continue
         run_stage(config, spec.name, force=spec.name in force)
