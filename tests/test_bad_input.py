@@ -176,7 +176,8 @@ def test_broken_labels_or_class_files_stop_with_one_line(tmp_path):
     assert_one_line(str(caught.value), root / "tags.json")
     with pytest.raises(InputError) as caught:
         build_dataset({"name": "folder", "root": str(root), "labels_file": "absent.csv"}, "train")
-    assert str(caught.value) == f"{root / 'absent.csv'}: file not found"
+    # Named as written, not under the root twice (my_photos/my_photos/tags.csv).
+    assert str(caught.value) == f"absent.csv: labels file not found (looked in the working directory and in dataset.root {root})"
     (root / "tags.csv").write_bytes(b"a.png,\xff\xfe\n")
     with pytest.raises(InputError) as caught:
         build_dataset({"name": "folder", "root": str(root), "labels_file": "tags.csv"}, "train")

@@ -86,6 +86,9 @@ def test_sigkill_inside_every_stage_then_resume_gives_the_reference_outputs(refe
         elif stage == "evaluate_run":
             assert (run / "results.json").exists()
 
+    # The child after a kill in training says where it resumes.
+    assert "[train_cam] resuming: the outputs it finished are kept" in kills[1]["log"]
+    assert "cam: resuming at epoch 2/2 from" in kills[1]["log"]
     code, out, err = tiny.cli(args, capsys)
     assert code == 0, err
     assert all(tiny.stage_state(run, name)["complete"] for name in tiny.STAGE_NAMES)
@@ -300,7 +303,13 @@ def test_one_truncated_image_is_skipped_logged_and_counted(reference, tmp_path, 
 
     code, out, err = stage("train-cam")
     assert code == 0, err
-    assert tiny.stage_state(run, "train_cam")["skipped"] == [line]
+    state = tiny.stage_state(run, "train_cam")
+    assert state["skipped"] == [line] and state["images"] == 11   # counted as the per-image stages count
+
+    # --strict stops the training stages too.
+    code, out, err = tiny.cli(tiny.argv("train-cam", tmp_path / "strict", data, "cam.epochs=1", flags=["--strict"]),
+                              capsys)
+    assert code == 2 and one_line_error(err) == f"{line} (--strict stops at the first bad input)"
 
     # --strict: the first bad image stops the stage, with its one line, exit 2; finished images stay.
     code, out, err = stage("infer-cam", "--strict")

@@ -21,7 +21,8 @@ EXIT_BAD_INPUT = 2
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
-                        help="experiment YAML, or a built-in name: demo (default), msrc21, voc12")
+                        help="experiment YAML, or a built-in name: demo, msrc21, voc12, folder (default: the run "
+                             "directory's saved config.yaml, else the built-in config of --dataset, else demo)")
     parser.add_argument("--dataset", choices=["demo", "msrc21", "voc12", "folder"], default=None,
                         help="dataset (overrides dataset.name)")
     parser.add_argument("--root", default=None, help="dataset directory (overrides dataset.root)")
@@ -32,44 +33,82 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace, check: bool = True) -> dict[str, Any]:
-    from .config import load_config
+    """Defaults <- the base config <- the dataset options and ``key=value`` overrides.
+
+    The base config is ``--config`` when given; else the saved ``config.yaml`` of the run
+    directory named by ``--run-dir`` (a run describes itself, so a later command needs no dataset
+    options); else the built-in config named after ``--dataset``; else the demo."""
+    from .config import builtin_config_path, load_config
 
     overrides = list(args.overrides)
     if args.dataset:
         overrides.append(f"dataset.name={args.dataset}")
     if args.root:
         overrides.append(f"dataset.root={args.root}")
-    if getattr(args, "run_dir", None):
-        overrides.append(f"run_dir={args.run_dir}")
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir:
+        overrides.append(f"run_dir={run_dir}")
     if getattr(args, "strict", False):
         overrides.append("strict=true")
-    return load_config(args.config, overrides, check=check)
+    base = args.config
+    if base is None and run_dir and (Path(run_dir) / "config.yaml").is_file():
+        base = Path(run_dir) / "config.yaml"
+    elif base is None and args.dataset and builtin_config_path(args.dataset).is_file():
+        base = args.dataset
+    config = load_config(base, overrides, check=check)
+    if check:
+        from . import distributed
+        from .size_rules import resolve_auto
+
+        for line in resolve_auto(config):
+            if distributed.is_main():
+                print(line)
+    return config
 
 
-def _save_resolved(config: dict[str, Any]) -> None:
-    from . import distributed
-    from .config import save_resolved
+def _forced_stages(args: argparse.Namespace) -> tuple[set[str], bool]:
+    """``run --force`` alone redoes every stage (and may replace another dataset's outputs);
+    ``--force STAGE`` (repeatable) redoes those stages only."""
+    from .pipeline import STAGE_BY_NAME
 
-    if distributed.is_main():
-        save_resolved(config, Path(config["run_dir"]) / "config.yaml")
+    names: set[str] = set()
+    every = False
+    for value in args.force or ():
+        if value == _ALL:
+            every = True
+            continue
+        name = value.replace("-", "_")
+        if name not in STAGE_BY_NAME:
+            from .config import ConfigError
+
+            raise ConfigError(f"--force: unknown stage '{value}' (stages: {', '.join(STAGE_BY_NAME)})")
+        names.add(name)
+    return (set(STAGE_BY_NAME) if every else names), every
+
+
+_ALL = "__all__"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run_all
+    from .pipeline import preflight, run_all, run_summary
 
     config = _config_from_args(args)
-    _save_resolved(config)
+    forced, every = _forced_stages(args)
+    preflight(config, replace=every, announce=True)
     print(f"affinitynet run: dataset {config['dataset']['name']}, backbone {config['backbone']['name']}, "
           f"outputs in {config['run_dir']}")
-    run_all(config, force=args.force or ())
+    run_all(config, force=forced)
+    line = run_summary(config)
+    if line:
+        print(line)
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from .pipeline import run_stage
+    from .pipeline import preflight, run_stage
 
     config = _config_from_args(args)
-    _save_resolved(config)
+    preflight(config, replace=args.force)
     run_stage(config, args.stage_name, force=args.force)
     return 0
 
@@ -99,6 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_datasets(args: argparse.Namespace) -> int:
     from . import datasets
+    from .io import plural
 
     if args.action == "list":
         for name, description in datasets.DATASETS.items():
@@ -113,13 +153,34 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         return 0
     split = args.split or config["dataset"]["train_split"]
     data = datasets.build_dataset(config["dataset"], split)
+    for line in datasets.describe_classes(data, listed=len(data.skipped) + len(data.untagged)):
+        print(line)
     report = datasets.check_dataset(data)
-    problems = list(data.skipped) + list(report.get("problems", []))
-    print(f"{data.name} '{split}': {len(data)} images, {len(data.class_names) - 1} object classes, "
-          f"{len(problems)} problems")
+    problems = list(report.get("problems", []))
+    left_out = len(data.skipped) + len(data.untagged) + len(problems)
+    print(f"{data.name} '{split}': {plural(len(data), 'image')}, {plural(len(data.class_names) - 1, 'object class')}, "
+          f"{plural(left_out, 'image')} left out or unreadable")
     for line in problems:
         print(f"  {line}")
-    return EXIT_BAD_INPUT if problems else 0
+    return EXIT_BAD_INPUT if left_out else 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Every key with its value (the paper's defaults, or those of ``--config`` and overrides) and
+    what it means."""
+    from .config import DEFAULTS, KEY_HELP, flatten, load_config
+
+    if args.config or args.overrides:
+        values = flatten(load_config(args.config, args.overrides, check=False))
+        source = " + ".join([args.config or "demo", *args.overrides])
+    else:
+        values, source = flatten(DEFAULTS), "defaults: the paper's VOC settings"
+    width = max(len(key) for key in values)
+    print(f"# key = value ({source}): meaning")
+    for key, value in values.items():
+        shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        print(f"{key:<{width}} = {shown:<18} {KEY_HELP[key]}")
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -161,13 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Run every stage in order: " + " -> ".join(s.command for s in STAGES)
                               + ". Stages whose outputs are complete and current are skipped.")
     _add_config_options(run)
-    run.add_argument("--force", action="append", metavar="STAGE", help="re-run this stage (name, repeatable)")
+    run.add_argument("--force", action="append", nargs="?", const=_ALL, metavar="STAGE",
+                     help="re-run this stage (name, repeatable); alone: re-run every stage, replacing "
+                          "the outputs of another dataset if the run directory holds them")
     run.set_defaults(func=cmd_run)
 
     for spec in STAGES:
         sub = commands.add_parser(spec.command, help=spec.help, description=spec.help[0].upper() + spec.help[1:] + ".")
         _add_config_options(sub)
-        sub.add_argument("--force", action="store_true", help="discard this stage's outputs and redo it")
+        sub.add_argument("--force", action="store_true",
+                         help="discard this stage's outputs and redo it (also when the run directory holds "
+                              "another dataset's outputs: those are then all marked for redoing)")
         sub.set_defaults(func=cmd_stage, stage_name=spec.name)
 
     evaluate = commands.add_parser("evaluate", help="score index PNGs against a split's ground truth (mIoU)",
@@ -187,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(data)
     data.add_argument("--split", default=None, help="split to check (default: dataset.train_split)")
     data.set_defaults(func=cmd_datasets)
+
+    config = commands.add_parser("config", help="print every config key with its value and meaning",
+                                 description="show: every config key, its value (the defaults, or those of "
+                                             "--config with overrides) and what it means.")
+    config.add_argument("action", choices=["show"])
+    config.add_argument("--config", "-c", default=None, help="a YAML file or built-in name (demo, msrc21, voc12, folder)")
+    config.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    config.set_defaults(func=cmd_config)
 
     predict = commands.add_parser("predict", help="segment image files or folders with a trained model",
                                   description="Masks (VOC-palette PNG) and colour overlays for images, from a "
@@ -258,22 +331,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    if getattr(args, "force", None) and isinstance(args.force, list):
+        # `run --force cam.epochs=2`: argparse hands the override to --force as its stage.
+        moved = [value for value in args.force if "=" in value]
+        args.force = [_ALL if "=" in value else value for value in args.force]
+        args.overrides = [*args.overrides, *moved]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .backbones import WeightsError
     from .config import ConfigError
     from .io import InputError
+    from .pipeline import StageError
     from .training import TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, InputError, TrainingError, WeightsError) as error:
+    except (ConfigError, InputError, StageError, TrainingError, WeightsError) as error:
         print(f"affinitynet: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RuntimeError as error:
         if args.verbose:
             raise
-        print(f"affinitynet: error: {str(error).splitlines()[0] if str(error) else error!r}", file=sys.stderr)
+        text = str(error).splitlines()[0] if str(error) else repr(error)
+        print(f"affinitynet: error: {text}", file=sys.stderr)
         return 1
     except OSError as error:  # read-only or full output directory, permissions, ...
         if args.verbose:

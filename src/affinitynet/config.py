@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
         "demo_val": 60,                # demo dataset: images in the val split
         "demo_seed": 0,                # demo dataset: generator seed
         "masks_dir": None,             # folder dataset: optional ground-truth masks
+        "max_skipped": 0.1,            # share of images left out (bad tags, untagged) that stops a run
     },
     "backbone": {
         "name": "resnet38d",
@@ -131,6 +132,84 @@ DEFAULTS: dict[str, Any] = {
         "max_images": 0,               # 0: the whole label split
     },
 }
+
+
+# What each key means, for `affinitynet config show` (every key of DEFAULTS has a line; a test
+# holds it). The three training sections share their training keys' meanings.
+_TRAINING_HELP = {
+    "crop_size": "training crop side in pixels ('auto': from the image size)",
+    "color_jitter": "brightness, contrast, saturation, hue jitter",
+    "batch_size": "images per step (split over the processes of a distributed run)",
+    "epochs": "passes over the training images",
+    "optimizer": "'sgd' or 'adam'",
+    "lr": "base learning rate of the backbone (new layers: times new_layer_lr_mult)",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay",
+    "poly_power": "poly schedule lr * (1 - step/total)^power; 0 keeps the rate constant",
+    "new_layer_lr_mult": "learning-rate multiplier of the layers added to the backbone",
+}
+KEY_HELP: dict[str, str] = {
+    "run_dir": "output directory of the run (every stage writes a folder in it)",
+    "seed": "seed of every random choice (initialisation, crops, order)",
+    "device": "'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'",
+    "num_workers": "data-loading processes per training process (0: load in the training process)",
+    "threads": "torch threads per process (0: torch's default, all cores)",
+    "strict": "stop at the first bad input instead of skipping it",
+    "amp": "mixed precision: 'auto' (bf16/fp16 on CUDA, off on CPU), 'bf16', 'fp16', 'off'",
+    "channels_last": "NHWC convolutions: 'auto' (CUDA with AMP), 'on', 'off'",
+    "dataset.name": "demo, msrc21, voc12 or folder (your photos)",
+    "dataset.root": "dataset directory",
+    "dataset.protocol": "msrc21: 'object' (14 classes + background) or 'standard21'",
+    "dataset.train_split": "split the CAM network, AffinityNet and the segmentation network train on",
+    "dataset.label_split": "split whose pseudo labels are scored (Table 1)",
+    "dataset.eval_split": "split the segmentation network is scored on (Table 2)",
+    "dataset.labels_file": "folder: CSV or JSON of tags per image (a path, or a name inside the root)",
+    "dataset.classes_file": "folder: object class names, one per line (unknown tags are then refused)",
+    "dataset.demo_size": "demo: image side in pixels",
+    "dataset.demo_train": "demo: images in the train split",
+    "dataset.demo_val": "demo: images in the val split",
+    "dataset.demo_seed": "demo: generator seed",
+    "dataset.masks_dir": "folder: optional ground-truth masks (index PNGs named <id>.png)",
+    "dataset.max_skipped": "share of the images left out (bad tags, untagged, unreadable) that stops a run",
+    "backbone.name": "mobilenetv2, efficientnet_lite0, resnet38d, resnet50 or vgg16",
+    "backbone.weights": "ImageNet weight file (null: the packaged weights, where a backbone has them)",
+    "backbone.output_stride": "8 or 16: the feature map is 1/output_stride of the image",
+    "cam.head_channels": "channels of the CAM network's 3x3 conv (Sec. 4.2)",
+    "cam.resize_long": "random rescale range of the long side before cropping ('auto': from the image size)",
+    "cam.scales": "CAM inference scales, each with its flip (Eq. 1; 'auto': from the image size)",
+    "cam.flip": "add horizontally flipped CAMs",
+    "cam.eval_alpha": "background (1 - max M)^alpha of the 'CAM' row of Table 1 (Eq. 2)",
+    "cam.eval_bg_threshold": "or a constant background score (the released code's 0.2); null: use alpha",
+    "crf.gaussian_sxy": "dCRF smoothness kernel width (pixels)",
+    "crf.gaussian_compat": "dCRF smoothness kernel weight",
+    "crf.bilateral_sxy": "dCRF appearance kernel width (pixels)",
+    "crf.bilateral_srgb": "dCRF appearance kernel colour width",
+    "crf.bilateral_compat": "dCRF appearance kernel weight",
+    "crf.iterations": "dCRF mean-field iterations",
+    "affinity.alpha_low": "low alpha: amplified background, confident objects (3.2.1)",
+    "affinity.alpha_high": "high alpha: weakened background, confident background (3.2.1)",
+    "affinity.radius": "gamma of Eq. 4: pairs within this radius on the feature grid",
+    "affinity.distance": "Eq. 3 over feature channels: 'mean' (released code) or 'sum' (L1 norm)",
+    "random_walk.alpha": "background alpha of the walk's input CAMs (Eq. 2)",
+    "random_walk.beta": "Hadamard power of the affinities (Eq. 11)",
+    "random_walk.t": "walk iterations (Eq. 12; 'auto': from the feature grid's area)",
+    "random_walk.radius": "radius of the affinity matrix's pairs",
+    "random_walk.scale": "AffinityNet's input scale for the walk (above 1: a finer grid)",
+    "random_walk.crf": "dCRF on the walked CAMs (Table 1, last row); false: the walk's labels train the network",
+    "segmentation.head": "'resnet38' (two 3x3 atrous convs) or 'deeplab_largefov'",
+    "segmentation.supervision": "'pseudo' labels, or 'gt' for the fully supervised bound",
+    "segmentation.scale_range": "random rescale range of the training images",
+    "segmentation.scales": "inference scales, each with its flip (A.2; 'auto': from the image size)",
+    "segmentation.flip": "add horizontally flipped predictions",
+    "segmentation.crf": "dCRF on the network's predictions",
+    "report.gallery_size": "label-split images in the report's gallery (at least one per class)",
+    "sweep.betas": "beta values of the Fig. 8 sweep",
+    "sweep.ts": "t values of the Fig. 8 sweep",
+    "sweep.alphas": "alpha values of the Fig. 8 sweep",
+    "sweep.max_images": "images the sweep scores (0: the whole label split)",
+}
+for _section, _what in (("cam", "CAM network"), ("affinity", "AffinityNet"), ("segmentation", "segmentation network")):
+    KEY_HELP.update({f"{_section}.{key}": f"{_what}: {text}" for key, text in _TRAINING_HELP.items()})
 
 
 @dataclass(frozen=True)
@@ -219,6 +298,7 @@ RULES: dict[str, Rule] = {
     "dataset.demo_val": _number(1, 1_000_000, integer=True),
     "dataset.demo_seed": _number(0, integer=True),
     "dataset.masks_dir": _string(optional=True),
+    "dataset.max_skipped": _number(0, 1),
     "backbone.name": _string(),
     "backbone.weights": _string(optional=True),
     "backbone.output_stride": Rule("8 or 16", lambda v: v in (8, 16) and not isinstance(v, bool)),
@@ -270,19 +350,19 @@ for _key in ("gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb
     RULES[f"crf.{_key}"] = _number(0)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, dotted + "."))
+            flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value
     return flat
 
 
 def _known_keys() -> set[str]:
-    return set(_flatten(DEFAULTS))
+    return set(flatten(DEFAULTS))
 
 
 def get(config: dict[str, Any], dotted: str) -> Any:
@@ -297,7 +377,7 @@ def _set(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     section = _default_at(dotted)
     if isinstance(section, dict):  # e.g. "random_walk: 5": a section given a value
         raise ConfigError(f"{source}: '{dotted}' is a section of keys, not a value "
-                          f"(its keys: {', '.join(sorted(_flatten(section)))})")
+                          f"(its keys: {', '.join(sorted(flatten(section)))})")
     if dotted not in known:
         sections = {k.split(".")[0] for k in known if "." in k}
         head = dotted.split(".")[0]
@@ -307,11 +387,7 @@ def _set(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
         else:
             hint = "known top-level keys: " + ", ".join(sorted({k.split('.')[0] for k in known}))
         raise ConfigError(f"{source}: unknown config key '{dotted}' ({hint})")
-    parts = dotted.split(".")
-    node = config
-    for part in parts[:-1]:
-        node = node[part]
-    node[parts[-1]] = value
+    set_value(config, dotted, value)
 
 
 def _merge(config: dict[str, Any], tree: Any, source: str, prefix: str = "") -> None:
@@ -344,8 +420,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def set_value(config: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = config
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
 def validate(config: dict[str, Any]) -> None:
-    for dotted, value in _flatten(config).items():
+    from .size_rules import AUTO, AUTO_KEYS
+
+    for dotted, value in flatten(config).items():
+        if value == AUTO and dotted in AUTO_KEYS:
+            continue  # set from the images' size (size_rules.resolve_auto)
         rule = RULES.get(dotted)
         if rule is None:
             # Keys without a rule share the type of their default.

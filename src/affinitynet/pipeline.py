@@ -10,6 +10,7 @@ with the same hash, keeps the images it finished and does the rest.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import shutil
 import time
@@ -20,8 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 from tqdm import tqdm
 
 from . import distributed
-from .config import section_hash
-from .io import InputError, read_json, write_json
+from .config import ConfigError, dump, flatten, get, load_config, section_hash
+from .io import InputError, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,166 @@ STAGES: tuple[StageSpec, ...] = (
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
-def stage_hash(config: dict[str, Any], name: str) -> str:
-    spec = STAGE_BY_NAME[name]
-    keys = spec.keys
+class StageError(RuntimeError):
+    """A stage cannot run here (its inputs are missing, or the run directory holds another
+    dataset's outputs); one line saying what to do."""
+
+
+def upstream_stages(config: dict[str, Any], name: str) -> tuple[str, ...]:
+    """The stages whose outputs ``name`` reads under this config: the fully supervised bound
+    (``segmentation.supervision: gt``) trains on the ground truth, not on pseudo labels."""
     if name == "train_seg" and config["segmentation"]["supervision"] == "gt":
-        upstream: tuple[str, ...] = ()
+        return ()
+    return STAGE_BY_NAME[name].upstream
+
+
+def _hashed_keys(config: dict[str, Any], name: str) -> tuple[str, ...]:
+    keys = STAGE_BY_NAME[name].keys
+    if name == "train_seg" and config["segmentation"]["supervision"] == "gt":
         keys = keys + DATASET_KEYS
-    else:
-        upstream = tuple(stage_hash(config, parent) for parent in spec.upstream)
-    return section_hash(config, keys + DATASET_KEYS, *upstream)
+    return keys + DATASET_KEYS
+
+
+def stage_hash(config: dict[str, Any], name: str) -> str:
+    upstream = tuple(stage_hash(config, parent) for parent in upstream_stages(config, name))
+    return section_hash(config, _hashed_keys(config, name), *upstream)
+
+
+def stage_inputs(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """What a stage's hash is made of, readable: the value of every hashed key (sections
+    flattened to dotted keys) and the hash of every upstream stage. Kept in ``_stage.json`` so that
+    a re-run can say what changed."""
+    values: dict[str, Any] = {}
+    for key in sorted(set(_hashed_keys(config, name))):
+        value = get(config, key)
+        if isinstance(value, dict):
+            values.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+        else:
+            values[key] = value
+    return {"inputs": {"keys": values,
+                       "upstream": {parent: stage_hash(config, parent) for parent in upstream_stages(config, name)}}}
+
+
+def rerun_reason(config: dict[str, Any], name: str, previous: dict[str, Any] | None, force: bool) -> str | None:
+    """Why a stage that has outputs runs again (None for a first run): ``random_walk.beta 8.0 ->
+    10.0``, an upstream stage that changed, ``--force``, or an unfinished stage being resumed."""
+    if previous is None:
+        return None
+    if force:
+        return "re-running: forced (--force)"
+    if previous.get("hash") == stage_hash(config, name):
+        return None if previous.get("complete") else "resuming: the outputs it finished are kept"
+    before = previous.get("inputs") if isinstance(previous.get("inputs"), dict) else {}
+    now = stage_inputs(config, name)["inputs"]
+    old_keys, new_keys = before.get("keys") or {}, now["keys"]
+    changes = [f"{key} {_short(old_keys.get(key, '(unset)'))} -> {_short(new_keys.get(key, '(unset)'))}"
+               for key in sorted(set(old_keys) | set(new_keys)) if old_keys.get(key) != new_keys.get(key)]
+    if before.get("keys") is not None:
+        old_up = before.get("upstream") or {}
+        changes += [f"upstream {parent} changed" for parent, value in now["upstream"].items()
+                    if old_up.get(parent) != value]
+    if not changes:
+        changes = ["its settings changed (made by an older version that did not record them)"]
+    shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+    return f"re-running: {shown}"
+
+
+def _short(value: Any) -> str:
+    """A config value for a one-line message: strings (paths) whole, lists and the like cut."""
+    if isinstance(value, str):
+        return value
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _difference(key: str, before: Any, after: Any) -> str:
+    if key == "class_names" and isinstance(before, list) and isinstance(after, list):
+        if len(before) != len(after):
+            return f"{len(before) - 1} object classes -> {len(after) - 1}"
+        index = next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
+        return f"class {index} '{before[index]}' -> '{after[index]}'"
+    return f"{key} {_short(before)} -> {_short(after)}"
+
+
+# --- the run directory --------------------------------------------------------------------------
+
+CONFIG_FILE = "config.yaml"
+DATASET_FILE = "_dataset.json"
+
+
+def dataset_identity(config: dict[str, Any], data=None) -> dict[str, Any]:
+    """What makes two runs' outputs comparable: the dataset's name, its root (absolute) and its
+    class list (a changed class file keeps the config's keys but not the meaning of the labels).
+    Without ``data`` the class list is left out."""
+    root = config["dataset"]["root"]
+    identity = {"name": config["dataset"]["name"], "root": str(Path(root).resolve()) if root else None}
+    if data is not None:
+        identity["class_names"] = list(data.class_names)
+    return identity
+
+
+def _training_split(config: dict[str, Any]):
+    from .steps import dataset
+
+    return dataset(config, "train_split")
+
+
+def recorded_identity(run_dir: Path) -> dict[str, Any] | None:
+    """The dataset whose outputs ``run_dir`` holds: its ``_dataset.json``, or for a run made before
+    that file existed, the name and root of its ``config.yaml`` when some stage has finished."""
+    record = run_dir / DATASET_FILE
+    if record.is_file():
+        try:
+            state = read_json(record)
+            if isinstance(state, dict):
+                return state
+        except (OSError, ValueError):
+            pass
+    if not any(run_dir.glob("*/_stage.json")) or not (run_dir / CONFIG_FILE).is_file():
+        return None
+    try:
+        saved = load_config(run_dir / CONFIG_FILE, check=False)
+    except ConfigError:
+        return None
+    root = saved["dataset"]["root"]
+    return {"name": saved["dataset"]["name"], "root": str(Path(root).resolve()) if root else None}
+
+
+def check_run_dir(config: dict[str, Any], data=None, replace: bool = False) -> None:
+    """Refuse (StageError, nothing changed) a run directory that holds another dataset's outputs;
+    with ``replace`` (``--force``) every stage of it is marked stale, so each is redone from scratch
+    before anything reads it. The class lists are compared when ``data`` (the training split) is
+    given; without it the check reads no dataset."""
+    run_dir = Path(config["run_dir"])
+    recorded = recorded_identity(run_dir)
+    if recorded is None:
+        return
+    current = dataset_identity(config, data)
+    difference = next((_difference(key, recorded[key], current[key]) for key in current
+                       if key in recorded and recorded[key] != current[key]), None)
+    if difference is None:
+        return
+    if not replace:
+        raise StageError(f"{run_dir}: holds the outputs of another dataset ({difference}); nothing was changed: "
+                         f"pass --force to replace them, or choose a new --run-dir")
+    if distributed.is_main():
+        print(f"{run_dir}: replacing the outputs of another dataset ({difference})")
+        for marker in run_dir.glob("*/_stage.json"):
+            write_json(marker, {"stage": marker.parent.name, "hash": "replaced-dataset", "complete": False})
+        (run_dir / DATASET_FILE).unlink(missing_ok=True)
+    distributed.barrier()
+
+
+def record_run(config: dict[str, Any]) -> None:
+    """Write the resolved ``config.yaml`` and the dataset record: only when a stage is about to run
+    with this config, so that a command that fails its checks changes nothing."""
+    run_dir = Path(config["run_dir"])
+    text = dump(config)
+    path = run_dir / CONFIG_FILE
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text(path, text)
+    if not (run_dir / DATASET_FILE).is_file():
+        write_json(run_dir / DATASET_FILE, dataset_identity(config, _training_split(config)))
 
 
 def stage_dir(config: dict[str, Any], name: str) -> Path:
@@ -95,7 +247,11 @@ def is_complete(config: dict[str, Any], name: str) -> bool:
 
 
 class StageRun:
-    """Bookkeeping of one stage: fresh or resumed directory, completion marker, summary line."""
+    """Bookkeeping of one stage: fresh or resumed directory, completion marker, summary line.
+
+    Nothing in the run directory changes until the stage's upstream outputs are known to be there:
+    a stage that cannot run leaves the run as it was (no stub directory, no new ``config.yaml``).
+    """
 
     def __init__(self, config: dict[str, Any], name: str, force: bool = False):
         self.config = config
@@ -107,6 +263,11 @@ class StageRun:
         self.reused = 0
         self.skipped: list[str] = []
         self.extra: dict[str, Any] = {}
+        for parent in upstream_stages(config, name):
+            if not is_complete(config, parent):
+                raise StageError(f"stage '{name}' needs the outputs of '{parent}', which are missing or "
+                                 f"were made with other settings: run `affinitynet {STAGE_BY_NAME[parent].command}` "
+                                 f"(or `affinitynet run`) first")
         marker = self.dir / "_stage.json"
         previous = None
         if marker.exists():
@@ -115,6 +276,10 @@ class StageRun:
             except (OSError, ValueError):
                 previous = None
         if distributed.is_main():
+            record_run(config)
+            reason = rerun_reason(config, name, previous, force)
+            if reason:
+                print(f"[{name}] {reason}")
             if force or previous is None or previous.get("hash") != self.hash:
                 # Outputs made from other settings must not be mixed with new ones.
                 if self.dir.exists():
@@ -124,15 +289,9 @@ class StageRun:
                 for stale in self.dir.rglob(".*.tmp"):
                     stale.unlink(missing_ok=True)
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_json(marker, {"stage": name, "hash": self.hash, "complete": False})
+            write_json(marker, {"stage": name, "hash": self.hash, "complete": False,
+                                **stage_inputs(config, name)})
         distributed.barrier()
-        for parent in STAGE_BY_NAME[name].upstream:
-            if name == "train_seg" and config["segmentation"]["supervision"] == "gt":
-                continue
-            if not is_complete(config, parent):
-                raise RuntimeError(f"stage '{name}' needs the outputs of '{parent}', which are missing or "
-                                   f"were made with other settings: run `affinitynet {STAGE_BY_NAME[parent].command}` "
-                                   f"(or `affinitynet run`) first")
 
     def finish(self, **extra: Any) -> dict[str, Any]:
         self.extra.update(extra)
@@ -142,7 +301,7 @@ class StageRun:
         skipped = [line for item in gathered for line in item[2]]
         summary = {"stage": self.name, "hash": self.hash, "complete": True,
                    "seconds": round(time.time() - self.started, 2), "images": images,
-                   "reused": reused, "skipped": skipped, **self.extra}
+                   "reused": reused, "skipped": skipped, **self.extra, **stage_inputs(self.config, self.name)}
         if distributed.is_main():
             write_json(self.dir / "_stage.json", summary)
             note = f", {reused} reused" if reused else ""
@@ -180,6 +339,9 @@ def map_images(run: StageRun, items: Sequence[Any], outputs: Callable[[Any], Ite
 def run_stage(config: dict[str, Any], name: str, force: bool = False) -> dict[str, Any] | None:
     """Run one stage, or skip it (None) when its outputs are complete and current and it is not
     forced: re-entering a finished stage would only overwrite its recorded time."""
+    from .size_rules import resolve_auto
+
+    resolve_auto(config)
     if not force and is_complete(config, name):
         if distributed.is_main():
             print(f"[{name}] up to date, skipped")
@@ -188,13 +350,43 @@ def run_stage(config: dict[str, Any], name: str, force: bool = False) -> dict[st
     return module.run(config, force=force)
 
 
-def run_all(config: dict[str, Any], only_available: bool = True, force: Sequence[str] = ()) -> None:
+def run_all(config: dict[str, Any], force: Iterable[str] = ()) -> None:
     """Every stage in order, skipping those whose outputs are complete and current."""
+    forced = set(force)
     for spec in STAGES:
-        try:
-            importlib.import_module(f"affinitynet.steps.{spec.name}")
-        except ModuleNotFoundError as error:
-            if only_available and error.name == f"affinitynet.steps.{spec.name}":
-                continue
-            raise
-        run_stage(config, spec.name, force=spec.name in force)
+        run_stage(config, spec.name, force=spec.name in forced)
+
+
+def preflight(config: dict[str, Any], replace: bool = False, announce: bool = False):
+    """The checks before a command runs stages, none of which writes: the training split is read
+    (a skipped share above ``dataset.max_skipped`` stops here), and the run directory must hold
+    this dataset's outputs or none (:func:`check_run_dir`). With ``announce`` the class list, its
+    image counts and the dataset's warnings are printed. Returns the training split."""
+    from .datasets import check_skipped_share, describe_classes
+
+    check_run_dir(config, replace=replace)      # before the dataset is read (a demo is generated)
+    data = _training_split(config)
+    if announce and distributed.is_main():
+        for line in describe_classes(data):
+            print(line)
+    if config["strict"] and data.skipped:
+        raise InputError(data.root, f"{data.skipped[0]} (--strict stops at the first bad input)")
+    check_skipped_share(data, config["dataset"]["max_skipped"])
+    check_run_dir(config, data, replace)
+    return data
+
+
+def run_summary(config: dict[str, Any]) -> str | None:
+    """One line on what the run's labels hold, from ``results.json`` (evaluate-run): the mIoU
+    where there is ground truth, and, ground truth or not, the images whose tagged class vanished
+    and the classes that (almost) never appear."""
+    from .coverage import summary_line
+
+    path = Path(config["run_dir"]) / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return summary_line(results)

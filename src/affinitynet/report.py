@@ -9,9 +9,14 @@ can be copied, mailed or archived. It holds:
 - the results from ``results.json`` as tables in the layout of the paper's Tables 1 and 5 (one
   column per class, then the mean; 1 decimal) and a per-class IoU bar chart;
 - the training curves of each ``train_*/log.csv`` (loss, its parts, lr and other columns);
+- the label coverage from ``results.json``, which needs no ground truth: per class the images
+  tagged and its share of the pixels of the CAM labels, the pseudo labels and the predictions, and
+  the images whose tagged class vanished (with honest wording when there is no ground truth, and
+  when the evaluation images are the training images);
 - a gallery in the manner of Fig. 2, 4 and 5: image, ground truth, CAMs, background score,
   confident regions, AffinityNet boundaries, random-walk labels, pseudo labels and, for
-  evaluation-split images, the segmentation network's prediction;
+  evaluation-split images, the segmentation network's prediction. It shows every class at its
+  worst (the image where its label covers least), then fills up in split order;
 - the Fig. 8 sweep plot when ``affinitynet sweep`` has been run.
 
 Anything a run does not have yet (a stage not run, a dataset no longer on disk) is left out with a
@@ -38,6 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from .coverage import RARE_PIXEL_PERCENT
 from .io import (VOC_PALETTE, InputError, load_image, load_label_png, load_npz, read_json, save_rgb_png,
                  write_bytes, write_text)
 
@@ -54,8 +60,9 @@ _NOT_CURVES = ("epoch", "seconds")
 def write_report(run_dir: str | os.PathLike, gallery_size: int = 8) -> Path:
     """Write ``run_dir/report/index.html`` and its PNGs; return the path of the page.
 
-    ``gallery_size`` is the number of label-split images in the gallery (0: no gallery); about half
-    as many evaluation-split images with the network's predictions are added after them.
+    ``gallery_size`` is the number of label-split images in the gallery (0: no gallery), or one per
+    class when there are more classes; about half as many evaluation-split images with the
+    network's predictions (again at least one per class) are added after them.
     Raises :class:`InputError` only when ``run_dir`` is not a directory.
     """
     run_dir = Path(run_dir)
@@ -343,9 +350,13 @@ class _ReportBuilder:
                        "(Table 1); Network is the segmentation network on the evaluation split (Table 2).")
             parts.append(_iou_table("table5", rows, class_names, caption, with_split=True))
             table_rows = rows
-        else:
-            parts.append('<p class="note">No <code>results.json</code> with scores yet '
+        elif self.results is None:
+            parts.append('<p class="note">No <code>results.json</code> yet '
                          "(run <code>affinitynet evaluate-run</code>).</p>")
+        else:
+            parts.append('<p class="note" id="no-ground-truth">This dataset has no ground-truth masks, so no '
+                         "mIoU can be computed and no table of scores is shown. The label coverage below "
+                         "needs none: it shows what the labels lack, measured against the image tags.</p>")
         table1 = self.stages.get("random_walk", {}).get("table1")
         if isinstance(table1, dict) and table1:
             split = (self.config or {}).get("dataset", {}).get("label_split", "label split")
@@ -358,7 +369,54 @@ class _ReportBuilder:
             name = self._save_png("iou_bars.png", _iou_bar_chart(table_rows, class_names))
             parts.append(f'<figure><img src="{name}" alt="per-class IoU bar chart" class="chart">'
                          "<figcaption>Per-class IoU of every row above (higher is better).</figcaption></figure>")
+        coverage = self._coverage_tables()
+        if coverage:
+            parts.append(coverage)
         return '<section id="results">' + "\n".join(parts) + "</section>"
+
+    def _coverage_tables(self) -> str:
+        """Per class: images tagged and the share of pixels in each label source; then the images
+        whose tagged class vanished. Needs no ground truth (``coverage`` in results.json)."""
+        coverage = (self.results or {}).get("coverage")
+        if not isinstance(coverage, dict):
+            if self.results is not None:
+                return ('<p class="note">This results.json predates the label coverage: run '
+                        "<code>affinitynet evaluate-run --force</code> to measure it.</p>")
+            return ""
+        sources = coverage.get("sources") or {}
+        tagged = coverage.get("images_tagged") or {}
+        parts = ['<h3 id="coverage">Label coverage (no ground truth needed)</h3>']
+        if coverage.get("eval_is_training_images"):
+            parts.append('<p class="note" id="eval-is-train">The evaluation split is the training images: the '
+                         "network's predictions below are of photos it was trained on, so they show how well it "
+                         "fits its pseudo labels, not how it does on new photos.</p>")
+        head = "<th>class</th><th>images tagged</th>" + "".join(
+            f"<th>% of pixels: {_esc(title)} ({_esc(source.get('split', '-'))})</th>" for title, source in sources.items())
+        body = []
+        for name in ["background", *tagged]:
+            cells = [f'<th scope="row">{_esc(name)}</th>',
+                     f'<td class="num">{_esc(tagged.get(name, "-"))}</td>']
+            for title, source in sources.items():
+                share = _number((source.get("pixel_percent") or {}).get(name))
+                rare = share is not None and name != "background" and share < RARE_PIXEL_PERCENT
+                cells.append(f'<td class="num{" warn" if rare else ""}" data-source="{_esc(title)}" '
+                             f'data-class="{_esc(name)}">{"-" if share is None else f"{share:.2f}"}</td>')
+            body.append(f'<tr data-class="{_esc(name)}">' + "".join(cells) + "</tr>")
+        parts.append('<div class="scroll"><table id="coverage-table" class="data"><caption>Share of the labelled '
+                     f"pixels per class (%); a class under {RARE_PIXEL_PERCENT}% is marked: the labels have (almost) "
+                     f"lost it.</caption><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+        for title, source in sources.items():
+            vanished = source.get("vanished") or []
+            if not vanished:
+                parts.append(f'<p id="vanished-{_esc(title.replace(" ", "-"))}">Every image keeps its tagged classes '
+                             f"in its {_esc(title)} ({_esc(source.get('images'))} images).</p>")
+                continue
+            items = "".join(f"<li><code>{_esc(v.get('id'))}</code>: {_esc(', '.join(v.get('classes', [])))}</li>"
+                            for v in vanished)
+            parts.append(f'<details class="vanished" id="vanished-{_esc(title.replace(" ", "-"))}" open><summary>'
+                         f"{len(vanished)} of {_esc(source.get('images'))} images lack a tagged class in their "
+                         f"{_esc(title)}</summary><ul>{items}</ul></details>")
+        return "\n".join(parts)
 
     # -- training ------------------------------------------------------------------------------
 
@@ -667,17 +725,31 @@ class _Gallery:
                 return data.ids
         return []
 
+    def _pick(self, present: Sequence[str], sources: Sequence[str], count: int, taken: set[str]) -> list[str]:
+        """Gallery rows: for every class, the image where its label covers least (the worst case,
+        from the run's label coverage), then the first images in split order up to ``count``."""
+        coverage = ((self.report.results or {}).get("coverage") or {}).get("sources") or {}
+        source = next((coverage[name] for name in sources if name in coverage), {})
+        available = set(present) - taken
+        picked: list[str] = []
+        for entries in (source.get("worst") or {}).values():
+            sample_id = next((entry[0] for entry in entries if entry[0] in available and entry[0] not in picked), None)
+            if sample_id is not None:
+                picked.append(sample_id)
+        picked += [i for i in present if i not in taken and i not in picked][: max(0, count - len(picked))]
+        return picked
+
     # -- rendering -----------------------------------------------------------------------------
 
     def render(self) -> str:
         report = self.report
-        label_ids = self._ids([self.run_dir / "infer_cam" / "labels", self.run_dir / "infer_cam" / "cams",
-                               self.run_dir / "random_walk" / "pseudo_labels"],
-                              self._split_ids("label_split"))[: report.gallery_size]
-        taken = set(label_ids)
+        label_ids = self._pick(self._ids([self.run_dir / "infer_cam" / "labels", self.run_dir / "infer_cam" / "cams",
+                                          self.run_dir / "random_walk" / "pseudo_labels"],
+                                         self._split_ids("label_split")),
+                               ("pseudo labels", "CAM labels"), report.gallery_size, set())
         eval_count = max(1, math.ceil(report.gallery_size / 2))
-        eval_ids = [i for i in self._ids([self.run_dir / "infer_seg" / "predictions"], self._split_ids("eval_split"))
-                    if i not in taken][:eval_count]
+        eval_ids = self._pick(self._ids([self.run_dir / "infer_seg" / "predictions"], self._split_ids("eval_split")),
+                              ("predictions",), eval_count, set(label_ids))
         parts = ["<h2>Gallery</h2>"]
         label_rows = [self._row(i) for i in label_ids]
         eval_rows = [self._row(i, only=("image", "gt", "prediction")) for i in eval_ids]
@@ -847,7 +919,7 @@ table.data tbody th { text-align: left; }
 table.data td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.data td.mean { font-weight: 700; }
 table.data caption { caption-side: top; text-align: left; color: #444; padding: 4px 0; font-size: 13px; }
-td.ok { color: #2e7d32; } td.warn { color: #b26a00; } td.extras { color: #555; font-size: 12px; }
+td.ok { color: #2e7d32; } td.warn { color: #b26a00; } td.num.warn { background: #fde2e1; font-weight: 700; } td.extras { color: #555; font-size: 12px; }
 ul.skipped { margin: 4px 0; padding-left: 18px; text-align: left; font-family: ui-monospace, monospace; font-size: 11px; }
 img.chart { max-width: 100%; background: #fff; border: 1px solid #ddd; }
 figure { margin: 12px 0; } figcaption { font-size: 13px; color: #444; }

@@ -300,7 +300,8 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
           step: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]], section: dict[str, Any],
           out_dir: Path, seed: int, device: torch.device, meta: dict[str, Any], desc: str,
           num_workers: int = 0, prepare: Callable[[nn.Module], None] | None = None,
-          amp: str | bool | None = None, channels_last: str | bool | None = None) -> TrainResult:
+          amp: str | bool | None = None, channels_last: str | bool | None = None,
+          strict: bool = False) -> TrainResult:
     """Train ``model`` for ``section['epochs']`` epochs; resume from ``out_dir/checkpoint.pt``.
 
     ``step(model, batch)`` returns the loss and named parts for the log. ``prepare(model)`` is
@@ -312,6 +313,8 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
     ``amp`` / ``channels_last`` (None: ``section['amp']`` / ``section['channels_last']`` if set,
     else ``"auto"``): see :func:`amp_dtype` and :func:`use_channels_last`; the model's forward
     runs under autocast and ``step`` gets float32 outputs, so losses are computed in float32.
+    Images that fail to load are skipped and returned in ``skipped``; with ``strict`` the first
+    one stops training (TrainingError naming the file).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -340,7 +343,7 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
             scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
         if distributed.is_main():
-            log.info("%s: resuming after epoch %d from %s", desc, start_epoch, checkpoint_path)
+            tqdm.write(f"{desc}: resuming at epoch {start_epoch + 1}/{section['epochs']} from {checkpoint_path}")
 
     # One sampler for one process or many: with the same seed it yields the same permutation, so
     # N processes with batch B/N see exactly the batches of one process with batch B.
@@ -386,6 +389,8 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
                             disable=not distributed.is_main(), dynamic_ncols=True)
             for index, (batch, skipped) in enumerate(progress):
                 skipped_all.extend(skipped)
+                if strict and skipped:
+                    raise TrainingError(f"{skipped[0]} (--strict stops at the first bad input)")
                 global_step = epoch * steps_per_epoch + index
                 # Adam decays too: at a constant rate the last epochs' training loss rose again
                 # (MSRC-21, README), so the final weights were wherever the last steps left them.

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..io import InputError
+from ..io import InputError, plural
 from .base import IGNORE_INDEX, Sample, SegmentationDataset
 from .demo import CLASS_NAMES as DEMO_CLASSES, build_demo, default_demo_root, generate_demo
 from .folder import build_folder
@@ -23,7 +23,7 @@ from .voc12 import build_voc12
 
 __all__ = [
     "DATASETS", "DatasetReport", "IGNORE_INDEX", "InputError", "Sample", "SegmentationDataset",
-    "build_dataset", "check_dataset", "default_demo_root", "ensure_msrc21", "find_msrc21_tarball",
+    "build_dataset", "check_dataset", "check_skipped_share", "default_demo_root", "describe_classes", "ensure_msrc21", "find_msrc21_tarball",
     "generate_demo", "DEMO_CLASSES",
 ]
 
@@ -61,6 +61,53 @@ def build_dataset(config_dataset_section: Mapping[str, Any], split: str, progres
     if name == "folder":
         return build_folder(root, split, section["labels_file"], section["classes_file"], section["masks_dir"])
     raise InputError("dataset.name", f"unknown dataset '{name}' (known: {', '.join(DATASETS)})")
+
+
+# Fewer training images than this cannot teach a class: its CAM is noise (a handful).
+MIN_IMAGES_PER_CLASS = 5
+
+
+def images_per_class(dataset: SegmentationDataset) -> dict[str, int]:
+    """Images tagged with each object class (background excluded)."""
+    counts = Counter(label for sample in dataset.samples for label in sample.labels)
+    return {name: counts.get(index, 0) for index, name in enumerate(dataset.class_names) if index > 0}
+
+
+def describe_classes(dataset: SegmentationDataset, listed: int = 10) -> list[str]:
+    """What a run prints before training: the class list with image counts, then one line per
+    warning (rare classes, likely typos, untagged and skipped images; the first ``listed`` each)."""
+    counts = images_per_class(dataset)
+    lines = [f"{dataset.name} '{dataset.split}': {plural(len(dataset), 'image')}, "
+             f"{plural(len(counts), 'object class')} (images tagged): "
+             + ", ".join(f"{name} {count}" for name, count in counts.items())]
+    rare = [f"'{name}' ({count})" for name, count in counts.items() if count < MIN_IMAGES_PER_CLASS]
+    if rare:
+        lines.append(f"warning: fewer than {MIN_IMAGES_PER_CLASS} images for {', '.join(rare)}: "
+                     f"too few to learn a class from; tag more images or merge the class")
+    lines += [f"warning: {line}" for line in dataset.warnings]
+    for title, entries in ((f"{plural(len(dataset.untagged), 'image')} beside the tags file have no tags "
+                            f"and are left out", dataset.untagged),
+                           (f"{plural(len(dataset.skipped), 'image')} skipped", dataset.skipped)):
+        if entries:
+            lines.append(f"{title}:")
+            lines += [f"  {entry}" for entry in entries[:listed]]
+            if len(entries) > listed:
+                lines.append(f"  ... and {len(entries) - listed} more (affinitynet datasets check lists them all)")
+    return lines
+
+
+def check_skipped_share(dataset: SegmentationDataset, max_share: float) -> None:
+    """Stop (InputError naming the dataset) when more than ``max_share`` of the images found are
+    left out (skipped entries and untagged images): a mistake in the tags, not a few bad files."""
+    left_out = len(dataset.skipped) + len(dataset.untagged)
+    found = len(dataset) + left_out
+    if found == 0 or left_out / found <= max_share:
+        return
+    first = (dataset.skipped or dataset.untagged)[0]
+    raise InputError(dataset.root, f"{left_out} of {found} images ({100 * left_out / found:.0f}%) would be left "
+                                   f"out of split '{dataset.split}', more than dataset.max_skipped "
+                                   f"({100 * max_share:.0f}%); first: {first}. Fix the tags, or allow it with "
+                                   f"dataset.max_skipped={min(1.0, round(left_out / found + 0.05, 2))}")
 
 
 @dataclass

@@ -34,6 +34,10 @@ class SegmentationDataset:
     samples: list[Sample] = field(default_factory=list)
     # Inputs refused while the split was read (one line each), reported by batch commands.
     skipped: list[str] = field(default_factory=list)
+    # Images found beside the dataset that it leaves out (a folder's untagged photos), and
+    # things worth a look that refuse nothing (a tag that looks like a typo of a class).
+    untagged: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

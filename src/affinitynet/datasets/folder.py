@@ -17,10 +17,16 @@ Tags (``dataset.labels_file``, a path, or a name inside the root):
 - JSON, ``{"a.jpg": ["cat", "chair"], "b.jpg": []}`` (a ``"cat;chair"`` string also works).
 
 Classes (``dataset.classes_file``): object class names, one per line (a first line ``background``
-is dropped, since index 0 is always background). Without it, the sorted set of all tags.
+is dropped, since index 0 is always background). Without it, the sorted set of all tags. Tags match
+class names whatever their case and surrounding spaces (``Flower``, `` flower`` and ``FLOWER`` are
+one class, spelt as most images spell it).
 
-Decisions: an entry whose tag is not in the class list is skipped and reported, not trimmed, since a
-wrong tag is a labelling error that would silently teach the wrong class. Duplicate ids keep the
+Decisions: an entry whose tag is not in the class list is skipped and reported (with "did you mean"
+when the tag is close to a class name), not trimmed, since a wrong tag is a labelling error that
+would silently teach the wrong class. Without a class list, a class that looks like a misspelling of
+a more common one is a warning (``dataset.warnings``). Image files under the root that the tags file
+does not name are listed in ``dataset.untagged`` (the masks folder, hidden folders and run
+directories inside the root are not searched). Duplicate ids keep the
 first entry. Empty tag lists are images with no object (background only). Absolute paths and
 paths leaving the root are refused. A ``background`` tag is ignored. Ids are the path relative to
 the root without its extension, ``/`` replaced by ``__`` (ids name output files).
@@ -35,17 +41,19 @@ paths, mask checks).
 from __future__ import annotations
 
 import csv
+import difflib
 import io as _io
 import json
 import os
 import posixpath
 from pathlib import Path
-from typing import Iterable
+from collections import Counter
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..io import InputError, load_label_png
+from ..io import InputError, load_label_png, plural
 from .base import Sample, SegmentationDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -219,15 +227,15 @@ def read_tag_file(path: Path) -> tuple[list[_Entry], bool]:
 
 def read_class_file(path: Path) -> list[str]:
     names = [text for _, text in read_list_file(path)]
-    if names and names[0].lower() == BACKGROUND:
+    if names and _key(names[0]) == BACKGROUND:
         names = names[1:]
     seen: set[str] = set()
     for name in names:
-        if name in seen:
-            raise InputError(path, f"class '{name}' listed twice")
-        if name.lower() == BACKGROUND:
+        if _key(name) in seen:
+            raise InputError(path, f"class '{name}' listed twice (names match whatever their case)")
+        if _key(name) == BACKGROUND:
             raise InputError(path, "'background' may only be the first line (it is always class 0)")
-        seen.add(name)
+        seen.add(_key(name))
     if not names:
         raise InputError(path, "no class names")
     return names
@@ -239,13 +247,15 @@ def read_class_file(path: Path) -> list[str]:
 
 def _locate(root: Path, name: str | None) -> Path | None:
     """A config path: absolute as given; relative, inside the root first (so a same-named file in
-    the working directory cannot shadow the dataset's own), else relative to the working directory."""
+    the working directory cannot shadow the dataset's own), else relative to the working directory.
+    A file found in neither place is named as the user wrote it, so the error does not show the
+    root twice (``my_photos/my_photos/tags.csv``)."""
     if not name:
         return None
     path = Path(name).expanduser()
     if path.is_absolute():
         return path
-    if (root / path).exists() or not path.exists():
+    if (root / path).exists():
         return root / path
     return path
 
@@ -270,13 +280,21 @@ def build_folder(root: str | os.PathLike, split: str, labels_file: str, classes_
     labels_path = _locate(root, labels_file)
     if labels_path is None:
         raise InputError(root, "the folder dataset needs a labels_file (CSV or JSON of tags)")
+    if not labels_path.exists():
+        raise InputError(labels_path, f"labels file not found (looked in the working directory and in "
+                                      f"dataset.root {root})")
     entries, has_split_column = read_tag_file(labels_path)
     classes_path = _locate(root, classes_file)
+    if classes_path is not None and not classes_path.exists():
+        raise InputError(classes_path, f"classes file not found (looked in the working directory and in "
+                                       f"dataset.root {root})")
+    tags_seen = [tag for entry in entries for tag in (entry.tags or []) if _key(tag) != BACKGROUND]
     if classes_path is not None:
         object_classes = read_class_file(classes_path)
     else:
-        object_classes = sorted({tag for entry in entries for tag in (entry.tags or []) if tag.lower() != BACKGROUND})
-    class_index = {name: index for index, name in enumerate(object_classes, start=1)}
+        object_classes = class_names_from_tags(tags_seen)
+    # Tags match class names whatever their case and surrounding spaces: 'Flower ' is 'flower'.
+    class_index = {_key(name): index for index, name in enumerate(object_classes, start=1)}
     masks_path = _locate(root, masks_dir) if masks_dir else next(
         (root / name for name in ("masks", "SegmentationClass") if (root / name).is_dir()), None)
 
@@ -319,27 +337,102 @@ def build_folder(root: str | os.PathLike, split: str, labels_file: str, classes_
         if entry.tags is None:
             refuse(f"tags of '{entry.name}' must be a list of strings")
             continue
-        unknown = [tag for tag in entry.tags if tag not in class_index and tag.lower() != BACKGROUND]
+        unknown = [tag for tag in entry.tags if _key(tag) not in class_index and _key(tag) != BACKGROUND]
         if unknown:
-            refuse(f"tag '{unknown[0]}' of '{entry.name}' is not in the class list; image skipped")
+            closest = closest_class(unknown[0], object_classes)
+            hint = f" (did you mean '{closest}'?)" if closest else ""
+            refuse(f"tag '{unknown[0]}' of '{entry.name}' is not in the class list{hint}; image skipped")
             continue
         image_path = find_image(root, relative)
         if image_path is None:
             dataset.skipped.append(str(InputError(root / relative, f"image file not found (named at "
                                                                     f"{labels_path.name} {entry.where})")))
             continue
-        labels = tuple(sorted({class_index[tag] for tag in entry.tags if tag in class_index}))
+        labels = tuple(sorted({class_index[_key(tag)] for tag in entry.tags if _key(tag) in class_index}))
         mask_path = None
         if masks_path is not None and (masks_path / f"{sample_id}.png").is_file():
             mask_path = masks_path / f"{sample_id}.png"
         dataset.samples.append(Sample(sample_id, image_path, labels, mask_path))
 
+    if classes_path is None:
+        dataset.warnings.extend(likely_typos(tags_seen, object_classes))
+    named = {_id_of(relative_inside(entry.name)) for entry in entries if entry.name and _inside(entry.name)}
+    dataset.untagged.extend(str(path) for path in _image_files(root, exclude=masks_path)
+                            if _id_of(path.relative_to(root).as_posix()) not in named)
     if wanted is not None:
         for sample_id, (list_path, number) in wanted.items():
             if sample_id not in first_seen:
                 dataset.skipped.append(str(InputError(list_path, f"line {number}: id '{sample_id}' is not in "
                                                                  f"{labels_path.name}")))
     return dataset
+
+
+def _key(tag: str) -> str:
+    return tag.strip().casefold()
+
+
+def class_names_from_tags(tags: Iterable[str]) -> list[str]:
+    """Object classes from the tags alone: one class per tag up to case and spaces ('Flower' and
+    'flower' are one class), spelt as most images spell it, sorted."""
+    spellings: dict[str, Counter] = {}
+    for tag in tags:
+        spellings.setdefault(_key(tag), Counter())[tag.strip()] += 1
+    # Ties go to the lower-case spelling ('sign' over 'SIGN' and 'Sign').
+    chosen = [min(counter.items(), key=lambda item: (-item[1], item[0] != item[0].lower(), item[0]))[0]
+              for counter in spellings.values()]
+    return sorted(chosen, key=lambda name: (_key(name), name))
+
+
+# difflib's ratio 2 * matches / total length: 'flwer' / 'flower' 0.91, 'sign' / 'sing' 0.75,
+# 'cat' / 'car' 0.67. 0.8 catches a dropped or doubled letter in a word of five or more letters
+# and leaves short, different words alone.
+_CLOSE = 0.8
+
+
+def closest_class(tag: str, class_names: Sequence[str]) -> str | None:
+    """The class name a tag is close to (a likely misspelling of it), or None."""
+    keys = {_key(name): name for name in class_names}
+    match = difflib.get_close_matches(_key(tag), list(keys), n=1, cutoff=_CLOSE)
+    return keys[match[0]] if match else None
+
+
+def likely_typos(tags: Iterable[str], class_names: Sequence[str]) -> list[str]:
+    """Classes made from tags alone that look like a misspelling of a more common class."""
+    counts = Counter(_key(tag) for tag in tags)
+    lines = []
+    for name in class_names:
+        closest = closest_class(name, [other for other in class_names if counts[_key(other)] > counts[_key(name)]])
+        if closest:
+            lines.append(f"class '{name}' ({plural(counts[_key(name)], 'image')}) is close to '{closest}' "
+                         f"({plural(counts[_key(closest)], 'image')}): did you mean '{closest}'? Fix the tag, or list "
+                         f"the classes in dataset.classes_file so that unknown tags are refused")
+    return lines
+
+
+def _inside(name: str) -> bool:
+    try:
+        relative_inside(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _image_files(root: Path, exclude: Path | None) -> list[Path]:
+    """Image files under the root, leaving out the masks folder, hidden folders and folders that
+    hold a run's outputs (a run directory inside the dataset root)."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        here = Path(folder)
+        if exclude is not None and here == exclude:
+            subfolders[:] = []
+            continue
+        if here != root and {"_stage.json", "_dataset.json", "config.yaml"} & set(files):
+            subfolders[:] = []
+            continue
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        found += [here / name for name in sorted(files)
+                  if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")]
+    return found
 
 
 def _id_of(relative: str) -> str:

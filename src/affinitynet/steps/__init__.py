@@ -144,8 +144,11 @@ def train_network(config: dict[str, Any], stage, device: torch.device, model, se
                                         (model.new_parameters(), section["new_layer_lr_mult"])],
                    dataset=train_set, step=step, section=section, out_dir=stage.dir, seed=config["seed"],
                    device=device, meta=meta, desc=desc, num_workers=config["num_workers"],
-                   amp=config["amp"], channels_last=config["channels_last"], prepare=freeze_batchnorm)
-    stage.images = len(train_set) if distributed.is_main() else 0
-    stage.skipped.extend(sorted(set(result.skipped)))
+                   amp=config["amp"], channels_last=config["channels_last"], prepare=freeze_batchnorm,
+                   strict=config["strict"])
+    skipped = sorted(set(result.skipped))
+    # The images trained on, as the per-image stages count them: a bad image is not one.
+    stage.images = len(train_set) - len(skipped) if distributed.is_main() else 0
+    stage.skipped.extend(skipped)
     return result
 

@@ -1,16 +1,18 @@
 """Stage ``evaluate-run``: every stage's labels scored on the ground truth, gathered in
 ``<run_dir>/results.json`` and printed as Table 1 (pseudo labels), Table 2 (network, per class)
-and Table 5 (CAM / CAM+RW / CAM+RW+dCRF / final network)."""
+and Table 5 (CAM / CAM+RW / CAM+RW+dCRF / final network). With ground truth or without, the
+labels' coverage of the tagged classes (``coverage``) is measured too."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from .. import distributed
+from ..coverage import SOURCES, run_coverage
 from ..io import write_json
 from ..metrics import format_table
 from ..pipeline import StageRun, stage_dir
-from . import dataset, score, setup
+from . import dataset, label_images, score, setup
 
 ROWS = (("CAM", "infer_cam", "labels", "label_split"),
         ("CAM+RW", "random_walk", "rw_labels", "label_split"),
@@ -43,6 +45,9 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                                                                 "images": state.get("images"),
                                                                 "skipped": len(state.get("skipped", []))}
         summary["stages"] = stages
+        summary["coverage"] = run_coverage(label_images(config), data,
+                                           {title: stage_dir(config, stage_name) / folder
+                                            for title, stage_name, folder, _ in SOURCES})
         write_json(Path(config["run_dir"]) / "results.json", summary)
         if "Network" in results:
             net = results["Network"]

@@ -1,0 +1,130 @@
+"""A run directory describes itself and cannot be clobbered: a command given ``--run-dir`` of an
+existing run uses its saved config, a command that fails its checks changes nothing, another
+dataset is refused, and a stage that runs again says why.
+
+Every test works on a copy of the tiny reference run of ``tiny_pipeline.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tiny_pipeline as tiny
+from affinitynet.config import load_config, save_resolved
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return tiny.reference_run(tmp_path_factory)
+
+
+@pytest.fixture
+def mine(reference, tmp_path) -> Path:
+    """A user's finished run: a copy of the reference whose saved config names the copy."""
+    ref_run, _ = reference
+    run = tmp_path / "runs" / "mine"
+    shutil.copytree(ref_run, run)
+    config = load_config(run / "config.yaml", [f"run_dir={run}"])
+    save_resolved(config, run / "config.yaml")
+    return run
+
+
+def snapshot(run: Path) -> dict[str, str]:
+    """Every file of the run and a digest of its bytes."""
+    return {str(path.relative_to(run)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(run.rglob("*")) if path.is_file()}
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("affinitynet: error: ")]
+    assert len(lines) == 1, err
+    return lines[0][len("affinitynet: error: "):]
+
+
+def test_a_failed_command_changes_nothing_and_the_saved_config_retrains_nothing(mine, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(mine)
+    # The issue's case: dataset arguments forgotten, and the demo default in their place.
+    code, out, err = tiny.cli(["infer-seg", "--run-dir", str(mine), "--config", "demo"], capsys)
+    assert code == 2
+    line = error_line(err)
+    assert line.startswith(f"{mine}: holds the outputs of another dataset (root ") and "--force" in line, line
+    assert snapshot(mine) == before and not (tmp_path / "runs" / "demo").exists()
+    # A stage whose inputs are missing fails without a stub directory or a new config.yaml.
+    shutil.rmtree(mine / "train_seg")
+    before = snapshot(mine)
+    code, out, err = tiny.cli(["infer-seg", "--run-dir", str(mine), "--force"], capsys)
+    assert code == 2 and "needs the outputs of 'train_seg'" in error_line(err)
+    assert not error_line(err).startswith('"')
+    assert snapshot(mine) == before
+    # The saved config, reused as the README suggests: every stage is current, nothing is retrained.
+    code, out, err = tiny.cli(["run", "--config", str(mine / "config.yaml"), "--force", "train_seg"], capsys)
+    assert code == 0, err
+    assert "dataset demo" in out and f"outputs in {mine}" in out
+    after = snapshot(mine)
+    for stage in ("train_cam", "infer_cam", "confident_regions", "train_affinity", "random_walk"):
+        assert {k: v for k, v in after.items() if k.startswith(stage + "/")} == \
+            {k: v for k, v in before.items() if k.startswith(stage + "/")}, stage
+        assert f"[{stage}] up to date, skipped" in out
+    assert after["train_seg/model.pt"]
+
+
+def test_a_run_directory_alone_gives_its_config(mine, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = yaml.safe_load((mine / "config.yaml").read_text())
+    code, out, err = tiny.cli(["evaluate-run", "--run-dir", str(mine), "--force"], capsys)
+    assert code == 0, err
+    assert "[evaluate_run] re-running: forced (--force)" in out
+    assert yaml.safe_load((mine / "config.yaml").read_text()) == saved
+    # Overrides go on top of the saved config: only the stages that read the key run again.
+    code, out, err = tiny.cli(["random-walk", "--run-dir", str(mine), "random_walk.beta=10"], capsys)
+    assert code == 0, err
+    assert "[random_walk] re-running: random_walk.beta 8.0 -> 10" in out
+    now = yaml.safe_load((mine / "config.yaml").read_text())
+    assert now["random_walk"]["beta"] == 10 and {k: v for k, v in now.items() if k != "random_walk"} == \
+        {k: v for k, v in saved.items() if k != "random_walk"}
+
+
+def test_another_dataset_is_refused_unless_forced(reference, mine, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, data_root = reference
+    other = tmp_path / "other-data"
+    before = snapshot(mine)
+    for argv in (["run", "--run-dir", str(mine), f"dataset.root={other}"],
+                 ["train-cam", "--run-dir", str(mine), f"dataset.root={other}"],
+                 ["run", "--run-dir", str(mine), "--force", "train_cam", f"dataset.root={other}"]):
+        code, out, err = tiny.cli(argv, capsys)
+        assert code == 2, (argv, err)
+        assert error_line(err) == (f"{mine}: holds the outputs of another dataset (root {data_root.resolve()} -> "
+                                   f"{other.resolve()}); nothing was changed: pass --force to replace them, or "
+                                   f"choose a new --run-dir")
+        assert snapshot(mine) == before
+    # --force on the stage: the other dataset's outputs are all marked for redoing, this stage is redone.
+    code, out, err = tiny.cli(["train-cam", "--run-dir", str(mine), f"dataset.root={other}", "--force"], capsys)
+    assert code == 0, err
+    assert "replacing the outputs of another dataset" in out
+    assert tiny.stage_state(mine, "train_cam")["complete"] is True
+    assert all(tiny.stage_state(mine, name)["complete"] is False for name in tiny.STAGE_NAMES[1:])
+    assert yaml.safe_load((mine / "config.yaml").read_text())["dataset"]["root"] == str(other)
+    code, out, err = tiny.cli(["infer-seg", "--run-dir", str(mine)], capsys)
+    assert code == 2 and "needs the outputs of 'train_seg'" in error_line(err)
+
+
+def test_a_class_list_change_is_another_dataset(tmp_path):
+    from affinitynet.pipeline import StageError, _training_split, check_run_dir, dataset_identity
+    from affinitynet.io import write_json
+
+    config = tiny.config(tmp_path / "run", tmp_path / "data")
+    data = _training_split(config)
+    identity = dataset_identity(config, data)
+    assert identity["name"] == "demo" and identity["root"] == str((tmp_path / "data").resolve())
+    write_json(tmp_path / "run" / "_dataset.json", {**identity, "class_names": identity["class_names"][:-1]})
+    with pytest.raises(StageError, match="4 object classes -> 5"):
+        check_run_dir(config, data)
+    check_run_dir(config)                     # without the dataset: name and root only
+    write_json(tmp_path / "run" / "_dataset.json", identity)
+    check_run_dir(config, data)
