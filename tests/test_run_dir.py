@@ -112,6 +112,8 @@ def test_another_dataset_is_refused_unless_forced(reference, mine, tmp_path, cap
     assert yaml.safe_load((mine / "config.yaml").read_text())["dataset"]["root"] == str(other)
     code, out, err = tiny.cli(["infer-seg", "--run-dir", str(mine)], capsys)
     assert code == 2 and "needs the outputs of 'train_seg'" in error_line(err)
+    code, out, err = tiny.cli(["infer-cam", "--run-dir", str(mine)], capsys)
+    assert code == 0 and "[infer_cam] re-running: the run directory's dataset was replaced" in out, err
 
 
 def test_a_class_list_change_is_another_dataset(tmp_path):

@@ -82,16 +82,13 @@ def upstream_stages(config: dict[str, Any], name: str) -> tuple[str, ...]:
     return STAGE_BY_NAME[name].upstream
 
 
-def _hashed_keys(config: dict[str, Any], name: str) -> tuple[str, ...]:
-    keys = STAGE_BY_NAME[name].keys
-    if name == "train_seg" and config["segmentation"]["supervision"] == "gt":
-        keys = keys + DATASET_KEYS
-    return keys + DATASET_KEYS
+def _hashed_keys(name: str) -> tuple[str, ...]:
+    return STAGE_BY_NAME[name].keys + DATASET_KEYS
 
 
 def stage_hash(config: dict[str, Any], name: str) -> str:
     upstream = tuple(stage_hash(config, parent) for parent in upstream_stages(config, name))
-    return section_hash(config, _hashed_keys(config, name), *upstream)
+    return section_hash(config, _hashed_keys(name), *upstream)
 
 
 def stage_inputs(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -99,7 +96,7 @@ def stage_inputs(config: dict[str, Any], name: str) -> dict[str, Any]:
     flattened to dotted keys) and the hash of every upstream stage. Kept in ``_stage.json`` so that
     a re-run can say what changed."""
     values: dict[str, Any] = {}
-    for key in sorted(set(_hashed_keys(config, name))):
+    for key in sorted(set(_hashed_keys(name))):
         value = get(config, key)
         if isinstance(value, dict):
             values.update({f"{key}.{k}": v for k, v in flatten(value).items()})
@@ -118,6 +115,8 @@ def rerun_reason(config: dict[str, Any], name: str, previous: dict[str, Any] | N
         return "re-running: forced (--force)"
     if previous.get("hash") == stage_hash(config, name):
         return None if previous.get("complete") else "resuming: the outputs it finished are kept"
+    if previous.get("hash") == REPLACED:
+        return "re-running: the run directory's dataset was replaced"
     before = previous.get("inputs") if isinstance(previous.get("inputs"), dict) else {}
     now = stage_inputs(config, name)["inputs"]
     old_keys, new_keys = before.get("keys") or {}, now["keys"]
@@ -154,6 +153,7 @@ def _difference(key: str, before: Any, after: Any) -> str:
 
 CONFIG_FILE = "config.yaml"
 DATASET_FILE = "_dataset.json"
+REPLACED = "replaced-dataset"      # the hash of a stage whose dataset a forced command replaced
 
 
 def dataset_identity(config: dict[str, Any], data=None) -> dict[str, Any]:
@@ -214,7 +214,7 @@ def check_run_dir(config: dict[str, Any], data=None, replace: bool = False) -> N
     if distributed.is_main():
         print(f"{run_dir}: replacing the outputs of another dataset ({difference})")
         for marker in run_dir.glob("*/_stage.json"):
-            write_json(marker, {"stage": marker.parent.name, "hash": "replaced-dataset", "complete": False})
+            write_json(marker, {"stage": marker.parent.name, "hash": REPLACED, "complete": False})
         (run_dir / DATASET_FILE).unlink(missing_ok=True)
     distributed.barrier()
 
