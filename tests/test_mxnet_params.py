@@ -196,10 +196,17 @@ def narrow_resnet38d(monkeypatch):
     monkeypatch.setattr(resnet38d, "nn", NarrowNN)
 
 
-def test_create_backbone_loads_the_a1_file(narrow_resnet38d):
+@pytest.mark.parametrize("layout", ("mxnet-1.9", "legacy"))
+def test_create_backbone_loads_the_a1_file(narrow_resnet38d, tmp_path, layout):
+    """Through the registry, as ``backbone.weights`` does: in the layout MXNet 1.9 writes, and in
+    the pre-2017-08 one that psa's file (published early 2017) most likely has."""
     path = FIXTURES / "a1_narrow_f16.params"
-    model = create_backbone("resnet38d", pretrained=str(path)).eval()
     arrays = read_params(path)
+    if layout == "legacy":
+        path = tmp_path / "a1_legacy.params"
+        path.write_bytes(list_bytes([ndarray_bytes(v, None) for v in arrays.values()],
+                                    list(arrays)))
+    model = create_backbone("resnet38d", pretrained=str(path)).eval()
     loaded = model.state_dict()
     for name, value in arrays.items():
         key = torch_key(name)

@@ -23,8 +23,10 @@ The ResNet-38 ("Model A1") ImageNet weights that psa's README points to,
     uint64 M                          0 (an unnamed list) or N, then M names:
         uint64 length + that many bytes, e.g. ``arg:res2a_branch2a_weight``
 
-``Module.save_checkpoint`` prefixes learnable parameters with ``arg:`` and BatchNorm running
-statistics with ``aux:``. Only dense float32/float64/float16 arrays are read; anything else is
+The magic words came with MXNet 0.11 (August 2017); ademxapp's models, psa's file among them,
+were published early in 2017, so expect the legacy layout there (uint32 dims, MXNet 1.x still
+reads it). ``Module.save_checkpoint`` prefixes learnable parameters with ``arg:`` and BatchNorm
+running statistics with ``aux:``. Only dense float32/float64/float16 arrays are read; anything else is
 refused with a :class:`WeightsError` naming the file and the array.
 
 Names are mapped as psa's ``convert_mxnet_to_torch`` (``network/resnet38d.py``) does, onto the
