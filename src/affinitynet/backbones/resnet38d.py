@@ -27,9 +27,11 @@ level  units                       channels  stride
 
 The last three are the ones the released AffinityNet code aggregates (its conv4/conv5/conv6).
 
-Weights: no ResNet-38 ImageNet file is shipped (the original is an MXNet model); pass
-``pretrained=<path>`` to a PyTorch state dict with the key names of the authors' converted file
-(``conv1a.weight``, ``b2.bn_branch2a.*``, ``b2.conv_branch2a.weight``, ``b2.conv_branch1.weight``,
+Weights: no ResNet-38 ImageNet file is shipped; pass ``pretrained=<path>`` to either the original
+MXNet file that psa's README points to, ``ilsvrc-cls_rna-a1_cls1000_ep-0001.params`` (read without
+MXNet, names mapped as the authors' ``convert_mxnet_to_torch`` does: see ``mxnet_params``), or a
+PyTorch state dict with the key names of the authors' converted file (``conv1a.weight``,
+``b2.bn_branch2a.*``, ``b2.conv_branch2a.weight``, ``b2.conv_branch1.weight``,
 ``b6.conv_branch2b2.weight``, ``bn7.*``, ...). Classifier keys (``fc8``, ``fc``, ``linear1000``)
 are ignored; BatchNorm ``num_batches_tracked`` may be absent. Normalisation is ImageNet mean/std.
 
@@ -160,8 +162,9 @@ class ResNet38dBackbone(nn.Module):
 @register_backbone("resnet38d")
 def resnet38d(output_stride: int = 8, pretrained: bool | str = True) -> ResNet38dBackbone:
     path = resolve_pretrained("resnet38d", pretrained, no_shipped_hint=(
-        " holding ResNet-38 (Model A1) ImageNet weights converted from MXNet, with the key names "
-        "listed in affinitynet/backbones/resnet38d.py"))
+        " holding ResNet-38 (Model A1) ImageNet weights: psa's MXNet file "
+        "ilsvrc-cls_rna-a1_cls1000_ep-0001.params, or a state dict with the key names listed in "
+        "affinitynet/backbones/resnet38d.py"))
     model = ResNet38dBackbone(output_stride)
     model.name = "resnet38d"
     if path is not None:

@@ -4,8 +4,11 @@ dilation plan that turns a classification network into an output-stride-8 one.
 
 Weight files are read with ``torch.load(..., weights_only=True)`` only: a state dict is plain
 tensors, and a file that needs arbitrary unpickling could run code on the user's machine, so it is
-refused rather than loaded. Every failure is raised as one :class:`WeightsError` that names the
-file, so a user with a wrong or damaged file sees at once which file and which keys are at fault.
+refused rather than loaded. MXNet ``.params`` files (recognised by their magic number, whatever
+their name) are read with NumPy by :mod:`.mxnet_params`, which maps ResNet-38's MXNet names onto
+this project's keys; they hold only arrays and names, so they run no code either. Every failure
+is raised as one :class:`WeightsError` that names the file, so a user with a wrong or damaged file
+sees at once which file and which keys are at fault.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import WeightsError
+from . import WeightsError, mxnet_params
 
 StateDict = dict[str, torch.Tensor]
 
@@ -31,6 +34,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision reference scripts, Lightning, ...). Searched in this order.
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
 _SHOWN_KEYS = 8
+# How PyTorch files begin: a zip archive (torch.save since 1.6) or a pickle (older torch.save).
+_TORCH_HEADS = (b"PK\x03\x04", b"\x80")
 
 
 def _key_list(keys: Iterable[str]) -> str:
@@ -50,11 +55,19 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a state dict from ``path`` safely and unwrap the usual containers.
 
     Accepts a bare state dict, or one nested under ``state_dict`` / ``model`` (and similar) keys,
-    with or without the ``module.`` prefix that ``DataParallel`` adds.
+    with or without the ``module.`` prefix that ``DataParallel`` adds; or an MXNet ``.params``
+    file (:func:`.mxnet_params.read_state_dict`: resnet38d key names, float16 as float32).
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weight file '{path}' does not exist (or is not a file)")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if mxnet_params.has_list_magic(head):
+        return mxnet_params.read_state_dict(path)
+    if path.suffix.lower() == ".params" and not head.startswith(_TORCH_HEADS):
+        # torch.load would call it "truncated or corrupt"; the name says MXNet was meant.
+        raise WeightsError(mxnet_params.wrong_magic_message(path, head))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
