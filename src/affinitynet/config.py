@@ -171,7 +171,7 @@ KEY_HELP: dict[str, str] = {
     "dataset.demo_seed": "demo: generator seed",
     "dataset.masks_dir": "folder: optional ground-truth masks (index PNGs named <id>.png)",
     "dataset.max_skipped": "share of the images left out (bad tags, untagged, unreadable) that stops a run",
-    "backbone.name": "mobilenetv2, efficientnet_lite0, resnet38d, resnet50 or vgg16",
+    "backbone.name": "mobilenetv2, efficientnet_lite0, efficientnet_lite2, resnet38d, resnet50 or vgg16",
     "backbone.weights": "ImageNet weight file (null: the packaged weights, where a backbone has them)",
     "backbone.output_stride": "8 or 16: the feature map is 1/output_stride of the image",
     "cam.head_channels": "channels of the CAM network's 3x3 conv (Sec. 4.2)",

@@ -64,4 +64,4 @@ def freeze_batchnorm(module: nn.Module) -> None:
 
 def _import_all() -> None:
     # Importing the modules runs their @register_backbone decorators.
-    from . import mobilenetv2, efficientnet_lite0, resnet38d, resnet50, vgg16  # noqa: F401
+    from . import mobilenetv2, efficientnet_lite, resnet38d, resnet50, vgg16  # noqa: F401
