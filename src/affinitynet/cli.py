@@ -21,8 +21,8 @@ EXIT_BAD_INPUT = 2
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
-                        help="experiment YAML, or a built-in name: demo, msrc21, voc12, folder (default: the run "
-                             "directory's saved config.yaml, else the built-in config of --dataset, else demo)")
+                        help="experiment YAML, or a built-in name: demo, msrc21, voc12, voc12_psa, folder (default: "
+                             "the run directory's saved config.yaml, else the built-in config of --dataset, else demo)")
     parser.add_argument("--dataset", choices=["demo", "msrc21", "voc12", "folder"], default=None,
                         help="dataset (overrides dataset.name)")
     parser.add_argument("--root", default=None, help="dataset directory (overrides dataset.root)")
