@@ -43,7 +43,7 @@ class StageSpec:
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("train_cam", "train-cam", "train the CAM network (paper 3.1, 4.2)",
-              DATASET_KEYS + ("seed", "backbone", "cam.head_channels", "cam.resize_long")
+              DATASET_KEYS + ("seed", "backbone", "cam.head", "cam.head_channels", "cam.resize_long")
               + tuple(f"cam.{k}" for k in _TRAIN), ()),
     StageSpec("infer_cam", "infer-cam", "multi-scale CAMs and the CAM-only labels (Eq. 1-2, Table 1 'CAM')",
               ("dataset.label_split", "cam.scales", "cam.flip", "cam.eval_alpha", "cam.eval_bg_threshold"),
@@ -52,7 +52,7 @@ STAGES: tuple[StageSpec, ...] = (
               "confident object/background regions from low/high alpha + dCRF (3.2.1)",
               ("affinity.alpha_low", "affinity.alpha_high", "crf"), ("infer_cam",)),
     StageSpec("train_affinity", "train-affinity", "train AffinityNet on the affinity labels (3.2.2, Eq. 7-10)",
-              ("seed", "backbone", "affinity.radius", "affinity.distance")
+              ("seed", "backbone", "affinity.radius", "affinity.distance", "affinity.channels")
               + tuple(f"affinity.{k}" for k in _TRAIN), ("confident_regions",)),
     StageSpec("random_walk", "random-walk", "random walk with AffinityNet and the pseudo labels (3.3-3.4, Table 1)",
               ("random_walk", "affinity.distance", "crf"), ("infer_cam", "train_affinity")),
