@@ -320,6 +320,12 @@ def _set(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     node[parts[-1]] = value
 
 
+def set_value(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    """Set one known key (``source`` names who sets it in the error for an unknown key); call
+    :func:`validate` afterwards."""
+    _set(config, dotted, value, source)
+
+
 def _merge(config: dict[str, Any], tree: Any, source: str, prefix: str = "") -> None:
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping of keys")

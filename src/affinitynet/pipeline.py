@@ -68,15 +68,34 @@ STAGES: tuple[StageSpec, ...] = (
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
-def stage_hash(config: dict[str, Any], name: str) -> str:
-    spec = STAGE_BY_NAME[name]
-    keys = spec.keys
+def upstream(config: dict[str, Any], name: str) -> tuple[str, ...]:
+    """The stages whose outputs ``name`` reads under this config: the segmentation network
+    trained on ground truth (the upper bound) reads none."""
     if name == "train_seg" and config["segmentation"]["supervision"] == "gt":
-        upstream: tuple[str, ...] = ()
+        return ()
+    return STAGE_BY_NAME[name].upstream
+
+
+def readers(config: dict[str, Any], name: str) -> list[str]:
+    """The stages that read the outputs of ``name`` directly."""
+    return [spec.name for spec in STAGES if name in upstream(config, spec.name)]
+
+
+def descendants(config: dict[str, Any], name: str) -> list[str]:
+    """Every stage whose outputs derive from those of ``name``, in pipeline order."""
+    found: set[str] = set()
+    for spec in STAGES:
+        if any(parent == name or parent in found for parent in upstream(config, spec.name)):
+            found.add(spec.name)
+    return [spec.name for spec in STAGES if spec.name in found]
+
+
+def stage_hash(config: dict[str, Any], name: str) -> str:
+    keys = STAGE_BY_NAME[name].keys
+    if name == "train_seg" and config["segmentation"]["supervision"] == "gt":
         keys = keys + DATASET_KEYS
-    else:
-        upstream = tuple(stage_hash(config, parent) for parent in spec.upstream)
-    return section_hash(config, keys + DATASET_KEYS, *upstream)
+    parents = tuple(stage_hash(config, parent) for parent in upstream(config, name))
+    return section_hash(config, keys + DATASET_KEYS, *parents)
 
 
 def stage_dir(config: dict[str, Any], name: str) -> Path:
@@ -95,9 +114,12 @@ def is_complete(config: dict[str, Any], name: str) -> bool:
 
 
 class StageRun:
-    """Bookkeeping of one stage: fresh or resumed directory, completion marker, summary line."""
+    """Bookkeeping of one stage: fresh or resumed directory, completion marker, summary line.
 
-    def __init__(self, config: dict[str, Any], name: str, force: bool = False):
+    ``check_upstream=False`` is for a stage whose outputs come from elsewhere (``import-weights``
+    writes a training stage from a released checkpoint): its upstream stages need not exist."""
+
+    def __init__(self, config: dict[str, Any], name: str, force: bool = False, check_upstream: bool = True):
         self.config = config
         self.name = name
         self.dir = stage_dir(config, name)
@@ -126,9 +148,7 @@ class StageRun:
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(marker, {"stage": name, "hash": self.hash, "complete": False})
         distributed.barrier()
-        for parent in STAGE_BY_NAME[name].upstream:
-            if name == "train_seg" and config["segmentation"]["supervision"] == "gt":
-                continue
+        for parent in upstream(config, name) if check_upstream else ():
             if not is_complete(config, parent):
                 raise RuntimeError(f"stage '{name}' needs the outputs of '{parent}', which are missing or "
                                    f"were made with other settings: run `affinitynet {STAGE_BY_NAME[parent].command}` "
@@ -189,7 +209,9 @@ def run_stage(config: dict[str, Any], name: str, force: bool = False) -> dict[st
 
 
 def run_all(config: dict[str, Any], only_available: bool = True, force: Sequence[str] = ()) -> None:
-    """Every stage in order, skipping those whose outputs are complete and current."""
+    """Every stage in order, skipping those whose outputs are complete and current, and those
+    whose every reader is complete and current: nothing would read their outputs (after
+    ``import-weights psa-aff``, ``confident_regions`` feeds only the imported AffinityNet)."""
     for spec in STAGES:
         try:
             importlib.import_module(f"affinitynet.steps.{spec.name}")
@@ -197,4 +219,10 @@ def run_all(config: dict[str, Any], only_available: bool = True, force: Sequence
             if only_available and error.name == f"affinitynet.steps.{spec.name}":
                 continue
             raise
+        waiting = readers(config, spec.name)
+        if (spec.name not in force and waiting and not is_complete(config, spec.name)
+                and all(is_complete(config, reader) for reader in waiting)):
+            if distributed.is_main():
+                print(f"[{spec.name}] not needed ({', '.join(waiting)} up to date), skipped")
+            continue
         run_stage(config, spec.name, force=spec.name in force)

@@ -129,7 +129,7 @@ class ResNet38dBackbone(nn.Module):
         strides = [2 if n in ("b2", "b3", "b4", "b5", "b6") else 1 for n in names]
         plan = dict(zip(names, dilation_plan(strides, output_stride)))
 
-        self.conv1a = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.conv1a = nn.Conv2d(3, _RESIDUAL_LEVELS[0][1], 3, 1, 1, bias=False)
         self._level_starts = []
         for units, cin, mid, cout in _RESIDUAL_LEVELS:
             self._level_starts.append(units[0])
