@@ -113,6 +113,16 @@ def is_complete(config: dict[str, Any], name: str) -> bool:
     return state.get("complete") is True and state.get("hash") == stage_hash(config, name)
 
 
+def _imported(config: dict[str, Any], name: str) -> str | None:
+    """The kind of released weights ``import-weights`` wrote in stage ``name``, if it did."""
+    marker = stage_dir(config, name) / "_stage.json"
+    try:
+        imported = read_json(marker).get("imported") if marker.exists() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return imported.get("kind") if isinstance(imported, dict) else None
+
+
 class StageRun:
     """Bookkeeping of one stage: fresh or resumed directory, completion marker, summary line.
 
@@ -150,6 +160,12 @@ class StageRun:
         distributed.barrier()
         for parent in upstream(config, name) if check_upstream else ():
             if not is_complete(config, parent):
+                imported = _imported(config, parent)
+                if imported:
+                    raise RuntimeError(f"stage '{name}' needs the outputs of '{parent}', which holds weights imported "
+                                       f"by `affinitynet import-weights {imported}` with other settings: run with "
+                                       f"--config {Path(config['run_dir']) / 'config.yaml'} (the config the import "
+                                       f"saved) or import them again")
                 raise RuntimeError(f"stage '{name}' needs the outputs of '{parent}', which are missing or "
                                    f"were made with other settings: run `affinitynet {STAGE_BY_NAME[parent].command}` "
                                    f"(or `affinitynet run`) first")
