@@ -320,6 +320,15 @@ def _set(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     node[parts[-1]] = value
 
 
+def show_value(value: Any) -> str:
+    """A value as it is written in a ``key=value`` override (``[64,128,256]``, ``false``, ``psa``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(show_value(v) for v in value) + "]"
+    return str(value)
+
+
 def set_value(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     """Set one known key (``source`` names who sets it in the error for an unknown key); call
     :func:`validate` afterwards."""

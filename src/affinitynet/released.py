@@ -2,19 +2,16 @@
 
 The authors released trained networks with their code, for PASCAL VOC 2012's 20 object classes:
 
-========  ==================  ===================================================================
-kind      file                network
-========  ==================  ===================================================================
-psa-cam   ``res38_cls.pth``   psa's CAM network: ResNet-38 at output stride 8, a 1x1 ``fc8``
-                              (no bias) on its 4096 channels (``cam.head: psa``); paper 3.1, Eq. 1
-psa-aff   ``resnet38_aff.pth``  psa's AffinityNet: ResNet-38, 1x1 convs ``f8_3``/``f8_4``/``f8_5``
-                              from the last three levels (512/1024/4096 channels) to 64/128/256,
-                              concatenated (448) and ``f9`` (1x1, 448), ELU after each
-                              (``affinity.channels: [64, 128, 256]``); paper 3.2, Fig. 3, Eq. 3
-irn-cam   ``res50_cam.pth``   irn's CAM network: ResNet-50 with strides (2, 2, 2, 1) and no
-                              dilation (output stride 16, ``backbone.atrous: false``), a 1x1
-                              ``classifier`` (no bias) on its 2048 channels (``cam.head: irn``)
-========  ==================  ===================================================================
+- ``psa-cam``, psa's ``res38_cls.pth``: the CAM network, ResNet-38 at output stride 8 and a 1x1
+  ``fc8`` (no bias) on its 4096 channels, CAM = ReLU(conv(features, fc8)) (``cam.head: psa``;
+  paper 3.1, Eq. 1).
+- ``psa-aff``, psa's ``resnet38_aff.pth``: AffinityNet, ResNet-38 with 1x1 convs ``f8_3``,
+  ``f8_4``, ``f8_5`` from the last three levels (512, 1024, 4096 channels) to 64, 128, 256,
+  concatenated (448) and ``f9`` (1x1, 448), ELU after each (``affinity.channels: [64, 128, 256]``;
+  paper 3.2, Fig. 3, Eq. 3).
+- ``irn-cam``, irn's ``res50_cam.pth``: the CAM network of IRNet, ResNet-50 with strides
+  (2, 2, 2, 1) and no dilation (output stride 16, ``backbone.atrous: false``) and a 1x1
+  ``classifier`` (no bias) on its 2048 channels (``cam.head: irn``).
 
 :func:`import_weights` renames the file's keys to this project's model, loads them strictly (with
 ``torch.load(..., weights_only=True)``), and writes ``train_cam/model.pt`` or
@@ -26,7 +23,9 @@ The config keys the file's network fixes (its layout) are set in the config, whi
 
 Stages already in the run that derive from the replaced stage (infer_cam, random_walk, ...) are
 marked out of date, so they are redone from the new weights instead of being kept: their hash
-depends on the config only, not on the weights.
+depends on the config only, not on the weights. A stage imported earlier (psa-aff before psa-cam)
+keeps its layout in the config and stays current: its hash covers the keys of the stages before
+it, but its weights do not derive from them.
 """
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ import torch
 
 from .backbones import WeightsError
 from .backbones.weights import read_state_dict
-from .config import ConfigError, get, parse_override, set_value, validate
+from .config import ConfigError, get, parse_override, set_value, show_value, validate
 
 _SHOWN_KEYS = 6
 
@@ -92,14 +91,6 @@ KINDS: dict[str, ReleasedLayout] = {layout.kind: layout for layout in (
 )}
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_show(v) for v in value) + "]"
-    return str(value)
-
-
 def imported_kinds(config: dict[str, Any]) -> dict[str, str]:
     """{training stage: kind} of the stages of ``config['run_dir']`` written by import-weights."""
     from .io import read_json
@@ -133,14 +124,14 @@ def apply_layout(config: dict[str, Any], kind: str, overrides: Iterable[str] = (
         for key, value in KINDS[other].layout:
             if key not in given and get(config, key) != value:
                 set_value(config, key, value, "import-weights")
-                changed[key] = _show(value)
+                changed[key] = show_value(value)
     for key, value in spec.layout:
-        if key in given and _show(given[key]) != _show(value):
-            raise ConfigError(f"command line: {key}={_show(given[key])} does not fit {spec.repository}'s "
-                              f"{spec.file}, whose network has {key}={_show(value)} (import-weights {kind} sets it)")
+        if key in given and show_value(given[key]) != show_value(value):
+            raise ConfigError(f"command line: {key}={show_value(given[key])} does not fit {spec.repository}'s "
+                              f"{spec.file}, whose network has {key}={show_value(value)} (import-weights {kind} sets it)")
         if get(config, key) != value:
             set_value(config, key, value, "import-weights")
-            changed[key] = _show(value)
+            changed[key] = show_value(value)
     validate(config)
     return [f"{key}={value}" for key, value in changed.items()]
 

@@ -100,6 +100,7 @@ def check_model_meta(path, meta: dict[str, Any], class_names=None, backbone: str
     "psa")}``: layouts whose weights have the same keys and shapes (psa's and irn's CAM heads, a
     dilated and an undilated ResNet-50) would load silently into the wrong network. A meta
     without the key (a model.pt older than the option) is taken to have the option's default."""
+    from ..config import show_value
     from ..training import TrainingError
 
     for key, (config_key, value) in (layout or {}).items():
@@ -108,9 +109,9 @@ def check_model_meta(path, meta: dict[str, Any], class_names=None, backbone: str
         made = list(meta[key]) if isinstance(meta[key], (list, tuple)) else meta[key]
         wanted = list(value) if isinstance(value, (list, tuple)) else value
         if made != wanted:
-            raise TrainingError(f"{path}: made with {config_key}={_yaml_value(made)} but the config has "
-                                f"{config_key}={_yaml_value(wanted)}; retrain it (affinitynet {command} --force) "
-                                f"or set {config_key}={_yaml_value(made)}")
+            raise TrainingError(f"{path}: made with {config_key}={show_value(made)} but the config has "
+                                f"{config_key}={show_value(wanted)}; retrain it (affinitynet {command} --force) "
+                                f"or set {config_key}={show_value(made)}")
 
     trained = meta.get("class_names")
     if class_names is not None and trained is not None and list(trained) != list(class_names):
@@ -124,15 +125,6 @@ def check_model_meta(path, meta: dict[str, Any], class_names=None, backbone: str
     if backbone is not None and meta.get("backbone") not in (None, backbone):
         raise TrainingError(f"{path}: trained with backbone '{meta['backbone']}' but config key 'backbone.name' "
                             f"is '{backbone}'; retrain it (affinitynet {command} --force)")
-
-
-def _yaml_value(value: Any) -> str:
-    """A value as it is written on the command line (``[64,128,256]``, ``false``, ``psa``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ",".join(_yaml_value(v) for v in value) + "]"
-    return str(value)
 
 
 def load_weights(model, state, path) -> None:
