@@ -357,3 +357,21 @@ def test_freeze_batchnorm_keeps_statistics_and_affine_parameters(name):
             assert torch.equal(value, saved[key]), key
     first_conv = model.state_dict()[next(k for k in model.state_dict() if "conv" in k)]
     assert not torch.equal(first_conv, convs_before)  # the rest of the network did train
+
+
+def test_undilated_resnet50_is_irns_layout():
+    """irn's ResNet-50 (strides 2, 2, 2, 1, no dilation): output stride 16 with every 3x3 conv
+    undilated; the keys are those of the atrous network, so only atrous=False tells them apart."""
+    torch.manual_seed(0)
+    plain = create_backbone("resnet50", output_stride=16, pretrained=False, atrous=False).eval()
+    atrous = create_backbone("resnet50", output_stride=16, pretrained=False).eval()
+    assert [b.conv2.dilation for b in plain.layer4] == [(1, 1)] * 3
+    assert [b.conv2.dilation for b in atrous.layer4] == [(1, 1), (2, 2), (2, 2)]
+    assert [b.conv2.stride for b in plain.layer4] == [(1, 1)] * 3
+    assert list(plain.state_dict()) == list(atrous.state_dict())
+    with torch.no_grad():
+        levels = plain(torch.randn(1, 3, 64, 96))
+    assert [tuple(level.shape[-2:]) for level in levels] == [(32, 48), (16, 24), (8, 12), (4, 6), (4, 6)]
+    assert dilation_plan([2, 2, 2], 4, atrous=False) == [(2, 1, 1), (2, 1, 1), (1, 1, 1)]
+    with pytest.raises(ValueError, match="always atrous"):
+        create_backbone("mobilenetv2", pretrained=False, atrous=False)

@@ -104,3 +104,32 @@ def test_grid_round_trip_and_partial_cells():
     torch.testing.assert_close(grid[:, 0, 0], maps[:, :8, :8].mean(dim=(1, 2)))
     constant = to_image(torch.full((2, 3, 2), 0.25), 19, 13, 8)
     assert constant.shape == (2, 19, 13) and torch.allclose(constant, torch.tensor(0.25))
+
+
+@pytest.mark.parametrize("head", ["psa", "irn"])
+def test_released_heads_classify_the_backbone_map_directly(head):
+    """psa's res38_cls and irn's res50_cam: no 3x3 conv, CAM = ReLU(conv(features, fc8)) (Eq. 1 with
+    f_cam the backbone's last map); only the classifier is added to the backbone's parameters."""
+    torch.manual_seed(0)
+    net = CAMNet(TinyBackbone(), num_object_classes=3, head=head)
+    assert set(net.state_dict()) - set(f"backbone.{k}" for k in net.backbone.state_dict()) == {"classifier.weight"}
+    assert net.classifier.weight.shape == (3, 8, 1, 1)
+    net.eval()
+    x = torch.randn(2, 3, 16, 20)
+    with torch.no_grad():
+        direct = F.conv2d(net.backbone(x)[-1], net.classifier.weight)
+        torch.testing.assert_close(net.cams(x), direct)
+        torch.testing.assert_close(net(x), direct.mean(dim=(2, 3)), atol=1e-5, rtol=1e-5)
+    # psa drops whole channels before GAP in training (its dropout7); irn does not.
+    net.train()
+    freeze_batchnorm(net)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        trained = net.features(x)
+    changed = not torch.equal(trained, net.backbone(x)[-1])
+    assert changed == (head == "psa")
+
+
+def test_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="unknown CAM head 'gap'"):
+        CAMNet(TinyBackbone(), 3, head="gap")

@@ -46,6 +46,11 @@ OVERRIDE_CASES = [
     (["cam.lr=-0.1"], "config key 'cam.lr' must be a number > 0, got -0.1"),
     (["cam.resize_long=[8,600]"], "config key 'cam.resize_long' must be 2 integers each >= 16, got [8, 600]"),
     (["backbone.output_stride=4"], "config key 'backbone.output_stride' must be 8 or 16, got 4"),
+    # layouts of the released networks
+    (["cam.head=gap"], "config key 'cam.head' must be one of 'conv', 'psa', 'irn', got 'gap'"),
+    (["affinity.channels=[64,128]"], "config key 'affinity.channels' must be 3 integers each >= 1, got [64, 128]"),
+    (["backbone.atrous=false"], "config key 'backbone.atrous' can be false only for backbone 'resnet50' "
+                                "(irn's undilated ResNet-50), not 'mobilenetv2'"),
     (["seed=-1"], "config key 'seed' must be an integer >= 0, got -1"),
     # the dataset
     (["dataset.name=imagenet"], "config key 'dataset.name' must be one of 'demo', 'msrc21', 'voc12', 'folder', got 'imagenet'"),

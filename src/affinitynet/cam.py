@@ -3,6 +3,18 @@
 The CAM network is a backbone at output stride 8, a 3x3 convolution with 512 channels, global
 average pooling and a fully connected layer without bias, trained with a multi-label soft margin
 loss. CAMs are the FC weights applied at every position of the map before pooling (Eq. 1).
+
+Heads (``head=``, config key ``cam.head``), i.e. what f_cam of Eq. 1 is:
+
+- ``"conv"`` (default, Section 4.2): the 3x3 convolution with ``head_channels`` channels and a ReLU
+  on the backbone's last map.
+- ``"psa"``: the authors' released AffinityNet code (``res38_cls.pth``): no adaptation layer, the
+  1x1 classifier (its ``fc8``) reads the backbone's 4096 channels directly, with channel dropout
+  0.5 on them during training only (its ``dropout7``); CAM = ReLU(conv(features, fc8)).
+- ``"irn"``: the authors' IRNet code (``res50_cam.pth``): the same 1x1 classifier on the backbone's
+  last map, without the dropout.
+
+The two released layouts hold the same parameters (the classifier alone); only training differs.
 """
 from __future__ import annotations
 
@@ -16,18 +28,33 @@ from torch import nn
 from .multiscale import multiscale_maps
 
 NORMALISATION_EPS = 1e-5   # the released code divides by (max + 1e-5)
+HEADS = ("conv", "psa", "irn")
+PSA_DROPOUT = 0.5            # psa's dropout7 before GAP (training only)
 
 
 class CAMNet(nn.Module):
-    def __init__(self, backbone: nn.Module, num_object_classes: int, head_channels: int = 512):
+    """Backbone + f_cam head (see the module docstring for ``head``) + GAP + 1x1 classifier."""
+
+    def __init__(self, backbone: nn.Module, num_object_classes: int, head_channels: int = 512,
+                 head: str = "conv"):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown CAM head '{head}' (choose from {', '.join(HEADS)})")
         self.backbone = backbone
-        self.head = nn.Sequential(
-            nn.Conv2d(backbone.out_channels[-1], head_channels, 3, padding=1, bias=False),
-            nn.ReLU(inplace=True),
-        )
-        self.classifier = nn.Conv2d(head_channels, num_object_classes, 1, bias=False)
-        nn.init.kaiming_normal_(self.head[0].weight, nonlinearity="relu")
+        self.head_name = head
+        if head == "conv":
+            self.head = nn.Sequential(
+                nn.Conv2d(backbone.out_channels[-1], head_channels, 3, padding=1, bias=False),
+                nn.ReLU(inplace=True),
+            )
+            nn.init.kaiming_normal_(self.head[0].weight, nonlinearity="relu")
+            features = head_channels
+        else:
+            # No parameters: the state dict is the backbone's and the classifier's, as in the
+            # released files. Dropout2d is the identity in eval mode, so CAMs never see it.
+            self.head = nn.Dropout2d(PSA_DROPOUT) if head == "psa" else nn.Identity()
+            features = backbone.out_channels[-1]
+        self.classifier = nn.Conv2d(features, num_object_classes, 1, bias=False)
         # Small initial logits: a loss far above log 2 in the first steps wastes the few steps a CPU run has.
         nn.init.normal_(self.classifier.weight, std=0.01)
 

@@ -113,6 +113,30 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_weights(args: argparse.Namespace) -> int:
+    from .config import save_resolved
+    from .pipeline import is_complete
+    from .released import KINDS, apply_layout, import_weights, imported_kinds
+
+    spec = KINDS[args.kind]
+    config = _config_from_args(args, check=False)
+    others = {stage: kind for stage, kind in imported_kinds(config).items() if stage != spec.stage}
+    changed = apply_layout(config, args.kind, args.overrides, keep=others.values())
+    if changed:
+        print(f"import-weights: {', '.join(changed)} (the network of {spec.repository}'s {spec.file}"
+              + "".join(f" and of the imported {kind}" for kind in others.values()) + ")")
+    import_weights(args.kind, args.file, config)
+    run_dir = Path(config["run_dir"])
+    save_resolved(config, run_dir / "config.yaml")
+    for stage, kind in others.items():
+        if not is_complete(config, stage):
+            print(f"import-weights: the {kind} weights imported in {run_dir / stage} do not fit this config; "
+                  f"import them again (affinitynet import-weights {kind} FILE --config {run_dir / 'config.yaml'})")
+    print(f"imported {args.file} as {run_dir / spec.stage / 'model.pt'}; continue with "
+          f"`affinitynet run --config {run_dir / 'config.yaml'}`")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .datasets import build_dataset
     from .io import write_json
@@ -234,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="discard this stage's outputs and redo it (also when the run directory holds "
                               "another dataset's outputs: those are then all marked for redoing)")
         sub.set_defaults(func=cmd_stage, stage_name=spec.name)
+
+    from .released import KINDS
+
+    imported = commands.add_parser(
+        "import-weights", help="a released psa/irn checkpoint as the finished training stage of a run",
+        description="Load the authors' released weights (psa-cam: psa's res38_cls.pth, psa-aff: psa's "
+                    "resnet38_aff.pth, irn-cam: irn's res50_cam.pth) into this project's network and write "
+                    "them as RUN_DIR/train_cam/model.pt or RUN_DIR/train_affinity/model.pt, with the config "
+                    "keys of the file's network set (saved as RUN_DIR/config.yaml). `affinitynet run` then "
+                    "skips that training stage.")
+    imported.add_argument("kind", choices=sorted(KINDS), help="which released file")
+    imported.add_argument("file", help="the released .pth file")
+    _add_config_options(imported)
+    imported.set_defaults(func=cmd_import_weights)
 
     evaluate = commands.add_parser("evaluate", help="score index PNGs against a split's ground truth (mIoU)",
                                    description="Confusion matrix over the split, per-class IoU and mIoU "

@@ -53,8 +53,10 @@ DEFAULTS: dict[str, Any] = {
         "name": "resnet38d",
         "weights": None,               # file with ImageNet weights; None: the packaged ones, if any
         "output_stride": 8,
+        "atrous": True,                # dilate past the output stride (4.1); false: irn's undilated ResNet-50
     },
     "cam": {
+        "head": "conv",                # the 3x3 conv of Section 4.2; "psa"/"irn": the released 1x1 classifier only
         "head_channels": 512,          # the 3x3 conv of Section 4.2
         "crop_size": 448,
         "resize_long": [256, 512],     # random rescale of the long side (released code)
@@ -89,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
         "alpha_high": 24.0,            # weakened background: confident background (code: 32)
         "radius": 5,                   # gamma of Eq. 4
         "distance": "mean",            # "mean" over channels (released code) or "sum" (Eq. 3)
+        "channels": [128, 256, 512],   # 1x1 reductions of the last three levels (4.2; psa: 64, 128, 256)
         "crop_size": 448,
         "color_jitter": [0.3, 0.3, 0.3, 0.1],
         "batch_size": 8,
@@ -310,12 +313,15 @@ RULES: dict[str, Rule] = {
     "backbone.name": _string(),
     "backbone.weights": _string(optional=True),
     "backbone.output_stride": Rule("8 or 16", lambda v: v in (8, 16) and not isinstance(v, bool)),
+    "backbone.atrous": _boolean(),
+    "cam.head": _choice("conv", "psa", "irn"),
     "cam.eval_alpha": _number(1),
     "cam.eval_bg_threshold": _number(0, 1, optional=True),
     "affinity.alpha_low": _number(1),
     "affinity.alpha_high": _number(1),
     "affinity.radius": _number(1, 64, integer=True),
     "affinity.distance": _choice("mean", "sum"),
+    "affinity.channels": _number_list(1, length=3, strict_low=False, integer=True),
     "random_walk.alpha": _number(1),
     "random_walk.beta": _number(0, strict_low=True),
     "random_walk.t": _number(1, integer=True),
@@ -398,6 +404,21 @@ def _set(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     set_value(config, dotted, value)
 
 
+def show_value(value: Any) -> str:
+    """A value as it is written in a ``key=value`` override (``[64,128,256]``, ``false``, ``psa``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(show_value(v) for v in value) + "]"
+    return str(value)
+
+
+def set_value(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    """Set one known key (``source`` names who sets it in the error for an unknown key); call
+    :func:`validate` afterwards."""
+    _set(config, dotted, value, source)
+
+
 def _merge(config: dict[str, Any], tree: Any, source: str, prefix: str = "") -> None:
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping of keys")
@@ -456,6 +477,13 @@ def validate(config: dict[str, Any]) -> None:
             continue
         if not rule.check(value):
             raise ConfigError(f"config key '{dotted}' must be {rule.describe}, got {value!r}")
+    backbone = config["backbone"]
+    if not backbone["atrous"]:
+        from .backbones import supports_undilated
+
+        if not supports_undilated(backbone["name"]):
+            raise ConfigError(f"config key 'backbone.atrous' can be false only for backbone 'resnet50' "
+                              f"(irn's undilated ResNet-50), not '{backbone['name']}'")
     name = config["dataset"]["name"]
     if name != "demo" and not config["dataset"]["root"]:
         raise ConfigError(f"config key 'dataset.root' must name the {name} dataset directory (it is null)")

@@ -44,7 +44,7 @@ class StageSpec:
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("train_cam", "train-cam", "train the CAM network (paper 3.1, 4.2)",
-              DATASET_KEYS + ("seed", "backbone", "cam.head_channels", "cam.resize_long")
+              DATASET_KEYS + ("seed", "backbone", "cam.head", "cam.head_channels", "cam.resize_long")
               + tuple(f"cam.{k}" for k in _TRAIN), ()),
     StageSpec("infer_cam", "infer-cam", "multi-scale CAMs and the CAM-only labels (Eq. 1-2, Table 1 'CAM')",
               ("dataset.label_split", "cam.scales", "cam.flip", "cam.eval_alpha", "cam.eval_bg_threshold"),
@@ -53,7 +53,7 @@ STAGES: tuple[StageSpec, ...] = (
               "confident object/background regions from low/high alpha + dCRF (3.2.1)",
               ("affinity.alpha_low", "affinity.alpha_high", "crf"), ("infer_cam",)),
     StageSpec("train_affinity", "train-affinity", "train AffinityNet on the affinity labels (3.2.2, Eq. 7-10)",
-              ("seed", "backbone", "affinity.radius", "affinity.distance")
+              ("seed", "backbone", "affinity.radius", "affinity.distance", "affinity.channels")
               + tuple(f"affinity.{k}" for k in _TRAIN), ("confident_regions",)),
     StageSpec("random_walk", "random-walk", "random walk with AffinityNet and the pseudo labels (3.3-3.4, Table 1)",
               ("random_walk", "affinity.distance", "crf"), ("infer_cam", "train_affinity")),
@@ -117,6 +117,8 @@ def rerun_reason(config: dict[str, Any], name: str, previous: dict[str, Any] | N
         return None if previous.get("complete") else "resuming: the outputs it finished are kept"
     if previous.get("hash") == REPLACED:
         return "re-running: the run directory's dataset was replaced"
+    if previous.get("out_of_date"):
+        return f"re-running: {previous['out_of_date']}"
     before = previous.get("inputs") if isinstance(previous.get("inputs"), dict) else {}
     now = stage_inputs(config, name)["inputs"]
     old_keys, new_keys = before.get("keys") or {}, now["keys"]
@@ -231,6 +233,20 @@ def record_run(config: dict[str, Any]) -> None:
         write_json(run_dir / DATASET_FILE, dataset_identity(config, _training_split(config)))
 
 
+def readers(config: dict[str, Any], name: str) -> list[str]:
+    """The stages that read the outputs of ``name`` directly."""
+    return [spec.name for spec in STAGES if name in upstream_stages(config, spec.name)]
+
+
+def descendants(config: dict[str, Any], name: str) -> list[str]:
+    """Every stage whose outputs derive from those of ``name``, in pipeline order."""
+    found: set[str] = set()
+    for spec in STAGES:
+        if any(parent == name or parent in found for parent in upstream_stages(config, spec.name)):
+            found.add(spec.name)
+    return [spec.name for spec in STAGES if spec.name in found]
+
+
 def stage_dir(config: dict[str, Any], name: str) -> Path:
     return Path(config["run_dir"]) / name
 
@@ -246,14 +262,26 @@ def is_complete(config: dict[str, Any], name: str) -> bool:
     return state.get("complete") is True and state.get("hash") == stage_hash(config, name)
 
 
+def _imported(config: dict[str, Any], name: str) -> str | None:
+    """The kind of released weights ``import-weights`` wrote in stage ``name``, if it did."""
+    marker = stage_dir(config, name) / "_stage.json"
+    try:
+        imported = read_json(marker).get("imported") if marker.exists() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return imported.get("kind") if isinstance(imported, dict) else None
+
+
 class StageRun:
     """Bookkeeping of one stage: fresh or resumed directory, completion marker, summary line.
 
     Nothing in the run directory changes until the stage's upstream outputs are known to be there:
     a stage that cannot run leaves the run as it was (no stub directory, no new ``config.yaml``).
+    ``check_upstream=False`` is for a stage whose outputs come from elsewhere (``import-weights``
+    writes a training stage from a released checkpoint): its upstream stages need not exist.
     """
 
-    def __init__(self, config: dict[str, Any], name: str, force: bool = False):
+    def __init__(self, config: dict[str, Any], name: str, force: bool = False, check_upstream: bool = True):
         self.config = config
         self.name = name
         self.dir = stage_dir(config, name)
@@ -263,11 +291,18 @@ class StageRun:
         self.reused = 0
         self.skipped: list[str] = []
         self.extra: dict[str, Any] = {}
-        for parent in upstream_stages(config, name):
-            if not is_complete(config, parent):
-                raise StageError(f"stage '{name}' needs the outputs of '{parent}', which are missing or "
-                                 f"were made with other settings: run `affinitynet {STAGE_BY_NAME[parent].command}` "
-                                 f"(or `affinitynet run`) first")
+        for parent in upstream_stages(config, name) if check_upstream else ():
+            if is_complete(config, parent):
+                continue
+            imported = _imported(config, parent)
+            if imported:
+                raise StageError(f"stage '{name}' needs the outputs of '{parent}', which holds weights imported "
+                                 f"by `affinitynet import-weights {imported}` with other settings: run with "
+                                 f"--run-dir {config['run_dir']} alone (its config.yaml is the one the import "
+                                 f"saved) or import them again")
+            raise StageError(f"stage '{name}' needs the outputs of '{parent}', which are missing or "
+                             f"were made with other settings: run `affinitynet {STAGE_BY_NAME[parent].command}` "
+                             f"(or `affinitynet run`) first")
         marker = self.dir / "_stage.json"
         previous = None
         if marker.exists():
@@ -351,9 +386,17 @@ def run_stage(config: dict[str, Any], name: str, force: bool = False) -> dict[st
 
 
 def run_all(config: dict[str, Any], force: Iterable[str] = ()) -> None:
-    """Every stage in order, skipping those whose outputs are complete and current."""
+    """Every stage in order, skipping those whose outputs are complete and current, and those
+    whose every reader is complete and current: nothing would read their outputs (after
+    ``import-weights psa-aff``, ``confident_regions`` feeds only the imported AffinityNet)."""
     forced = set(force)
     for spec in STAGES:
+        waiting = readers(config, spec.name)
+        if (spec.name not in forced and waiting and not is_complete(config, spec.name)
+                and all(is_complete(config, reader) for reader in waiting)):
+            if distributed.is_main():
+                print(f"[{spec.name}] not needed ({', '.join(waiting)} up to date), skipped")
+            continue
         run_stage(config, spec.name, force=spec.name in forced)
 
 

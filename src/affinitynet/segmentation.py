@@ -95,11 +95,13 @@ class SegmentationNet(nn.Module):
 
 
 def build_segmentation_model(backbone_name: str, output_stride: int, num_classes: int,
-                             head: str = "resnet38", pretrained: bool | str = True) -> SegmentationNet:
-    """A backbone from the registry (``pretrained``: True, False or a weight file) + the head."""
+                             head: str = "resnet38", pretrained: bool | str = True,
+                             atrous: bool = True) -> SegmentationNet:
+    """A backbone from the registry (``pretrained``: True, False or a weight file; ``atrous``:
+    see ``create_backbone``) + the head."""
     from .backbones import create_backbone
 
-    backbone = create_backbone(backbone_name, output_stride=output_stride, pretrained=pretrained)
+    backbone = create_backbone(backbone_name, output_stride=output_stride, pretrained=pretrained, atrous=atrous)
     return SegmentationNet(backbone, num_classes, head)
 
 
@@ -120,7 +122,7 @@ def model_from_checkpoint(path: str | os.PathLike, device: torch.device | str = 
         raise TrainingError(f"{path}: segmentation checkpoint meta lacks {', '.join(missing)}")
     try:
         model = build_segmentation_model(meta["backbone"], int(meta["output_stride"]), int(meta["num_classes"]),
-                                         meta["head"], pretrained=False)
+                                         meta["head"], pretrained=False, atrous=bool(meta.get("atrous", True)))
         model.load_state_dict(state["model"])
     except (ValueError, RuntimeError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__

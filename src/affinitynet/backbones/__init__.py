@@ -12,9 +12,12 @@ the last map is at ``output_stride``. AffinityNet uses the last three levels. At
 
 ``pretrained`` is ``True`` (the weights the backbone ships with offline, where it has any),
 ``False`` (random initialisation) or a path to a state dict file supplied by the user.
+``atrous=False`` (only for builders that take an ``atrous`` argument: ``resnet50``) removes the
+strides past the output stride without dilating the later convolutions.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -41,11 +44,24 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_backbone(name: str, output_stride: int = 8, pretrained: bool | str = True) -> nn.Module:
+def supports_undilated(name: str) -> bool:
+    """Whether backbone ``name`` can drop its strides without dilating (``atrous=False``)."""
+    _import_all()
+    return name in _REGISTRY and "atrous" in inspect.signature(_REGISTRY[name]).parameters
+
+
+def create_backbone(name: str, output_stride: int = 8, pretrained: bool | str = True,
+                    atrous: bool = True) -> nn.Module:
     _import_all()
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(sorted(_REGISTRY))})")
-    model = _REGISTRY[name](output_stride=output_stride, pretrained=pretrained)
+    options = {}
+    if not atrous:
+        if not supports_undilated(name):
+            raise ValueError(f"backbone '{name}' is always atrous past its output stride (atrous=False "
+                             f"is supported by: {', '.join(n for n in sorted(_REGISTRY) if supports_undilated(n))})")
+        options["atrous"] = False
+    model = _REGISTRY[name](output_stride=output_stride, pretrained=pretrained, **options)
     model.name = name
     return model
 

@@ -113,6 +113,8 @@ _RESIDUAL_LEVELS = (
     (("b4", "b4_1", "b4_2", "b4_3", "b4_4", "b4_5"), 256, 512, 512),
     (("b5", "b5_1", "b5_2"), 512, 512, 1024),
 )
+# (attribute name, channels in, out, dropout) of the bottleneck levels B6, B7.
+_BOTTLENECK_LEVELS = (("b6", 1024, 2048, 0.3), ("b7", 2048, 4096, 0.5))
 
 
 class ResNet38dBackbone(nn.Module):
@@ -125,11 +127,11 @@ class ResNet38dBackbone(nn.Module):
         super().__init__()
         check_output_stride("resnet38d", output_stride, (8, 16, 32))
         self.output_stride = output_stride
-        names = [n for level in _RESIDUAL_LEVELS for n in level[0]] + ["b6", "b7"]
+        names = [n for level in _RESIDUAL_LEVELS for n in level[0]] + [b[0] for b in _BOTTLENECK_LEVELS]
         strides = [2 if n in ("b2", "b3", "b4", "b5", "b6") else 1 for n in names]
         plan = dict(zip(names, dilation_plan(strides, output_stride)))
 
-        self.conv1a = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.conv1a = nn.Conv2d(3, _RESIDUAL_LEVELS[0][1], 3, 1, 1, bias=False)
         self._level_starts = []
         for units, cin, mid, cout in _RESIDUAL_LEVELS:
             self._level_starts.append(units[0])
@@ -139,11 +141,11 @@ class ResNet38dBackbone(nn.Module):
                                                    dilation_out))
                 cin = cout
         self._level_starts.append("b6")
-        self.b6 = BottleneckUnit(1024, 2048, plan["b6"][0], plan["b6"][2], dropout=0.3)
-        self.b7 = BottleneckUnit(2048, 4096, plan["b7"][0], plan["b7"][2], dropout=0.5)
-        self.bn7 = nn.BatchNorm2d(4096)
+        for name, cin, cout, dropout in _BOTTLENECK_LEVELS:
+            self.add_module(name, BottleneckUnit(cin, cout, plan[name][0], plan[name][2], dropout=dropout))
+        self.bn7 = nn.BatchNorm2d(cout)
         self._units = names
-        self.out_channels = (128, 256, 512, 1024, 4096)
+        self.out_channels = tuple(level[3] for level in _RESIDUAL_LEVELS) + (cout,)
         kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

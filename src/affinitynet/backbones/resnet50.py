@@ -19,6 +19,11 @@ level  modules                       channels  OS 8    OS 16
 4      ``layer3``                    1024      8       16
 5      ``layer4``                    2048      8       16
 =====  ============================  ========  ======  =======
+
+``atrous=False`` (config key ``backbone.atrous``) removes the same strides without dilating:
+the authors' IRNet ``resnet50_cam.py`` builds its ResNet-50 with strides (2, 2, 2, 1) and no
+dilation, so ``layer4`` runs at stride 1 with the 3x3 receptive fields of a stride-32 network
+(output stride 16). Its released ``res50_cam.pth`` needs this to give irn's CAMs.
 """
 from __future__ import annotations
 
@@ -68,10 +73,11 @@ class ResNet50Backbone(nn.Module):
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
 
-    def __init__(self, output_stride: int = 8):
+    def __init__(self, output_stride: int = 8, atrous: bool = True):
         super().__init__()
         check_output_stride("resnet50", output_stride, (8, 16, 32))
         self.output_stride = output_stride
+        self.atrous = atrous
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -82,7 +88,7 @@ class ResNet50Backbone(nn.Module):
         unit_strides = [4]  # conv1 + maxpool together
         for stride, blocks in zip(layer_strides, _BLOCKS):
             unit_strides += [stride] + [1] * (blocks - 1)
-        plan = dilation_plan(unit_strides, output_stride)[1:]
+        plan = dilation_plan(unit_strides, output_stride, atrous)[1:]
         cin, unit = 64, 0
         for index, (width, blocks) in enumerate(zip(_WIDTHS, _BLOCKS), start=1):
             layer = []
@@ -110,10 +116,11 @@ class ResNet50Backbone(nn.Module):
 
 
 @register_backbone("resnet50")
-def resnet50(output_stride: int = 8, pretrained: bool | str = True) -> ResNet50Backbone:
+def resnet50(output_stride: int = 8, pretrained: bool | str = True,
+             atrous: bool = True) -> ResNet50Backbone:
     path = resolve_pretrained("resnet50", pretrained,
                               no_shipped_hint=" such as torchvision's resnet50-0676ba61.pth")
-    model = ResNet50Backbone(output_stride)
+    model = ResNet50Backbone(output_stride, atrous)
     model.name = "resnet50"
     if path is not None:
         load_state_dict_file(model, path, ignore_prefixes=("fc.",))

@@ -250,7 +250,8 @@ def check_output_stride(name: str, output_stride: int, supported: tuple[int, ...
                          f"{' or '.join(map(str, supported))}, not {output_stride}")
 
 
-def dilation_plan(strides: Iterable[int], output_stride: int) -> list[tuple[int, int, int]]:
+def dilation_plan(strides: Iterable[int], output_stride: int,
+                  atrous: bool = True) -> list[tuple[int, int, int]]:
     """``(stride, dilation_in, dilation_out)`` for each unit of a network whose units downsample
     by ``strides``, so that it stops downsampling at ``output_stride`` (paper Sec. 4.1 and A.1:
     atrous convolution as in DeepLab [4]).
@@ -261,12 +262,17 @@ def dilation_plan(strides: Iterable[int], output_stride: int) -> list[tuple[int,
     strided one keep the previous dilation (``dilation_in``: they still look at the same input
     grid) and convolutions after it use the doubled one (``dilation_out``); for every other unit
     the two are equal.
+
+    ``atrous=False`` removes the strides without dilating anything (every dilation 1): the
+    receptive fields shrink, as in the authors' IRNet ResNet-50, whose last level runs at stride 1
+    undilated (output stride 16).
     """
     plan, current, rate = [], 1, 1
     for stride in strides:
         if stride > 1 and current >= output_stride:
-            plan.append((1, rate, rate * stride))
-            rate *= stride
+            grown = rate * stride if atrous else rate
+            plan.append((1, rate, grown))
+            rate = grown
         else:
             plan.append((stride, rate, rate))
             current *= stride

@@ -92,10 +92,26 @@ def load_model_checkpoint(path):
 
 
 def check_model_meta(path, meta: dict[str, Any], class_names=None, backbone: str | None = None,
-                     command: str = "run") -> None:
+                     command: str = "run", layout: dict[str, tuple[str, Any]] | None = None) -> None:
     """Refuse, in one line, a model.pt trained on other classes or with another backbone than the
-    dataset and config say: its weights would not load, or worse, would label with wrong names."""
+    dataset and config say: its weights would not load, or worse, would label with wrong names.
+
+    ``layout`` maps meta keys to (config key, configured value), e.g. ``{"head": ("cam.head",
+    "psa")}``: layouts whose weights have the same keys and shapes (psa's and irn's CAM heads, a
+    dilated and an undilated ResNet-50) would load silently into the wrong network. A meta
+    without the key (a model.pt older than the option) is taken to have the option's default."""
+    from ..config import show_value
     from ..training import TrainingError
+
+    for key, (config_key, value) in (layout or {}).items():
+        if key not in meta:
+            continue
+        made = list(meta[key]) if isinstance(meta[key], (list, tuple)) else meta[key]
+        wanted = list(value) if isinstance(value, (list, tuple)) else value
+        if made != wanted:
+            raise TrainingError(f"{path}: made with {config_key}={show_value(made)} but the config has "
+                                f"{config_key}={show_value(wanted)}; retrain it (affinitynet {command} --force) "
+                                f"or set {config_key}={show_value(made)}")
 
     trained = meta.get("class_names")
     if class_names is not None and trained is not None and list(trained) != list(class_names):

@@ -14,13 +14,13 @@ from ..metrics import format_table
 from ..training import for_inference
 from ..pipeline import StageRun, map_images, stage_dir
 from . import check_model_meta, label_images, load_model_checkpoint, load_weights, score, setup
-from .train_cam import build_model
+from .train_cam import build_model, layout
 
 
 def load_cam_model(config: dict[str, Any], device: torch.device, num_object_classes: int, class_names=None):
     path = stage_dir(config, "train_cam") / "model.pt"
     state, meta = load_model_checkpoint(path)
-    check_model_meta(path, meta, class_names, config["backbone"]["name"], "train-cam")
+    check_model_meta(path, meta, class_names, config["backbone"]["name"], "train-cam", layout(config))
     model = build_model(config, num_object_classes, pretrained=False)
     load_weights(model, state, path)
     return model.to(device).eval()

@@ -25,13 +25,13 @@ from ..pipeline import StageRun, map_images, stage_dir
 from ..pseudo_labels import label_maps
 from ..random_walk import pair_affinities
 from . import check_model_meta, label_images, load_model_checkpoint, load_weights, score, setup
-from .train_affinity import build_model
+from .train_affinity import build_model, layout
 
 
 def load_affinity_model(config: dict[str, Any], device: torch.device, class_names=None):
     path = stage_dir(config, "train_affinity") / "model.pt"
     state, meta = load_model_checkpoint(path)
-    check_model_meta(path, meta, class_names, config["backbone"]["name"], "train-affinity")
+    check_model_meta(path, meta, class_names, config["backbone"]["name"], "train-affinity", layout(config))
     model = build_model(config, pretrained=False)
     load_weights(model, state, path)
     return model.to(device).eval()

@@ -35,9 +35,27 @@ class AffinityTrainSet(ImageTrainSet):
 
 def build_model(config: dict[str, Any], pretrained=True) -> AffinityNet:
     backbone_cfg = config["backbone"]
+    section = config["affinity"]
     weights = imagenet_weights(config, pretrained)
-    backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"], pretrained=weights)
-    return AffinityNet(backbone, radius=config["affinity"]["radius"], distance=config["affinity"]["distance"])
+    backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"], pretrained=weights,
+                               atrous=backbone_cfg["atrous"])
+    return AffinityNet(backbone, channels=section["channels"], radius=section["radius"], distance=section["distance"])
+
+
+def model_meta(config: dict[str, Any], class_names, backbone) -> dict[str, Any]:
+    """What ``model.pt`` records beside the weights (also written by ``import-weights``)."""
+    section = config["affinity"]
+    return {"kind": "affinity", "class_names": list(class_names), "backbone": config["backbone"]["name"],
+            "output_stride": config["backbone"]["output_stride"], "atrous": config["backbone"]["atrous"],
+            "channels": list(section["channels"]), "radius": section["radius"], "distance": section["distance"],
+            "mean": list(backbone.mean), "std": list(backbone.std)}
+
+
+def layout(config: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """The meta keys that must match the config for the weights to mean what they meant."""
+    return {"channels": ("affinity.channels", config["affinity"]["channels"]),
+            "distance": ("affinity.distance", config["affinity"]["distance"]),
+            "atrous": ("backbone.atrous", config["backbone"]["atrous"])}
 
 
 def make_step(radius: int, distance: str):
@@ -60,9 +78,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     model = build_model(config)
     section = config["affinity"]
     backbone = model.backbone
-    meta = {"kind": "affinity", "class_names": data.class_names, "backbone": config["backbone"]["name"],
-            "output_stride": config["backbone"]["output_stride"], "radius": section["radius"],
-            "distance": section["distance"], "mean": list(backbone.mean), "std": list(backbone.std)}
+    meta = model_meta(config, data.class_names, backbone)
     train_set = AffinityTrainSet(data, stage_dir(config, "confident_regions") / "labels", section,
                                  backbone.mean, backbone.std, backbone.output_stride, config["seed"])
     result = train_network(config, stage, device, model, section, train_set,

@@ -33,8 +33,22 @@ class CAMTrainSet(ImageTrainSet):
 def build_model(config: dict[str, Any], num_object_classes: int, pretrained=True) -> CAMNet:
     backbone_cfg = config["backbone"]
     weights = imagenet_weights(config, pretrained)
-    backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"], pretrained=weights)
-    return CAMNet(backbone, num_object_classes, config["cam"]["head_channels"])
+    backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"], pretrained=weights,
+                               atrous=backbone_cfg["atrous"])
+    return CAMNet(backbone, num_object_classes, config["cam"]["head_channels"], config["cam"]["head"])
+
+
+def model_meta(config: dict[str, Any], class_names, backbone) -> dict[str, Any]:
+    """What ``model.pt`` records beside the weights (also written by ``import-weights``)."""
+    return {"kind": "cam", "class_names": list(class_names), "backbone": config["backbone"]["name"],
+            "output_stride": config["backbone"]["output_stride"], "atrous": config["backbone"]["atrous"],
+            "head": config["cam"]["head"], "head_channels": config["cam"]["head_channels"],
+            "mean": list(backbone.mean), "std": list(backbone.std)}
+
+
+def layout(config: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """The meta keys that must match the config for the weights to mean what they meant."""
+    return {"head": ("cam.head", config["cam"]["head"]), "atrous": ("backbone.atrous", config["backbone"]["atrous"])}
 
 
 def classification_step(model, batch):
@@ -52,9 +66,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     model = build_model(config, data.num_object_classes)
     section = config["cam"]
     backbone = model.backbone
-    meta = {"kind": "cam", "class_names": data.class_names, "backbone": config["backbone"]["name"],
-            "output_stride": config["backbone"]["output_stride"], "head_channels": section["head_channels"],
-            "mean": list(backbone.mean), "std": list(backbone.std)}
+    meta = model_meta(config, data.class_names, backbone)
     result = train_network(config, stage, device, model, section,
                            CAMTrainSet(data, section, backbone.mean, backbone.std, config["seed"]),
                            classification_step, meta, "cam")

@@ -103,7 +103,7 @@ def build_model(config: dict[str, Any], num_classes: int, pretrained=True):
     backbone_cfg = config["backbone"]
     weights = imagenet_weights(config, pretrained)
     return build_segmentation_model(backbone_cfg["name"], backbone_cfg["output_stride"], num_classes,
-                                    config["segmentation"]["head"], pretrained=weights)
+                                    config["segmentation"]["head"], pretrained=weights, atrous=backbone_cfg["atrous"])
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     # Everything predict() needs, so a model.pt alone segments images (affinitynet predict).
     meta = {"kind": CHECKPOINT_KIND, "class_names": list(data.class_names), "num_classes": data.num_classes,
             "backbone": config["backbone"]["name"], "output_stride": config["backbone"]["output_stride"],
-            "head": section["head"], "supervision": section["supervision"],
+            "atrous": config["backbone"]["atrous"], "head": section["head"], "supervision": section["supervision"],
             "mean": list(backbone.mean), "std": list(backbone.std)}
     result = train_network(config, stage, device, model, section,
                            SegTrainSet(data, section, backbone.mean, backbone.std, config["seed"],
