@@ -311,6 +311,9 @@ def test_imported_psa_networks_run_through_the_stages(tmp_path, data, capsys, sl
     assert len(list((run / "random_walk" / "pseudo_labels").glob("*.png"))) == 12
     assert sum(1 for _ in open(run / "train_seg" / "log.csv")) == 2   # header + one epoch of one step
     assert "Table 1" in out and "CAM+RW" in out
+    assert tiny.cli(["report", str(run)], capsys)[0] == 0
+    html = (run / "report" / "index.html").read_text()
+    assert "imported = psa-cam (res38_cls.pth)" in html and "train_affinity: weights imported (psa-aff" in html
 
     # Other CAM weights: the stages made from the old ones are out of date, AffinityNet is kept.
     psa_cam_file(cam_file, classes=5, scale=16, seed=7)

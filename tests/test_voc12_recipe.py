@@ -10,11 +10,12 @@ import math
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from affinitynet.affinity import affinity_loss_from_distances, feature_distances, pair_labels
-from affinitynet.config import DEFAULTS, _flatten, load_config
+from affinitynet.config import DEFAULTS, flatten, load_config
 from affinitynet.training import build_optimizer
 
 PSA_LR, PSA_MOMENTUM, PSA_WEIGHT_DECAY = 0.1, 5e-4, 5e-4     # train_cls.py / train_aff.py as they ran
@@ -44,8 +45,8 @@ def test_voc12_optimizers_take_the_released_code_step():
 
 
 def test_voc12_psa_preset_differs_from_voc12_only_in_the_optimizers():
-    voc12 = _flatten(load_config("voc12", check=False))
-    psa = _flatten(load_config("voc12_psa", check=False))
+    voc12 = flatten(load_config("voc12", check=False))
+    psa = flatten(load_config("voc12_psa", check=False))
     differ = {key for key in voc12 if voc12[key] != psa[key]}
     # The weight decays are voc12's already: 5e-4 for the CAM, 4 * 5e-4 for Eq. 10's 4x loss.
     assert differ == {"run_dir", "cam.lr", "cam.momentum", "affinity.lr", "affinity.momentum"}
@@ -54,7 +55,7 @@ def test_voc12_psa_preset_differs_from_voc12_only_in_the_optimizers():
     # The README's override set gives the preset's optimizers.
     overrides = ["cam.lr=0.1", "cam.momentum=0.0005", "affinity.lr=0.025", "affinity.momentum=0.0005",
                  "affinity.weight_decay=0.002"]
-    assert _flatten(load_config("voc12", overrides, check=False)) == {**psa, "run_dir": voc12["run_dir"]}
+    assert flatten(load_config("voc12", overrides, check=False)) == {**psa, "run_dir": voc12["run_dir"]}
 
 
 def _psa_affinity_loss(distances, pos_fg, pos_bg, neg):
@@ -120,15 +121,26 @@ def find_voc12_mini() -> Path | None:
 
 
 # ---- The ResNet-38 ImageNet weight file: the ONE place the system test gets it -----------------
-# Until the MXNet .params reader lands (another branch), the recipe runs on a state dict of random
-# ResNet-38 weights: the key set of the converted ImageNet file, so `backbone.weights` loads it as
-# it would the real one. To switch, return the MXNet-format file's path here (skipping when it is
-# absent); nothing else in this test names a weight file.
+# An MXNet .params file in the layout of psa's ilsvrc-cls_rna-a1_cls1000_ep-0001.params: every name
+# and shape of Model A1 (fixtures/mxnet/a1_layout.json, from MXNet itself), float16 as a converted
+# file may be, written with the byte layout test_mxnet_params checks against MXNet's own files.
+# The values are resnet38d's initialisation (psa's file cannot be fetched here), so the recipe trains
+# from a sane scale; `backbone.weights` reads it as it would the real file.
 def resnet38_weight_file(folder: Path) -> Path:
     from affinitynet.backbones import create_backbone
+    from affinitynet.backbones.mxnet_params import torch_key
+    from test_mxnet_params import list_bytes, ndarray_bytes
 
-    path = folder / "resnet38d-random-weights.pth"
-    torch.save(create_backbone("resnet38d", pretrained=False).state_dict(), path)
+    layout = json.loads((Path(__file__).parent / "fixtures" / "mxnet" / "a1_layout.json").read_text())
+    state = create_backbone("resnet38d", pretrained=False).state_dict()
+    arrays = []
+    for name, shape in layout:
+        key = torch_key(name)
+        values = state[key].numpy() if key in state else np.zeros(shape, np.float32)   # linear1000
+        assert list(values.shape) == shape, name
+        arrays.append(ndarray_bytes(values.astype(np.float16)))
+    path = folder / "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
+    path.write_bytes(list_bytes(arrays, [name for name, _ in layout]))
     return path
 
 

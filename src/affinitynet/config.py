@@ -186,6 +186,9 @@ KEY_HELP: dict[str, str] = {
     "backbone.weights": "ImageNet weight file (null: the packaged weights, where a backbone has them)",
     "backbone.output_stride": "8 or 16: the feature map is 1/output_stride of the image",
     "cam.head_channels": "channels of the CAM network's 3x3 conv (Sec. 4.2)",
+    "cam.head": "'conv' (3x3 conv + GAP + 1x1, Sec. 4.2), 'psa' (psa's 1x1 fc8 on the backbone) or 'irn'",
+    "affinity.channels": "AffinityNet's 1x1 conv widths on the last three levels (psa's: [64, 128, 256])",
+    "backbone.atrous": "strides past the output stride become dilations; false: irn's undilated ResNet-50",
     "cam.resize_long": "random rescale range of the long side before cropping ('auto': from the image size)",
     "cam.scales": "CAM inference scales, each with its flip (Eq. 1; 'auto': from the image size)",
     "cam.flip": "add horizontally flipped CAMs",
@@ -401,7 +404,7 @@ def _set(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
         else:
             hint = "known top-level keys: " + ", ".join(sorted({k.split('.')[0] for k in known}))
         raise ConfigError(f"{source}: unknown config key '{dotted}' ({hint})")
-    set_value(config, dotted, value)
+    _assign(config, dotted, value)
 
 
 def show_value(value: Any) -> str:
@@ -449,7 +452,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def set_value(config: dict[str, Any], dotted: str, value: Any) -> None:
+def _assign(config: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = config
     for part in parts[:-1]:

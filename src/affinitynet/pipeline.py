@@ -262,7 +262,7 @@ def is_complete(config: dict[str, Any], name: str) -> bool:
     return state.get("complete") is True and state.get("hash") == stage_hash(config, name)
 
 
-def _imported(config: dict[str, Any], name: str) -> str | None:
+def imported_kind(config: dict[str, Any], name: str) -> str | None:
     """The kind of released weights ``import-weights`` wrote in stage ``name``, if it did."""
     marker = stage_dir(config, name) / "_stage.json"
     try:
@@ -294,7 +294,7 @@ class StageRun:
         for parent in upstream_stages(config, name) if check_upstream else ():
             if is_complete(config, parent):
                 continue
-            imported = _imported(config, parent)
+            imported = imported_kind(config, parent)
             if imported:
                 raise StageError(f"stage '{name}' needs the outputs of '{parent}', which holds weights imported "
                                  f"by `affinitynet import-weights {imported}` with other settings: run with "

@@ -93,16 +93,11 @@ KINDS: dict[str, ReleasedLayout] = {layout.kind: layout for layout in (
 
 def imported_kinds(config: dict[str, Any]) -> dict[str, str]:
     """{training stage: kind} of the stages of ``config['run_dir']`` written by import-weights."""
-    from .io import read_json
-    from .pipeline import stage_dir
+    from .pipeline import imported_kind
 
     found = {}
     for stage in sorted({spec.stage for spec in KINDS.values()}):
-        marker = stage_dir(config, stage) / "_stage.json"
-        try:
-            kind = (read_json(marker).get("imported") or {}).get("kind") if marker.exists() else None
-        except (OSError, ValueError, AttributeError):
-            kind = None
+        kind = imported_kind(config, stage)
         if kind in KINDS:
             found[stage] = kind
     return found
@@ -203,7 +198,7 @@ def import_weights(kind: str, path: str | Path, config: dict[str, Any]) -> dict[
     ``_stage.json`` summary."""
     from . import distributed
     from .io import read_json, write_json
-    from .pipeline import StageRun, descendants, stage_dir, stage_hash
+    from .pipeline import StageRun, descendants, imported_kind, stage_dir, stage_hash
     from .steps import dataset, train_affinity, train_cam
     from .training import save_checkpoint
 
@@ -235,14 +230,9 @@ def import_weights(kind: str, path: str | Path, config: dict[str, Any]) -> dict[
     stale = []
     for name in descendants(config, spec.stage):
         marker = stage_dir(config, name) / "_stage.json"
-        if not marker.exists():
+        # Imported weights do not derive from the stages before them.
+        if not marker.exists() or imported_kind(config, name):
             continue
-        try:
-            state_json = read_json(marker)
-        except (OSError, ValueError):
-            state_json = {}
-        if state_json.get("imported"):
-            continue   # imported weights do not derive from the stages before them
         stale.append(name)
         if distributed.is_main():
             write_json(marker, {"stage": name, "hash": None, "complete": False,

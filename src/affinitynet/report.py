@@ -323,6 +323,10 @@ class _ReportBuilder:
                 skipped_cell = "0"
             extras = ", ".join(f"{_esc(k)} = {_esc(_fmt_scalar(v))}" for k, v in state.items()
                                if k not in standard and isinstance(v, (int, float, str)) and not isinstance(v, bool))
+            imported = state.get("imported")
+            if isinstance(imported, dict):   # written by import-weights, not trained here
+                extras = ", ".join(filter(None, [extras, f"imported = {_esc(imported.get('kind'))} "
+                                                         f"({_esc(Path(str(imported.get('file'))).name)})"]))
             complete = state.get("complete")
             status = "done" if complete else ("incomplete" if complete is False else "-")
             rows.append(f'<tr data-stage="{_esc(name)}"><th scope="row">{_esc(name)}</th>'
@@ -425,6 +429,11 @@ class _ReportBuilder:
         logs: dict[str, dict[str, list[float]]] = {}
         for stage in TRAINING_STAGES:
             path = self.run_dir / stage / "log.csv"
+            imported = (self.stages.get(stage) or {}).get("imported")
+            if isinstance(imported, dict) and not path.is_file():
+                parts.append(f'<p class="note">{_esc(stage)}: weights imported ({_esc(imported.get("kind"))}, '
+                             f'<code>{_esc(imported.get("file"))}</code>), not trained in this run.</p>')
+                continue
             if not path.is_file():
                 parts.append(f'<p class="note">{_esc(stage)}: no <code>log.csv</code> yet.</p>')
                 continue

@@ -95,6 +95,6 @@ def resolve_auto(config: dict[str, Any]) -> list[str]:
     height, width = typical_size(data)
     chosen = rules(height, width, config["backbone"]["output_stride"])
     for key in wanted:
-        set_value(config, key, chosen[key])
+        set_value(config, key, chosen[key], "size rules")
     return [f"auto settings for {width}x{height} images (the median of {data.name} '{data.split}'): "
             + ", ".join(f"{key} {chosen[key]}" for key in wanted)]
