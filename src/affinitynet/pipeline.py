@@ -178,14 +178,9 @@ def _training_split(config: dict[str, Any]):
 def recorded_identity(run_dir: Path) -> dict[str, Any] | None:
     """The dataset whose outputs ``run_dir`` holds: its ``_dataset.json``, or for a run made before
     that file existed, the name and root of its ``config.yaml`` when some stage has finished."""
-    record = run_dir / DATASET_FILE
-    if record.is_file():
-        try:
-            state = read_json(record)
-            if isinstance(state, dict):
-                return state
-        except (OSError, ValueError):
-            pass
+    state = _json_or_none(run_dir / DATASET_FILE)
+    if isinstance(state, dict):
+        return state
     if not any(run_dir.glob("*/_stage.json")) or not (run_dir / CONFIG_FILE).is_file():
         return None
     try:
@@ -251,24 +246,25 @@ def stage_dir(config: dict[str, Any], name: str) -> Path:
     return Path(config["run_dir"]) / name
 
 
-def is_complete(config: dict[str, Any], name: str) -> bool:
-    marker = stage_dir(config, name) / "_stage.json"
-    if not marker.exists():
-        return False
+def _json_or_none(path: Path) -> Any:
+    """A JSON file's content, or None when it is absent or unreadable (a killed write, say)."""
+    if not path.is_file():
+        return None
     try:
-        state = read_json(marker)
+        return read_json(path)
     except (OSError, ValueError):
-        return False
-    return state.get("complete") is True and state.get("hash") == stage_hash(config, name)
+        return None
+
+
+def is_complete(config: dict[str, Any], name: str) -> bool:
+    state = _json_or_none(stage_dir(config, name) / "_stage.json")
+    return isinstance(state, dict) and state.get("complete") is True and state.get("hash") == stage_hash(config, name)
 
 
 def imported_kind(config: dict[str, Any], name: str) -> str | None:
     """The kind of released weights ``import-weights`` wrote in stage ``name``, if it did."""
-    marker = stage_dir(config, name) / "_stage.json"
-    try:
-        imported = read_json(marker).get("imported") if marker.exists() else None
-    except (OSError, ValueError, AttributeError):
-        return None
+    state = _json_or_none(stage_dir(config, name) / "_stage.json")
+    imported = state.get("imported") if isinstance(state, dict) else None
     return imported.get("kind") if isinstance(imported, dict) else None
 
 
@@ -304,12 +300,7 @@ class StageRun:
                              f"were made with other settings: run `affinitynet {STAGE_BY_NAME[parent].command}` "
                              f"(or `affinitynet run`) first")
         marker = self.dir / "_stage.json"
-        previous = None
-        if marker.exists():
-            try:
-                previous = read_json(marker)
-            except (OSError, ValueError):
-                previous = None
+        previous = _json_or_none(marker)
         if distributed.is_main():
             record_run(config)
             reason = rerun_reason(config, name, previous, force)
@@ -425,11 +416,5 @@ def run_summary(config: dict[str, Any]) -> str | None:
     and the classes that (almost) never appear."""
     from .coverage import summary_line
 
-    path = Path(config["run_dir"]) / "results.json"
-    if not path.is_file():
-        return None
-    try:
-        results = read_json(path)
-    except (OSError, ValueError):
-        return None
-    return summary_line(results)
+    results = _json_or_none(Path(config["run_dir"]) / "results.json")
+    return summary_line(results) if isinstance(results, dict) else None
