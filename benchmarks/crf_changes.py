@@ -20,31 +20,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from affinitynet.config import load_config
 from affinitynet.io import load_label_png
 from affinitynet.metrics import IGNORE_INDEX, ConfusionMatrix
+from affinitynet.pseudo_labels import boundary_band, refinement
 from affinitynet.steps import dataset
-
-
-def boundary_band(labels: np.ndarray, width: int) -> np.ndarray:
-    """Pixels within ``width`` pixels (Chebyshev distance) of a pixel whose right or lower
-    neighbour has another label; both sides of every label boundary are included."""
-    edge = np.zeros(labels.shape, dtype=bool)
-    vertical = labels[:-1] != labels[1:]
-    horizontal = labels[:, :-1] != labels[:, 1:]
-    edge[:-1] |= vertical
-    edge[1:] |= vertical
-    edge[:, :-1] |= horizontal
-    edge[:, 1:] |= horizontal
-    if width <= 1:
-        return edge
-    grown = F.max_pool2d(torch.from_numpy(edge.astype(np.float32))[None, None], 2 * width - 1,
-                         stride=1, padding=width - 1)
-    return grown[0, 0].numpy() > 0
 
 
 def main() -> int:
@@ -57,10 +39,12 @@ def main() -> int:
     config = load_config(run_dir / "config.yaml")
     data = dataset(config, "label_split")
     walk_dir = run_dir / "random_walk" / "rw_labels"
-    crf_dir = run_dir / "random_walk" / "pseudo_labels"
-    if not config["random_walk"]["crf"]:
-        print(f"{run_dir}: this run has no dCRF (random_walk.crf is false)", file=sys.stderr)
+    mode = refinement(config["random_walk"]["crf"])
+    if mode == "off":
+        print(f"{run_dir}: this run has no dCRF (random_walk.crf is off)", file=sys.stderr)
         return 1
+    # The paper's whole-image dCRF: the pseudo labels themselves, or kept beside the band's.
+    crf_dir = run_dir / "random_walk" / ("crf_labels" if mode == "band" else "pseudo_labels")
     kinds = [f"band{w}" for w in args.bands] + [f"outside{w}" for w in args.bands]
     counts = {kind: np.zeros(4, dtype=np.int64) for kind in kinds}  # changed, scored, crf right, walk right
     band_void = {w: np.zeros(2, dtype=np.int64) for w in args.bands}  # band pixels, void among them

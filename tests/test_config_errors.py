@@ -24,7 +24,7 @@ OVERRIDE_CASES = [
     (["beta"], "command line: override 'beta' must look like key=value (e.g. random_walk.beta=8)"),
     # wrong types
     (["random_walk.beta=abc"], "config key 'random_walk.beta' must be a number > 0, got 'abc'"),
-    (["random_walk.crf=maybe"], "config key 'random_walk.crf' must be true or false, got 'maybe'"),
+    (["random_walk.crf=maybe"], "config key 'random_walk.crf' must be one of 'band', 'full', 'off' (or true/false), got 'maybe'"),
     (["random_walk.t=true"], "config key 'random_walk.t' must be an integer >= 1, got True"),
     (["cam.epochs=1.5"], "config key 'cam.epochs' must be an integer >= 1 and <= 10000, got 1.5"),
     (["cam.scales=1.0"], "config key 'cam.scales' must be a non-empty list of numbers each > 0, got 1.0"),

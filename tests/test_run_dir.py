@@ -130,3 +130,32 @@ def test_a_class_list_change_is_another_dataset(tmp_path):
     check_run_dir(config)                     # without the dataset: name and root only
     write_json(tmp_path / "run" / "_dataset.json", identity)
     check_run_dir(config, data)
+
+
+def test_segmentation_seed_retrains_the_network_alone(mine, reference, capsys):
+    """``segmentation.seed`` unset keeps every stage's hash (runs made before the key existed stay
+    current); set, it retrains the network on the same pseudo labels and leaves the labels alone."""
+    from affinitynet.config import section_hash
+    from affinitynet.io import read_json
+    from affinitynet.pipeline import STAGE_BY_NAME, DATASET_KEYS, stage_hash
+    from affinitynet.training import load_checkpoint
+
+    _, data_root = reference
+    config = load_config(mine / "config.yaml")
+    assert config["segmentation"]["seed"] is None
+    spec = STAGE_BY_NAME["train_seg"]
+    assert stage_hash(config, "train_seg") == section_hash(config, spec.keys + DATASET_KEYS,
+                                                           stage_hash(config, "random_walk"))
+    assert read_json(mine / "train_seg" / "_stage.json")["hash"] == stage_hash(config, "train_seg")
+    before = snapshot(mine)
+    code, out, err = tiny.cli(["train-seg", "--run-dir", str(mine), "segmentation.seed=1"], capsys)
+    assert code == 0, err
+    assert "segmentation.seed (unset) -> 1" in out + err
+    after = snapshot(mine)
+    changed = {path.split("/")[0] for path in before if before[path] != after.get(path)}
+    assert changed <= {"train_seg", "config.yaml"} and "train_seg" in changed
+    assert read_json(mine / "train_seg" / "_stage.json")["seed"] == 1
+    ref_run, _ = reference
+    old = load_checkpoint(ref_run / "train_seg" / "model.pt")["model"]
+    new = load_checkpoint(mine / "train_seg" / "model.pt")["model"]
+    assert any(not old[k].equal(new[k]) for k in old)

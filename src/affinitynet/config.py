@@ -113,11 +113,12 @@ DEFAULTS: dict[str, Any] = {
         "t": 256,                      # iterations of Eq. 12
         "radius": 5,
         "scale": 1.0,                  # AffinityNet's input scale for the walk (finer grid above 1)
-        "crf": True,                   # dCRF on the upsampled revised CAMs (Table 1, last row)
+        "crf": "full",                 # the paper's dCRF on the walked labels; "band" or "off" (pseudo_labels.py)
     },
     "segmentation": {
         "head": "resnet38",            # two 3x3 atrous convs, dilation 12 (Section 4.2)
         "supervision": "pseudo",       # "pseudo" labels, or "gt" for the fully supervised bound
+        "seed": None,                  # null: the run's seed; another: the same labels, another training
         "crop_size": 448,
         "scale_range": [0.7, 1.3],
         "color_jitter": [0.3, 0.3, 0.3, 0.1],
@@ -209,9 +210,12 @@ KEY_HELP: dict[str, str] = {
     "random_walk.t": "walk iterations (Eq. 12; 'auto': from the feature grid's area)",
     "random_walk.radius": "radius of the affinity matrix's pairs",
     "random_walk.scale": "AffinityNet's input scale for the walk (above 1: a finer grid)",
-    "random_walk.crf": "dCRF on the walked CAMs (Table 1, last row); false: the walk's labels train the network",
+    "random_walk.crf": ("refinement of the walked labels that train the network: 'full' (the paper's dCRF), "
+                        "'band' (the dCRF within one grid cell of the walk's boundaries), 'off'"),
     "segmentation.head": "'resnet38' (two 3x3 atrous convs) or 'deeplab_largefov'",
     "segmentation.supervision": "'pseudo' labels, or 'gt' for the fully supervised bound",
+    "segmentation.seed": ("seed of the segmentation network's training (null: the run's 'seed'); another "
+                          "value retrains the network alone on the same pseudo labels, for the seed spread"),
     "segmentation.scale_range": "random rescale range of the training images",
     "segmentation.scales": "inference scales, each with its flip (A.2; 'auto': from the image size)",
     "segmentation.flip": "add horizontally flipped predictions",
@@ -330,9 +334,12 @@ RULES: dict[str, Rule] = {
     "random_walk.t": _number(1, integer=True),
     "random_walk.radius": _number(1, 64, integer=True),
     "random_walk.scale": _number(0, 8, strict_low=True),
-    "random_walk.crf": _boolean(),
+    # true and false: the older spellings of 'full' and 'off'.
+    "random_walk.crf": Rule("one of 'band', 'full', 'off' (or true/false)",
+                            lambda v: isinstance(v, bool) or v in ("band", "full", "off")),
     "segmentation.head": _choice("resnet38", "deeplab_largefov"),
     "segmentation.supervision": _choice("pseudo", "gt"),
+    "segmentation.seed": _number(0, integer=True, optional=True),
     "crf.iterations": _number(0, 1000, integer=True),
     "report.gallery_size": _number(0, 1000, integer=True),
     "sweep.betas": _number_list(0.0),

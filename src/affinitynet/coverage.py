@@ -95,7 +95,7 @@ def summary_line(results: Mapping[str, Any]) -> str | None:
     the labels lack, ground truth or not."""
     parts = []
     rows = results.get("rows") or {}
-    for title in ("CAM+RW+dCRF", "Network"):
+    for title in (results.get("training_labels", "CAM+RW+dCRF"), "Network"):
         row = rows.get(title)
         if isinstance(row, dict) and row.get("miou") is not None:
             parts.append(f"{title} mIoU {row['miou']:.1f} ({row.get('split', '?')})")

@@ -40,6 +40,9 @@ class StageSpec:
     help: str
     keys: tuple[str, ...]          # config keys the outputs depend on
     upstream: tuple[str, ...]      # stages whose outputs it reads
+    # Keys added after runs were made: hashed only when set (not null), so that a run made before
+    # they existed stays current.
+    optional_keys: tuple[str, ...] = ()
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -59,7 +62,7 @@ STAGES: tuple[StageSpec, ...] = (
               ("random_walk", "affinity.distance", "crf"), ("infer_cam", "train_affinity")),
     StageSpec("train_seg", "train-seg", "train the segmentation network on the pseudo labels (3.4, 4.2)",
               ("seed", "backbone", "segmentation.head", "segmentation.supervision", "segmentation.scale_range")
-              + tuple(f"segmentation.{k}" for k in _TRAIN), ("random_walk",)),
+              + tuple(f"segmentation.{k}" for k in _TRAIN), ("random_walk",), ("segmentation.seed",)),
     StageSpec("infer_seg", "infer-seg", "segment the evaluation split, multi-scale + flip (A.2)",
               ("dataset.eval_split", "segmentation.scales", "segmentation.flip", "segmentation.crf", "crf"),
               ("train_seg",)),
@@ -82,13 +85,14 @@ def upstream_stages(config: dict[str, Any], name: str) -> tuple[str, ...]:
     return STAGE_BY_NAME[name].upstream
 
 
-def _hashed_keys(name: str) -> tuple[str, ...]:
-    return STAGE_BY_NAME[name].keys + DATASET_KEYS
+def _hashed_keys(name: str, config: dict[str, Any]) -> tuple[str, ...]:
+    spec = STAGE_BY_NAME[name]
+    return spec.keys + DATASET_KEYS + tuple(key for key in spec.optional_keys if get(config, key) is not None)
 
 
 def stage_hash(config: dict[str, Any], name: str) -> str:
     upstream = tuple(stage_hash(config, parent) for parent in upstream_stages(config, name))
-    return section_hash(config, _hashed_keys(name), *upstream)
+    return section_hash(config, _hashed_keys(name, config), *upstream)
 
 
 def stage_inputs(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -96,7 +100,7 @@ def stage_inputs(config: dict[str, Any], name: str) -> dict[str, Any]:
     flattened to dotted keys) and the hash of every upstream stage. Kept in ``_stage.json`` so that
     a re-run can say what changed."""
     values: dict[str, Any] = {}
-    for key in sorted(set(_hashed_keys(name))):
+    for key in sorted(set(_hashed_keys(name, config))):
         value = get(config, key)
         if isinstance(value, dict):
             values.update({f"{key}.{k}": v for k, v in flatten(value).items()})

@@ -350,8 +350,9 @@ class _ReportBuilder:
         rows = (self.results or {}).get("rows")
         if isinstance(rows, dict) and rows:
             caption = ("Table 5 layout: every stage scored on the ground truth of its split (IoU %). "
-                       "CAM, CAM+RW and CAM+RW+dCRF are the synthesized labels of the label split "
-                       "(Table 1); Network is the segmentation network on the evaluation split (Table 2).")
+                       "The rows before Network (CAM, CAM+RW, CAM+RW+dCRF ...) are the synthesized labels of "
+                       "the label split (Table 1), the last of them the network's training labels; Network "
+                       "is the segmentation network on the evaluation split (Table 2).")
             parts.append(_iou_table("table5", rows, class_names, caption, with_split=True))
             table_rows = rows
         elif self.results is None:
@@ -612,7 +613,7 @@ class _Gallery:
         ("confident", "confident regions", "white = neutral (Fig. 4a)"),
         ("boundaries", "(d) affinity boundaries", "from AffinityNet's features"),
         ("rw", "CAM+RW", "random walk result"),
-        ("pseudo", "(e) pseudo label", "CAM+RW+dCRF, the segmentation network's supervision"),
+        ("pseudo", "(e) pseudo label", "the segmentation network's supervision (random_walk.crf)"),
         ("prediction", "network", "prediction of the segmentation network"),
     )
 

@@ -16,13 +16,13 @@ from ..datasets.base import SegmentationDataset
 from ..training import resolve_device
 
 
-def setup(config: dict[str, Any]) -> torch.device:
-    """Device, threads, seeds and (under torchrun) the process group."""
+def setup(config: dict[str, Any], seed: int | None = None) -> torch.device:
+    """Device, threads, seeds (``seed``, else the run's) and (under torchrun) the process group."""
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     device = resolve_device(config["device"])
     distributed.init_from_env(device)
-    seed = config["seed"]
+    seed = config["seed"] if seed is None else seed
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -149,7 +149,7 @@ def imagenet_weights(config: dict[str, Any], pretrained: bool = True):
 
 
 def train_network(config: dict[str, Any], stage, device: torch.device, model, section: dict[str, Any],
-                  train_set, step, meta: dict[str, Any], desc: str):
+                  train_set, step, meta: dict[str, Any], desc: str, seed: int | None = None):
     """The shared loop (``training.train``) as every training stage calls it: backbone at the base
     learning rate, new layers at ``new_layer_lr_mult`` times it, BatchNorm frozen (the paper's
     setting); the stage's image count and skipped inputs recorded."""
@@ -158,7 +158,8 @@ def train_network(config: dict[str, Any], stage, device: torch.device, model, se
 
     result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
                                         (model.new_parameters(), section["new_layer_lr_mult"])],
-                   dataset=train_set, step=step, section=section, out_dir=stage.dir, seed=config["seed"],
+                   dataset=train_set, step=step, section=section, out_dir=stage.dir,
+                   seed=config["seed"] if seed is None else seed,
                    device=device, meta=meta, desc=desc, num_workers=config["num_workers"],
                    amp=config["amp"], channels_last=config["channels_last"], prepare=freeze_batchnorm,
                    strict=config["strict"])

@@ -13,11 +13,14 @@ from ..io import write_json
 from ..metrics import format_table
 from ..pipeline import StageRun, stage_dir
 from . import dataset, label_images, score, setup
+from .random_walk import label_rows
 
-ROWS = (("CAM", "infer_cam", "labels", "label_split"),
-        ("CAM+RW", "random_walk", "rw_labels", "label_split"),
-        ("CAM+RW+dCRF", "random_walk", "pseudo_labels", "label_split"),
-        ("Network", "infer_seg", "predictions", "eval_split"))
+
+def rows(config: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(title, stage, folder, split key) of every scored row, in the order of the pipeline."""
+    return ([("CAM", "infer_cam", "labels", "label_split")]
+            + [(title, "random_walk", folder, "label_split") for title, folder in label_rows(config)]
+            + [("Network", "infer_seg", "predictions", "eval_split")])
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -25,7 +28,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     stage = StageRun(config, "evaluate_run", force)
     data = dataset(config, "eval_split")
     results: dict[str, Any] = {}
-    for title, stage_name, folder, split_key in ROWS:
+    for title, stage_name, folder, split_key in rows(config):
         directory = stage_dir(config, stage_name) / folder
         if not directory.is_dir():
             continue
@@ -35,6 +38,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     if distributed.is_main():
         summary = {"run_dir": str(config["run_dir"]), "dataset": config["dataset"]["name"],
                    "backbone": config["backbone"]["name"], "class_names": data.class_names,
+                   "training_labels": label_rows(config)[-1][0],
                    "rows": {title: {"split": r["split"], "miou": r["miou"], "iou": r["iou"],
                                     "num_images": r["num_images"]} for title, r in results.items()}}
         stages = {}

@@ -2,8 +2,10 @@
 its CAMs (3.3, Eq. 11-12), and the pseudo labels (3.4): Table 1's rows CAM+RW and CAM+RW+dCRF.
 
 Per image it keeps the affinities (float16, the input of ``affinitynet sweep``), a boundary
-picture (Fig. 5d), the CAM+RW labels and, with ``random_walk.crf``, the CAM+RW+dCRF labels that
-train the segmentation network.
+picture (Fig. 5d), the CAM+RW labels and the pseudo labels that train the segmentation network:
+the walk's labels refined as ``random_walk.crf`` says (``pseudo_labels.REFINEMENTS``). With the
+``band`` refinement the paper's whole-image dCRF labels are kept beside them (``crf_labels``), so
+that Table 1 always has the paper's row.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from ..io import load_npz, save_label_png, save_npz, save_rgb_png
 from ..metrics import format_table
 from ..training import for_inference
 from ..pipeline import StageRun, map_images, stage_dir
-from ..pseudo_labels import label_maps
+from ..pseudo_labels import REFINEMENTS, band_limited, label_maps, refinement
 from ..random_walk import pair_affinities
 from . import check_model_meta, label_images, load_model_checkpoint, load_weights, score, setup
 from .train_affinity import build_model, layout
@@ -38,7 +40,20 @@ def load_affinity_model(config: dict[str, Any], device: torch.device, class_name
 
 
 def output_dirs(run_dir_stage) -> dict[str, Any]:
-    return {name: run_dir_stage / name for name in ("affinities", "boundaries", "rw_labels", "pseudo_labels")}
+    return {name: run_dir_stage / name
+            for name in ("affinities", "boundaries", "rw_labels", "crf_labels", "pseudo_labels")}
+
+
+def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(Table 1 title, folder) of each kind of label this stage writes under ``config``, in the
+    order of the pipeline. The last row's labels are those in ``pseudo_labels``, which train the
+    segmentation network."""
+    mode = refinement(config["random_walk"]["crf"])
+    if mode == "off":
+        return [("CAM+RW", "rw_labels")]
+    if mode == "full":
+        return [("CAM+RW", "rw_labels"), ("CAM+RW+dCRF", "pseudo_labels")]
+    return [("CAM+RW", "rw_labels"), ("CAM+RW+dCRF", "crf_labels"), ("CAM+RW+dCRF in band", "pseudo_labels")]
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -57,14 +72,17 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                           f"{model.output_stride} into whole pixels (e.g. 1, 2, 4), got {section['scale']}")
     stride = int(stride)
     distance = config["affinity"]["distance"]
-    crf = CRFParams.from_config(config["crf"]) if section["crf"] else None
+    mode = refinement(section["crf"])
+    if mode not in REFINEMENTS:
+        raise ConfigError(f"config key 'random_walk.crf' must be one of {', '.join(REFINEMENTS)}, got {mode!r}")
+    crf = CRFParams.from_config(config["crf"]) if mode != "off" else None
     cam_dir = stage_dir(config, "infer_cam") / "cams"
     dirs = output_dirs(stage.dir)
+    label_folders = {folder for _, folder in label_rows(config)} | {"pseudo_labels"}
 
     def outputs(sample):
-        names = ["affinities", "boundaries", "rw_labels"] + (["pseudo_labels"] if crf else [])
-        suffix = {"affinities": ".npz"}
-        return [dirs[name] / f"{sample.id}{suffix.get(name, '.png')}" for name in names]
+        return ([dirs["affinities"] / f"{sample.id}.npz", dirs["boundaries"] / f"{sample.id}.png"]
+                + [dirs[folder] / f"{sample.id}.png" for folder in sorted(label_folders)])
 
     def work(sample):
         image = data.load_image(sample)
@@ -87,23 +105,18 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         big = np.asarray(Image.fromarray(boundaries).resize((width, height), Image.NEAREST))
         save_rgb_png(dirs["boundaries"] / f"{sample.id}.png", np.repeat(big[:, :, None], 3, axis=2))
         save_label_png(dirs["rw_labels"] / f"{sample.id}.png", walked)
-        if refined is not None:
-            save_label_png(dirs["pseudo_labels"] / f"{sample.id}.png", refined)
+        if mode == "band":
+            save_label_png(dirs["crf_labels"] / f"{sample.id}.png", refined)
+            refined = band_limited(walked, refined, stride)
+        save_label_png(dirs["pseudo_labels"] / f"{sample.id}.png", walked if mode == "off" else refined)
         save_npz(dirs["affinities"] / f"{sample.id}.npz", affinities=affinities16.cpu().numpy(),
                  stride=np.int16(stride))
 
     map_images(stage, data.samples, outputs, work, "random-walk", config["strict"])
     distributed.barrier()
-    if crf is None and distributed.is_main():
-        # Without the CRF the walked labels are the pseudo labels.
-        import shutil
-        shutil.copytree(dirs["rw_labels"], dirs["pseudo_labels"], dirs_exist_ok=True)
     rows, results = {}, {}
-    for title, directory in (("CAM", stage_dir(config, "infer_cam") / "labels"),
-                             ("CAM+RW", dirs["rw_labels"]),
-                             ("CAM+RW+dCRF", dirs["pseudo_labels"] if crf else None)):
-        if directory is None:
-            continue
+    for title, directory in [("CAM", stage_dir(config, "infer_cam") / "labels")] + [
+            (title, dirs[folder]) for title, folder in label_rows(config)]:
         result = score(config, directory, "label_split", title)
         if result is not None:
             rows[title], results[title] = result["iou"], result

@@ -107,12 +107,13 @@ def build_model(config: dict[str, Any], num_classes: int, pretrained=True):
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    device = setup(config)
+    section = config["segmentation"]
+    seed = config["seed"] if section["seed"] is None else section["seed"]
+    device = setup(config, seed)
     stage = StageRun(config, "train_seg", force)
     data = dataset(config, "train_split")
     stage.skipped.extend(data.skipped)
     check_labels_exist(config, data)
-    section = config["segmentation"]
     model = build_model(config, data.num_classes)
     backbone = model.backbone
     # Everything predict() needs, so a model.pt alone segments images (affinitynet predict).
@@ -121,9 +122,8 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
             "atrous": config["backbone"]["atrous"], "head": section["head"], "supervision": section["supervision"],
             "mean": list(backbone.mean), "std": list(backbone.std)}
     result = train_network(config, stage, device, model, section,
-                           SegTrainSet(data, section, backbone.mean, backbone.std, config["seed"],
-                                       label_loader(config, data)),
-                           segmentation_step, meta, "segmentation")
+                           SegTrainSet(data, section, backbone.mean, backbone.std, seed, label_loader(config, data)),
+                           segmentation_step, meta, "segmentation", seed)
     last = result.history[-1] if result.history else {}
-    return stage.finish(epochs=result.epochs, final_loss=last.get("loss"),
+    return stage.finish(epochs=result.epochs, seed=seed, final_loss=last.get("loss"),
                         final_pixel_accuracy=last.get("pixel_accuracy"))
