@@ -1,0 +1,154 @@
+"""A whole pipeline run and its seed spread, for any built-in config with ground truth: seed 0
+runs the pipeline and, beside it, the fully supervised upper bound (the same segmentation network
+and schedule trained on the ground truth); every further seed (``--seeds``) trains the
+segmentation network again on seed 0's pseudo labels (``segmentation.seed``) and the bound again,
+so the network's and the bound's mIoU are given as mean +- std over the seeds. Printed as the
+paper's Tables 1, 2 and 5.
+
+    python benchmarks/seed_spread.py --config demo [--run-dir runs/demo_seeds] [--seeds 3] [key=value ...]
+
+``benchmarks/msrc21.py`` is this on MSRC-21. The CAM network and the upper bound's first training
+do not depend on each other and run side by side as two single-threaded processes; every later
+stage runs as ``--procs`` single-threaded processes under torch.distributed (on a 2-core machine
+both are faster than one process with two threads). Everything is resumable: run the command
+again after an interruption.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from affinitynet.io import read_json, write_json
+from affinitynet.metrics import format_table
+
+# What a further seed's run directory shares with seed 0's: every stage before the network.
+SHARED_STAGES = ("train_cam", "infer_cam", "confident_regions", "train_affinity", "random_walk")
+
+
+def affinitynet(*args: str, procs: int = 1) -> list[str]:
+    if procs == 1:
+        return [sys.executable, "-m", "affinitynet", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+            "-m", "affinitynet", *args]
+
+
+def link_stages(source: Path, target: Path) -> None:
+    """``target`` holding seed 0's upstream stages as hard links (no copy of the affinities and
+    CAMs; every stage writes by atomic rename, so neither run can change the other's files)."""
+    for name in ("config.yaml", "_dataset.json"):
+        if (source / name).exists() and not (target / name).exists():
+            target.mkdir(parents=True, exist_ok=True)
+            os.link(source / name, target / name)
+    for stage in SHARED_STAGES:
+        for path in sorted((source / stage).rglob("*")):
+            if path.is_file() and path.name != "checkpoint.pt":
+                linked = target / path.relative_to(source)
+                if not linked.exists():
+                    linked.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(path, linked)
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f} (one seed)"
+    return (f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f} over {len(values)} seeds "
+            f"({', '.join(f'{v:.1f}' for v in values)})")
+
+
+def run_all(commands: list[list[str]]) -> bool:
+    for command in commands:
+        if subprocess.run(command).returncode != 0:
+            print("benchmark: a stage failed (see above); run the command again to resume", file=sys.stderr)
+            return False
+    return True
+
+
+def main(argv: list[str] | None = None, config: str | None = None, root: str | None = None,
+         description: str | None = None, default_run_dir: str | None = None) -> int:
+    """``config``, ``root`` and the run directory's default fixed by a wrapper (msrc21.py); else
+    ``--config`` names one."""
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
+    if config is None:
+        parser.add_argument("--config", required=True, help="a built-in config with ground truth (demo, msrc21)")
+    parser.add_argument("--run-dir", default=None, help="seed 0's run directory (default runs/<config>_seeds)")
+    parser.add_argument("--procs", type=int, default=2, help="processes for the stages after the two trainings")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds of the network and of the bound")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    config = config or args.config
+    run_dir = args.run_dir or default_run_dir or f"runs/{config}_seeds"
+    common = ["--config", config, *([f"dataset.root={root}"] if root else []), *args.overrides]
+    weak_dir, bound_dir = Path(run_dir), Path(run_dir + "_gt")
+    started = time.time()
+    bound_args = (*common, "--run-dir", str(bound_dir), "segmentation.supervision=gt")
+    bound = subprocess.Popen(affinitynet("train-seg", *bound_args))
+    cam = subprocess.run(affinitynet("train-cam", *common, "--run-dir", str(weak_dir)))
+    if bound.wait() != 0 or cam.returncode != 0:
+        print("benchmark: a training failed (see above); run the command again to resume", file=sys.stderr)
+        return 1
+    if not run_all([affinitynet("run", *common, "--run-dir", str(weak_dir), procs=args.procs),
+                    affinitynet("infer-seg", *bound_args, procs=args.procs)]):
+        return 1
+    wall = time.time() - started
+    # Further seeds: the network on seed 0's labels, the bound on the ground truth.
+    seed_dirs = [(weak_dir, bound_dir)]
+    for seed in range(1, args.seeds):
+        weak_k, bound_k = Path(f"{weak_dir}_seed{seed}"), Path(f"{bound_dir}_seed{seed}")
+        link_stages(weak_dir, weak_k)
+        seeded = (*common, f"segmentation.seed={seed}")
+        if not run_all([affinitynet("run", *seeded, "--run-dir", str(weak_k), procs=args.procs),
+                        affinitynet("train-seg", *seeded, "--run-dir", str(bound_k), "segmentation.supervision=gt",
+                                    procs=args.procs),
+                        affinitynet("infer-seg", *seeded, "--run-dir", str(bound_k), "segmentation.supervision=gt",
+                                    procs=args.procs)]):
+            return 1
+        seed_dirs.append((weak_k, bound_k))
+
+    results = read_json(weak_dir / "results.json")
+    names = results["class_names"]
+    rows = results["rows"]
+    upper = read_json(bound_dir / "infer_seg" / "_stage.json").get("segmentation")
+    label_split = rows[results["training_labels"]]["split"]
+    eval_split = rows["Network"]["split"]
+    print(format_table({t: r for t, r in rows.items() if t != "Network"}, names,
+                       f"Table 1: pseudo labels on {results['dataset']} {label_split} (mIoU %)"))
+    table2 = {"Ours (pseudo labels), seed 0": rows["Network"]}
+    if upper:
+        table2["Upper bound (ground truth), seed 0"] = upper
+    print(format_table(table2, names, f"Table 2 layout: segmentation network on {results['dataset']} "
+                                      f"{eval_split} (IoU %)"))
+    stages = {}
+    for directory in (weak_dir, bound_dir):
+        for marker in sorted(directory.glob("*/_stage.json")):
+            state = read_json(marker)
+            stages[f"{directory.name}/{marker.parent.name}"] = state.get("seconds")
+    print("Runtime per stage of seed 0 (s): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in stages.items() if v is not None))
+    networks = [read_json(w / "results.json")["rows"]["Network"]["miou"] for w, _ in seed_dirs]
+    bounds = [read_json(b / "infer_seg" / "_stage.json")["segmentation"]["miou"] for _, b in seed_dirs]
+    ratios = [n / b for n, b in zip(networks, bounds)]
+    summary = {"table1": {t: r["miou"] for t, r in rows.items() if t != "Network"},
+               "training_labels": results.get("training_labels"),
+               "network_val_miou": networks, "upper_bound_val_miou": bounds, "ratio": ratios,
+               "ratio_of_means": statistics.mean(networks) / statistics.mean(bounds),
+               "stage_seconds": stages, "wall_seconds_seed0": round(wall, 1),
+               "wall_seconds": round(time.time() - started, 1)}
+    print(f"network on {eval_split}: {spread(networks)}")
+    print(f"upper bound on {eval_split}: {spread(bounds)}")
+    print(f"network / upper bound: {summary['ratio_of_means']:.3f} (mean over seeds; per seed "
+          f"{', '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"wall time of this command: {summary['wall_seconds'] / 60:.1f} min "
+          f"(the pipeline and the bound on seed 0: {wall / 60:.1f} min)")
+    write_json(weak_dir / "benchmark.json", summary)
+    print(json.dumps(summary["table1"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
