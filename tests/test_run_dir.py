@@ -7,6 +7,7 @@ Every test works on a copy of the tiny reference run of ``tiny_pipeline.py``.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -159,3 +160,37 @@ def test_segmentation_seed_retrains_the_network_alone(mine, reference, capsys):
     old = load_checkpoint(ref_run / "train_seg" / "model.pt")["model"]
     new = load_checkpoint(mine / "train_seg" / "model.pt")["model"]
     assert any(not old[k].equal(new[k]) for k in old)
+
+
+def test_the_same_dataset_spelled_another_way_is_not_a_new_input(mine, reference, monkeypatch, capsys):
+    """dataset.root given relative to the working directory, then absolute (or the reverse), names
+    the same images: no stage runs again. A stage recorded by an older version, which hashed the
+    path as written, stays current when given that spelling."""
+    import os
+
+    from affinitynet.pipeline import _hash, hash_matches, is_complete, stage_hash, STAGES
+
+    _, data_root = reference
+    monkeypatch.chdir(data_root.parent)
+    relative = os.path.relpath(data_root)
+    assert not os.path.isabs(relative)
+    before = snapshot(mine)
+    for root in (relative, str(data_root), f"./{relative}/"):
+        code, out, err = tiny.cli(["run", "--run-dir", str(mine), f"dataset.root={root}"], capsys)
+        assert code == 0, err
+        assert "re-running" not in out + err
+    changed = {path for path in before if before[path] != snapshot(mine).get(path)}
+    assert changed <= {"config.yaml"}
+    config = load_config(mine / "config.yaml", [f"dataset.root={relative}"])
+    assert all(stage_hash(config, s.name) == stage_hash(load_config(mine / "config.yaml"), s.name) for s in STAGES)
+    # An older version's marker: the hash of the path as written.
+    marker = mine / "train_seg" / "_stage.json"
+    state = json.loads(marker.read_text())
+    state["hash"] = _hash(config, "train_seg")
+    assert state["hash"] != stage_hash(config, "train_seg")
+    marker.write_text(json.dumps(state))
+    assert hash_matches(state["hash"], config, "train_seg") and is_complete(config, "train_seg")
+    # Another directory is another input.
+    other = load_config(mine / "config.yaml")
+    other["dataset"]["root"] = str(data_root.parent)
+    assert not hash_matches(stage_hash(config, "train_cam"), other, "train_cam")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -90,9 +91,37 @@ def _hashed_keys(name: str, config: dict[str, Any]) -> tuple[str, ...]:
     return spec.keys + DATASET_KEYS + tuple(key for key in spec.optional_keys if get(config, key) is not None)
 
 
-def stage_hash(config: dict[str, Any], name: str) -> str:
-    upstream = tuple(stage_hash(config, parent) for parent in upstream_stages(config, name))
+# Keys that name files: hashed as absolute paths, so that the same dataset named relative to
+# another working directory (or once relative, once absolute) is the same input, not a reason to
+# train every network again.
+PATH_KEYS = ("dataset.root", "dataset.labels_file", "dataset.classes_file", "dataset.masks_dir",
+             "backbone.weights")
+
+
+def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    resolved = {section: dict(value) if isinstance(value, dict) else value for section, value in config.items()}
+    for key in PATH_KEYS:
+        section, _, leaf = key.partition(".")
+        value = resolved.get(section, {}).get(leaf)
+        if isinstance(value, str) and value:
+            resolved[section][leaf] = os.path.realpath(os.path.expanduser(value))
+    return resolved
+
+
+def _hash(config: dict[str, Any], name: str) -> str:
+    upstream = tuple(_hash(config, parent) for parent in upstream_stages(config, name))
     return section_hash(config, _hashed_keys(name, config), *upstream)
+
+
+def stage_hash(config: dict[str, Any], name: str) -> str:
+    """The hash of the config keys stage ``name`` depends on and of its upstream stages' hashes."""
+    return _hash(_absolute_paths(config), name)
+
+
+def hash_matches(recorded: Any, config: dict[str, Any], name: str) -> bool:
+    """Whether a recorded stage hash is this config's. Runs made before paths were hashed
+    absolute recorded the paths as written; they stay current when given the same spelling."""
+    return recorded is not None and recorded in (stage_hash(config, name), _hash(config, name))
 
 
 def stage_inputs(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -117,7 +146,7 @@ def rerun_reason(config: dict[str, Any], name: str, previous: dict[str, Any] | N
         return None
     if force:
         return "re-running: forced (--force)"
-    if previous.get("hash") == stage_hash(config, name):
+    if hash_matches(previous.get("hash"), config, name):
         return None if previous.get("complete") else "resuming: the outputs it finished are kept"
     if previous.get("hash") == REPLACED:
         return "re-running: the run directory's dataset was replaced"
@@ -262,7 +291,7 @@ def _json_or_none(path: Path) -> Any:
 
 def is_complete(config: dict[str, Any], name: str) -> bool:
     state = _json_or_none(stage_dir(config, name) / "_stage.json")
-    return isinstance(state, dict) and state.get("complete") is True and state.get("hash") == stage_hash(config, name)
+    return isinstance(state, dict) and state.get("complete") is True and hash_matches(state.get("hash"), config, name)
 
 
 def imported_kind(config: dict[str, Any], name: str) -> str | None:
@@ -310,7 +339,7 @@ class StageRun:
             reason = rerun_reason(config, name, previous, force)
             if reason:
                 print(f"[{name}] {reason}")
-            if force or previous is None or previous.get("hash") != self.hash:
+            if force or previous is None or not hash_matches(previous.get("hash"), config, name):
                 # Outputs made from other settings must not be mixed with new ones.
                 if self.dir.exists():
                     shutil.rmtree(self.dir)
