@@ -95,7 +95,7 @@ def test_sigkill_inside_every_stage_then_resume_gives_the_reference_outputs(refe
     assert tiny.temporary_files(run) == [], "a resumed stage left an interrupted write's temporary file"
     result = tiny.compare_runs(ref_run, run)
     assert result["differences"] == [], result["differences"]
-    assert result["compared"] == 110   # 3 + 24 + 12 + 3 + 60 (band: the paper's dCRF kept too) + 3 + 4 files, and results.json
+    assert result["compared"] == 98   # 3 + 24 + 12 + 3 + 48 + 3 + 4 files of the stages, and results.json
     print(f"\n[faults] {len(kills)} SIGKILLs, one inside each stage; after resuming, {result['compared']} output "
           f"files equal the reference, 0 lost; kill-to-kill seconds: "
           + ", ".join(f"{k['seconds']:.1f}" for k in kills))

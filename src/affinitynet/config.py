@@ -211,7 +211,7 @@ KEY_HELP: dict[str, str] = {
     "random_walk.radius": "radius of the affinity matrix's pairs",
     "random_walk.scale": "AffinityNet's input scale for the walk (above 1: a finer grid)",
     "random_walk.crf": ("refinement of the walked labels that train the network: 'full' (the paper's dCRF), "
-                        "'band' (the dCRF within one grid cell of the walk's boundaries), 'off'"),
+                        "'band' (the dCRF within half a grid cell of the walk's boundaries), 'off'"),
     "segmentation.head": "'resnet38' (two 3x3 atrous convs) or 'deeplab_largefov'",
     "segmentation.supervision": "'pseudo' labels, or 'gt' for the fully supervised bound",
     "segmentation.seed": ("seed of the segmentation network's training (null: the run's 'seed'); another "

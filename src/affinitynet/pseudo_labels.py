@@ -4,14 +4,14 @@ affinities (Eq. 11-12) -> bilinear upsampling to the image -> optional dense CRF
 Refinements of the walked labels (``random_walk.crf``):
 
 - ``full``: the paper's dCRF over the whole image (3.4).
-- ``band``: the dCRF's labels only within one feature-grid cell of the walk's label boundaries,
-  the walk's labels elsewhere. The walk decides per grid cell, so where two of its labels meet the
-  true boundary can lie anywhere in the cells on either side: that is what the CRF can know
-  better, from the image's edges. Away from boundaries the walk's label is already that of its
-  cell, and a dCRF that relabels whole regions by colour there overrides the affinities with the
-  kind of cue that AffinityNet was trained to weigh (README, "Results": on MSRC-21 the full dCRF
-  loses 5.4 points, the walk being right on 68% of those region changes). The band's width is the
-  grid's stride in image pixels, read from the network, not from any ground truth.
+- ``band``: the dCRF's labels only within half a feature-grid cell of the walk's label
+  boundaries, the walk's labels elsewhere. The walk labels each grid cell with its majority, so
+  where two of its labels meet, the true boundary lies within half a cell of the walked one: that
+  is what the CRF can place better, from the image's edges. Away from boundaries the walk's label
+  is already that of its cell, and a dCRF that relabels whole regions by colour there overrides
+  the affinities with the kind of cue that AffinityNet was trained to weigh (README, "Refining the
+  walk's labels": on MSRC-21 the walk is right on 67% of those region changes, the dCRF on 32%).
+  The width is half the grid's stride in image pixels, read from the network (``band_width``).
 - ``off``: the walk's labels.
 
 The random-walk stage and the hyper-parameter sweep share these functions, so the sweep
@@ -104,6 +104,11 @@ def boundary_band(labels: np.ndarray, width: int) -> np.ndarray:
     grown = F.max_pool2d(torch.from_numpy(edge)[None, None].float(), 2 * width - 1, stride=1,
                          padding=width - 1)
     return grown[0, 0].numpy() > 0
+
+
+def band_width(stride: int) -> int:
+    """Half a feature-grid cell, in image pixels (at least one)."""
+    return max(1, stride // 2)
 
 
 def band_limited(walked: np.ndarray, refined: np.ndarray, width: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from ..io import load_npz, save_label_png, save_npz, save_rgb_png
 from ..metrics import format_table
 from ..training import for_inference
 from ..pipeline import StageRun, map_images, stage_dir
-from ..pseudo_labels import REFINEMENTS, band_limited, label_maps, refinement
+from ..pseudo_labels import REFINEMENTS, band_limited, band_width, label_maps, refinement
 from ..random_walk import pair_affinities
 from . import check_model_meta, label_images, load_model_checkpoint, load_weights, score, setup
 from .train_affinity import build_model, layout
@@ -107,7 +107,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         save_label_png(dirs["rw_labels"] / f"{sample.id}.png", walked)
         if mode == "band":
             save_label_png(dirs["crf_labels"] / f"{sample.id}.png", refined)
-            refined = band_limited(walked, refined, stride)
+            refined = band_limited(walked, refined, band_width(stride))
         save_label_png(dirs["pseudo_labels"] / f"{sample.id}.png", walked if mode == "off" else refined)
         save_npz(dirs["affinities"] / f"{sample.id}.npz", affinities=affinities16.cpu().numpy(),
                  stride=np.int16(stride))
