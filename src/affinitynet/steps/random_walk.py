@@ -24,7 +24,7 @@ from ..io import load_npz, save_label_png, save_npz, save_rgb_png
 from ..metrics import format_table
 from ..training import for_inference
 from ..pipeline import StageRun, map_images, stage_dir
-from ..pseudo_labels import REFINEMENTS, band_limited, band_width, label_maps, refinement
+from ..pseudo_labels import band_limited, band_width, label_maps, refinement
 from ..random_walk import pair_affinities
 from . import check_model_meta, label_images, load_model_checkpoint, load_weights, score, setup
 from .train_affinity import build_model, layout
@@ -72,9 +72,8 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                           f"{model.output_stride} into whole pixels (e.g. 1, 2, 4), got {section['scale']}")
     stride = int(stride)
     distance = config["affinity"]["distance"]
+    # The config's rule has already refused any other value.
     mode = refinement(section["crf"])
-    if mode not in REFINEMENTS:
-        raise ConfigError(f"config key 'random_walk.crf' must be one of {', '.join(REFINEMENTS)}, got {mode!r}")
     crf = CRFParams.from_config(config["crf"]) if mode != "off" else None
     cam_dir = stage_dir(config, "infer_cam") / "cams"
     dirs = output_dirs(stage.dir)
