@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from affinitynet.datasets import ensure_msrc21  # noqa: E402
 from seed_spread import main  # noqa: E402
+
+from affinitynet.datasets import ensure_msrc21  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(config="msrc21", root=str(ensure_msrc21("data/msrc21")), description=__doc__.splitlines()[0],

@@ -328,12 +328,11 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare(tags: dict[str, list[int]], psa: dict, ours: dict, work: Path) -> dict:
-    from affinitynet.steps.infer_cam import load_cam_model
-    from affinitynet.steps.random_walk import load_affinity_model
+    from affinitynet.networks import load_network
 
     config = ours["config"]
-    cam_model = load_cam_model(config, torch.device("cpu"), 20)
-    aff_model = load_affinity_model(config, torch.device("cpu"))
+    cam_model = load_network("cam", config, torch.device("cpu"), 21)
+    aff_model = load_network("affinity", config, torch.device("cpu"), 21)
     ids = list(tags)
     per_image = []
     worst = {"network_cam": 0.0, "network_aff": 0.0, "cam": 0.0, "cam_stored": 0.0, "aff_stage": 0.0,

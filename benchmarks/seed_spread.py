@@ -24,11 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from affinitynet.config import load_config
 from affinitynet.io import read_json, write_json
 from affinitynet.metrics import format_table
-
-# What a further seed's run directory shares with seed 0's: every stage before the network.
-SHARED_STAGES = ("train_cam", "infer_cam", "confident_regions", "train_affinity", "random_walk")
+from affinitynet.pipeline import MARKER, ancestors, stage
 
 
 def affinitynet(*args: str, procs: int = 1) -> list[str]:
@@ -38,15 +37,16 @@ def affinitynet(*args: str, procs: int = 1) -> list[str]:
             "-m", "affinitynet", *args]
 
 
-def link_stages(source: Path, target: Path) -> None:
-    """``target`` holding seed 0's upstream stages as hard links (no copy of the affinities and
-    CAMs; every stage writes by atomic rename, so neither run can change the other's files)."""
+def link_stages(source: Path, target: Path, shared: list[str]) -> None:
+    """``target`` holding seed 0's stages ``shared`` (every stage before the network) as hard
+    links (no copy of the affinities and CAMs; every stage writes by atomic rename, so neither run
+    can change the other's files)."""
     for name in ("config.yaml", "_dataset.json"):
         if (source / name).exists() and not (target / name).exists():
             target.mkdir(parents=True, exist_ok=True)
             os.link(source / name, target / name)
-    for stage in SHARED_STAGES:
-        for path in sorted((source / stage).rglob("*")):
+    for name in shared:
+        for path in sorted((source / name).rglob("*")):
             if path.is_file() and path.name != "checkpoint.pt":
                 linked = target / path.relative_to(source)
                 if not linked.exists():
@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None, config: str | None = None, root: str | N
     wall = time.time() - started
     # Further seeds: the network on seed 0's labels, the bound on the ground truth.
     seed_dirs = [(weak_dir, bound_dir)]
+    shared = ancestors(load_config(config, common[2:], check=False), "train_seg")
     for seed in range(1, args.seeds):
         weak_k, bound_k = Path(f"{weak_dir}_seed{seed}"), Path(f"{bound_dir}_seed{seed}")
-        link_stages(weak_dir, weak_k)
+        link_stages(weak_dir, weak_k, shared)
         seeded = (*common, f"segmentation.seed={seed}")
         if not run_all([affinitynet("run", *seeded, "--run-dir", str(weak_k), procs=args.procs),
                         affinitynet("train-seg", *seeded, "--run-dir", str(bound_k), "segmentation.supervision=gt",
@@ -110,10 +111,10 @@ def main(argv: list[str] | None = None, config: str | None = None, root: str | N
             return 1
         seed_dirs.append((weak_k, bound_k))
 
-    results = read_json(weak_dir / "results.json")
+    results = read_json(stage("evaluate_run").output("results", weak_dir))
     names = results["class_names"]
     rows = results["rows"]
-    upper = read_json(bound_dir / "infer_seg" / "_stage.json").get("segmentation")
+    upper = read_json(stage("infer_seg").marker(bound_dir)).get("segmentation")
     label_split = rows[results["training_labels"]]["split"]
     eval_split = rows["Network"]["split"]
     print(format_table({t: r for t, r in rows.items() if t != "Network"}, names,
@@ -125,13 +126,13 @@ def main(argv: list[str] | None = None, config: str | None = None, root: str | N
                                       f"{eval_split} (IoU %)"))
     stages = {}
     for directory in (weak_dir, bound_dir):
-        for marker in sorted(directory.glob("*/_stage.json")):
+        for marker in sorted(directory.glob(f"*/{MARKER}")):
             state = read_json(marker)
             stages[f"{directory.name}/{marker.parent.name}"] = state.get("seconds")
     print("Runtime per stage of seed 0 (s): "
           + ", ".join(f"{k} {v:.0f}" for k, v in stages.items() if v is not None))
-    networks = [read_json(w / "results.json")["rows"]["Network"]["miou"] for w, _ in seed_dirs]
-    bounds = [read_json(b / "infer_seg" / "_stage.json")["segmentation"]["miou"] for _, b in seed_dirs]
+    networks = [read_json(stage("evaluate_run").output("results", w))["rows"]["Network"]["miou"] for w, _ in seed_dirs]
+    bounds = [read_json(stage("infer_seg").marker(b))["segmentation"]["miou"] for _, b in seed_dirs]
     ratios = [n / b for n, b in zip(networks, bounds)]
     summary = {"table1": {t: r["miou"] for t, r in rows.items() if t != "Network"},
                "training_labels": results.get("training_labels"),

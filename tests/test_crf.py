@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from affinitynet.config import DEFAULTS
-from affinitynet.crf import CRFParams, crf_from_config, dense_crf, dense_crf_with
+from affinitynet.crf import CRFParams, dense_crf, dense_crf_with
 
 
 def _two_halves(height=48, width=64, flip_rate=0.3, seed=0):
@@ -59,7 +59,7 @@ def test_crf_single_label_and_bad_inputs():
 def test_params_from_config():
     params = CRFParams.from_config(DEFAULTS["crf"])
     assert params == CRFParams()
-    assert crf_from_config({"iterations": 3.0}).iterations == 3
+    assert CRFParams.from_config({"iterations": 3.0}).iterations == 3
     assert CRFParams.from_config(None) == CRFParams()
     with pytest.raises(KeyError, match="bilateral_rgb"):
         CRFParams.from_config({"bilateral_rgb": 13})

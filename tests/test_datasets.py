@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affinitynet.datasets import (DATASETS, build_dataset, check_dataset, ensure_msrc21, find_msrc21_tarball,
-                                  generate_demo)
-from affinitynet.datasets import demo, msrc21
-from affinitynet.io import InputError, save_label_png
+from affinitynet.datasets import (DATASETS, build_dataset, check_dataset, demo, ensure_msrc21, find_msrc21_tarball,
+                                  generate_demo, msrc21)
+from affinitynet.errors import InputError
+from affinitynet.io import save_label_png
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -117,8 +117,8 @@ def test_demo_regenerates_when_parameters_change_and_refuses_foreign_folders(tmp
 
 
 def test_dataset_names_and_dispatch(tmp_path):
-    assert set(DATASETS) == {"demo", "msrc21", "voc12", "folder"}
-    assert all(isinstance(text, str) and "\n" not in text for text in DATASETS.values())
+    assert set(DATASETS.names()) == {"demo", "msrc21", "voc12", "folder"}
+    assert all(isinstance(e.info["description"], str) and "\n" not in e.info["description"] for e in DATASETS)
     with pytest.raises(InputError, match="needs a root"):
         build_dataset({"name": "voc12", "root": None}, "train")
     with pytest.raises(InputError, match="not a PASCAL VOC"):

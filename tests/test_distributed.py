@@ -22,9 +22,10 @@ import torch.distributed as dist
 from torch import nn
 
 from affinitynet import distributed
+from affinitynet.checkpoints import load_checkpoint
 from affinitynet.config import builtin_config_path
-from affinitynet.training import (AmpModule, EpochDataset, amp_dtype, for_inference, load_checkpoint, train,
-                                  use_channels_last)
+from affinitynet.precision import AmpModule, amp_dtype, for_inference, use_channels_last
+from affinitynet.training import EpochDataset, train
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -316,7 +317,7 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), AFFINITYNET_DIST_TIMEOUT_MIN="2")   # a hang fails, a slow CI machine does not
     torch.set_num_threads(1)
-    from affinitynet.training import TrainingError
+    from affinitynet.errors import TrainingError
 
     distributed.init_from_env(torch.device("cpu"))
     for scenario in ("skip", "nan"):

@@ -15,10 +15,11 @@ import types
 from pathlib import Path
 
 import pytest
-
 import tiny_pipeline as tiny
-from affinitynet.io import InputError, load_image
-from affinitynet.training import load_checkpoint
+
+from affinitynet.checkpoints import load_checkpoint
+from affinitynet.errors import InputError
+from affinitynet.io import load_image
 
 STEPS = tiny.STEPS_PER_EPOCH
 
@@ -220,7 +221,9 @@ def test_non_finite_loss_stops_with_the_epoch_1_checkpoint_intact(reference, tmp
     assert "Lower affinity.lr" in message
     state = load_checkpoint(checkpoint)
     assert state["epoch"] == 1
-    model = train_affinity.build_model(tiny.config(run, data_root), pretrained=False)
+    from affinitynet.networks import build_network
+
+    model = build_network("affinity", tiny.config(run, data_root), 6, pretrained=False)
     model.load_state_dict(state["model"])                   # loadable, strictly
     assert not (run / "train_affinity" / "model.pt").exists()
     assert tiny.stage_state(run, "train_affinity")["complete"] is False
@@ -248,8 +251,9 @@ def read_only(directory: Path, monkeypatch):
     else:
         probe.unlink()
         simulated = True
-        import affinitynet.io as io_module
         import tempfile
+
+        import affinitynet.io as io_module
 
         def mkstemp(suffix=None, prefix=None, dir=None, text=False):
             if dir is not None and (Path(dir) == directory or directory in Path(dir).parents):

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_pipeline as tiny
 from PIL import Image
 
-import tiny_pipeline as tiny
 from affinitynet.config import DEFAULTS, KEY_HELP, flatten, load_config
 from affinitynet.coverage import label_coverage
 from affinitynet.datasets import build_dataset, check_skipped_share, describe_classes, generate_demo
 from affinitynet.datasets.base import Sample, SegmentationDataset
-from affinitynet.io import InputError, save_label_png, write_bytes
+from affinitynet.errors import InputError
+from affinitynet.io import save_label_png, write_bytes
 
 
 def photos(root: Path, names, size=(40, 60)) -> Path:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import tiny_pipeline as tiny
-from affinitynet.config import ConfigError, load_config
+
+from affinitynet.config import load_config
+from affinitynet.errors import ConfigError
 from affinitynet.io import load_label_png, read_json
 from affinitynet.pseudo_labels import band_limited, boundary_band, refinement
 

@@ -17,11 +17,12 @@ import re
 from pathlib import Path
 
 import pytest
+import tiny_pipeline as tiny
 import torch
 
-import tiny_pipeline as tiny
 from affinitynet.backbones import resnet38d
 from affinitynet.pipeline import stage_hash
+
 
 # psa's ResNet-38 units: (name, in, mid, out, has conv_branch1); bottlenecks (name, in, out).
 def _psa_units(scale: int = 1):
@@ -179,7 +180,7 @@ def test_full_size_psa_files_land_where_psa_had_them(tmp_path, kind):
     4096 channels, f8_3/f8_4/f8_5 on 512/1024/4096) lands in the real ResNet-38 network."""
     from affinitynet.config import load_config
     from affinitynet.released import apply_layout, mapped_state
-    from affinitynet.steps import train_affinity, train_cam
+    from affinitynet.networks import build_network
 
     config = load_config("demo", check=False)
     apply_layout(config, kind)
@@ -187,12 +188,12 @@ def test_full_size_psa_files_land_where_psa_had_them(tmp_path, kind):
         file = psa_cam_file(tmp_path / "res38_cls.pth", classes=20, distinct=True)
         renames = {"fc8.": "classifier."}
         with torch.device("meta"):
-            model = train_cam.build_model(config, 20, pretrained=False)
+            model = build_network("cam", config, 21, pretrained=False)
     else:
         file = psa_aff_file(tmp_path / "resnet38_aff.pth", distinct=True)
         renames = {"f8_3.": "reducers.0.", "f8_4.": "reducers.1.", "f8_5.": "reducers.2.", "f9.": "adapt."}
         with torch.device("meta"):
-            model = train_affinity.build_model(config, pretrained=False)
+            model = build_network("affinity", config, 21, pretrained=False)
     released = torch.load(file, weights_only=True)
     state = mapped_state(kind, file, released, model)
     assert set(state) == set(model.state_dict())
@@ -251,15 +252,15 @@ def test_bad_files_are_one_line_and_write_nothing(tmp_path, data, capsys, slim_r
 
 
 def test_a_model_pt_of_another_layout_is_refused_in_one_line(tmp_path):
-    from affinitynet.steps import check_model_meta
-    from affinitynet.training import TrainingError
+    from affinitynet.errors import TrainingError
+    from affinitynet.networks import check_meta
 
     with pytest.raises(TrainingError) as caught:
-        check_model_meta(tmp_path / "model.pt", {"head": "psa"}, command="train-cam",
+        check_meta(tmp_path / "model.pt", {"head": "psa"}, command="train-cam",
                          layout={"head": ("cam.head", "irn")})
     assert str(caught.value) == (f"{tmp_path / 'model.pt'}: made with cam.head=psa but the config has "
                                  f"cam.head=irn; retrain it (affinitynet train-cam --force) or set cam.head=psa")
-    check_model_meta(tmp_path / "model.pt", {}, layout={"head": ("cam.head", "irn")})   # older meta: no check
+    check_meta(tmp_path / "model.pt", {}, layout={"head": ("cam.head", "irn")})   # older meta: no check
 
 
 # --- imported stages feed the pipeline --------------------------------------------------------------

@@ -19,7 +19,8 @@ from PIL import Image
 
 from affinitynet.config import load_config, save_resolved
 from affinitynet.datasets import build_dataset, generate_demo
-from affinitynet.io import InputError, save_label_png, save_npz, save_rgb_png, write_json, write_text
+from affinitynet.errors import InputError
+from affinitynet.io import save_label_png, save_npz, save_rgb_png, write_json, write_text
 from affinitynet.report import write_report
 
 SIZE = 64
@@ -229,8 +230,9 @@ def test_tensorboard_event_files_only_when_available(tmp_path, demo_root, monkey
     run_dir = tmp_path / "run"
     make_run(run_dir, demo_root)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)      # import fails
-    write_report(run_dir, gallery_size=0)
+    page = write_report(run_dir, gallery_size=0)
     assert not (run_dir / "report" / "tensorboard").exists()
+    assert "No TensorBoard event files: torch.utils.tensorboard could not be imported" in page.read_text()
 
     scalars: list[tuple[str, str, float, int]] = []
 

@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny_pipeline as tiny
 import yaml
 
-import tiny_pipeline as tiny
 from affinitynet.config import load_config, save_resolved
 
 
@@ -118,8 +118,9 @@ def test_another_dataset_is_refused_unless_forced(reference, mine, tmp_path, cap
 
 
 def test_a_class_list_change_is_another_dataset(tmp_path):
-    from affinitynet.pipeline import StageError, _training_split, check_run_dir, dataset_identity
+    from affinitynet.errors import StageError
     from affinitynet.io import write_json
+    from affinitynet.pipeline import _training_split, check_run_dir, dataset_identity
 
     config = tiny.config(tmp_path / "run", tmp_path / "data")
     data = _training_split(config)
@@ -138,14 +139,14 @@ def test_segmentation_seed_retrains_the_network_alone(mine, reference, capsys):
     current); set, it retrains the network on the same pseudo labels and leaves the labels alone."""
     from affinitynet.config import section_hash
     from affinitynet.io import read_json
-    from affinitynet.pipeline import STAGE_BY_NAME, DATASET_KEYS, stage_hash
-    from affinitynet.training import load_checkpoint
+    from affinitynet.pipeline import dataset_inputs, stage, stage_hash
+    from affinitynet.checkpoints import load_checkpoint
 
     _, data_root = reference
     config = load_config(mine / "config.yaml")
     assert config["segmentation"]["seed"] is None
-    spec = STAGE_BY_NAME["train_seg"]
-    assert stage_hash(config, "train_seg") == section_hash(config, spec.keys + DATASET_KEYS,
+    spec = stage("train_seg")
+    assert stage_hash(config, "train_seg") == section_hash(config, spec.keys + dataset_inputs(),
                                                            stage_hash(config, "random_walk"))
     assert read_json(mine / "train_seg" / "_stage.json")["hash"] == stage_hash(config, "train_seg")
     before = snapshot(mine)
@@ -168,7 +169,7 @@ def test_the_same_dataset_spelled_another_way_is_not_a_new_input(mine, reference
     path as written, stays current when given that spelling."""
     import os
 
-    from affinitynet.pipeline import _hash, hash_matches, is_complete, stage_hash, STAGES
+    from affinitynet.pipeline import _hash, hash_matches, is_complete, stage_hash, stages
 
     _, data_root = reference
     monkeypatch.chdir(data_root.parent)
@@ -182,7 +183,7 @@ def test_the_same_dataset_spelled_another_way_is_not_a_new_input(mine, reference
     changed = {path for path in before if before[path] != snapshot(mine).get(path)}
     assert changed <= {"config.yaml"}
     config = load_config(mine / "config.yaml", [f"dataset.root={relative}"])
-    assert all(stage_hash(config, s.name) == stage_hash(load_config(mine / "config.yaml"), s.name) for s in STAGES)
+    assert all(stage_hash(config, s.name) == stage_hash(load_config(mine / "config.yaml"), s.name) for s in stages(config))
     # An older version's marker: the hash of the path as written.
     marker = mine / "train_seg" / "_stage.json"
     state = json.loads(marker.read_text())

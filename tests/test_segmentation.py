@@ -14,13 +14,23 @@ from PIL import Image
 from torch import nn
 
 from affinitynet import segmentation
-from affinitynet.backbones import _REGISTRY, create_backbone, freeze_batchnorm, register_backbone
+from affinitynet.backbones import (
+    _REGISTRY,
+    create_backbone,
+    freeze_batchnorm,
+    register_backbone,
+)
+from affinitynet.checkpoints import save_checkpoint
 from affinitynet.config import DEFAULTS
 from affinitynet.datasets.base import Sample, SegmentationDataset
+from affinitynet.errors import TrainingError
 from affinitynet.io import load_label_png, save_label_png
-from affinitynet.segmentation import (SegmentationNet, build_segmentation_model, overlay, predict_files,
-                                      predict_scores)
-from affinitynet.training import TrainingError, save_checkpoint
+from affinitynet.predict import overlay, predict_files
+from affinitynet.segmentation import (
+    SegmentationNet,
+    build_segmentation_model,
+    predict_scores,
+)
 
 TINY = "_test_tiny"
 
@@ -323,8 +333,12 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_data, monkey
 
 
 def test_pseudo_supervision_reads_the_random_walk_labels(tmp_path, tiny_data):
-    from affinitynet.io import InputError
-    from affinitynet.steps.train_seg import check_labels_exist, label_loader, pseudo_label_dir
+    from affinitynet.errors import InputError
+    from affinitynet.steps.train_seg import (
+        check_labels_exist,
+        label_loader,
+        pseudo_label_dir,
+    )
 
     config = _config(tmp_path, "pseudo")
     with pytest.raises(TrainingError, match="no pseudo labels"):

@@ -26,13 +26,15 @@ from torch import nn
 
 from .cam import background_map
 from .crf import CRFParams, dense_crf
+from .io import IGNORE_INDEX
 
 __all__ = ["NEUTRAL", "AffinityNet", "affinity_loss", "affinity_loss_from_distances",
            "background_map", "boundary_image", "boundary_map", "confident_regions",
            "downsample_labels", "feature_affinities", "feature_distances", "num_offsets",
            "pair_labels"]
 
-NEUTRAL = 255
+# The neutral region of 3.2.1: no affinity label is drawn from it.
+NEUTRAL = IGNORE_INDEX
 DISTANCES = ("mean", "sum")
 
 
@@ -265,16 +267,10 @@ class _PairL1(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, radius: int, mean: bool) -> torch.Tensor:
-        batch, depth, h, w = features.shape
-        out = features.new_full((batch, num_offsets(radius), h, w), float("inf"))
-        views = list(_offset_views(h, w, radius))
-        for part in _batch_slices(features):
-            f = features[part]
-            for k, (frm, to) in enumerate(views):
-                if frm is None:
-                    continue
-                diff = (f[:, :, frm[0], frm[1]] - f[:, :, to[0], to[1]]).abs_()
-                out[part, k, frm[0], frm[1]] = diff.mean(1) if mean else diff.sum(1)
+        from .random_walk import pair_distances
+
+        distance = "mean" if mean else "sum"
+        out = torch.cat([pair_distances(features[part], radius, distance) for part in _batch_slices(features)])
         ctx.save_for_backward(features)
         ctx.radius, ctx.mean = radius, mean
         return out
@@ -442,18 +438,13 @@ class AffinityNet(nn.Module):
     of Eq. 3 and receive gradient from them.
 
     ``backbone`` is a module with the :mod:`affinitynet.backbones` interface (``forward`` returns
-    per-level maps shallow to deep; ``out_channels``), or a registry name passed to
-    ``create_backbone`` with ``output_stride`` and ``pretrained``.
+    per-level maps shallow to deep; ``out_channels``).
     """
 
-    def __init__(self, backbone: nn.Module | str, *, channels: Sequence[int] = (128, 256, 512),
+    def __init__(self, backbone: nn.Module, *, channels: Sequence[int] = (128, 256, 512),
                  out_channels: int | None = None, activation: str = "elu", radius: int = 5,
-                 distance: str = "mean", output_stride: int = 8, pretrained: bool | str = True):
+                 distance: str = "mean"):
         super().__init__()
-        if isinstance(backbone, str):
-            from .backbones import create_backbone
-
-            backbone = create_backbone(backbone, output_stride=output_stride, pretrained=pretrained)
         levels = tuple(int(c) for c in backbone.out_channels)
         channels = tuple(int(c) for c in channels)
         if len(levels) < 3:

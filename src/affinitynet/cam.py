@@ -26,10 +26,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from .multiscale import multiscale_maps
+from .registry import Registry
 
 NORMALISATION_EPS = 1e-5   # the released code divides by (max + 1e-5)
-HEADS = ("conv", "psa", "irn")
 PSA_DROPOUT = 0.5            # psa's dropout7 before GAP (training only)
+
+# f_cam of Eq. 1 (config key ``cam.head``): a builder ``(in_channels, head_channels) -> (module,
+# its output channels)``.
+HEADS = Registry("CAM head")
+register_head = HEADS.register
+
+
+@register_head("conv", description="the 3x3 conv with head_channels channels and a ReLU (Section 4.2)")
+def conv_head(in_channels: int, head_channels: int) -> tuple[nn.Module, int]:
+    head = nn.Sequential(nn.Conv2d(in_channels, head_channels, 3, padding=1, bias=False), nn.ReLU(inplace=True))
+    nn.init.kaiming_normal_(head[0].weight, nonlinearity="relu")
+    return head, head_channels
+
+
+# The released layouts have no parameters in f_cam: the state dict is the backbone's and the
+# classifier's, as in the released files. Dropout2d is the identity in eval mode, so CAMs never see it.
+@register_head("psa", description="psa's res38_cls.pth: the classifier on the backbone, dropout 0.5 in training")
+def psa_head(in_channels: int, head_channels: int) -> tuple[nn.Module, int]:
+    return nn.Dropout2d(PSA_DROPOUT), in_channels
+
+
+@register_head("irn", description="irn's res50_cam.pth: the classifier on the backbone")
+def irn_head(in_channels: int, head_channels: int) -> tuple[nn.Module, int]:
+    return nn.Identity(), in_channels
 
 
 class CAMNet(nn.Module):
@@ -39,21 +63,10 @@ class CAMNet(nn.Module):
                  head: str = "conv"):
         super().__init__()
         if head not in HEADS:
-            raise ValueError(f"unknown CAM head '{head}' (choose from {', '.join(HEADS)})")
+            raise ValueError(f"unknown CAM head '{head}' (choose from {', '.join(HEADS.names())})")
         self.backbone = backbone
         self.head_name = head
-        if head == "conv":
-            self.head = nn.Sequential(
-                nn.Conv2d(backbone.out_channels[-1], head_channels, 3, padding=1, bias=False),
-                nn.ReLU(inplace=True),
-            )
-            nn.init.kaiming_normal_(self.head[0].weight, nonlinearity="relu")
-            features = head_channels
-        else:
-            # No parameters: the state dict is the backbone's and the classifier's, as in the
-            # released files. Dropout2d is the identity in eval mode, so CAMs never see it.
-            self.head = nn.Dropout2d(PSA_DROPOUT) if head == "psa" else nn.Identity()
-            features = backbone.out_channels[-1]
+        self.head, features = HEADS.build(head, backbone.out_channels[-1], head_channels)
         self.classifier = nn.Conv2d(features, num_object_classes, 1, bias=False)
         # Small initial logits: a loss far above log 2 in the first steps wastes the few steps a CPU run has.
         nn.init.normal_(self.classifier.weight, std=0.01)
@@ -65,8 +78,11 @@ class CAMNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Image-level logits (N, K): FC after GAP. The FC is a 1x1 conv so that the same weights
         give the CAMs; pooling first and classifying after is the same linear map."""
-        pooled = F.adaptive_avg_pool2d(self.features(images), 1)
-        return self.classifier(pooled).flatten(1)
+        return self.classify(self.features(images))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Image-level logits (N, K) of f_cam maps (N, D, h, w): GAP, then the FC."""
+        return self.classifier(F.adaptive_avg_pool2d(features, 1)).flatten(1)
 
     def cams(self, images: torch.Tensor) -> torch.Tensor:
         """M_c(x, y) = w_c^T f_cam(x, y) (Eq. 1), before ReLU and normalisation: (N, K, h, w)."""
@@ -88,16 +104,60 @@ def normalise_cams(summed: torch.Tensor, classes: Sequence[int]) -> torch.Tensor
     return kept / (peak + NORMALISATION_EPS)
 
 
-@torch.no_grad()
+class CAMMethod:
+    """How class maps are read off a trained CAM network (pytorch-grad-cam's ``BaseCAM``): a
+    method overrides :meth:`maps`; the multi-scale + flip inference, the ReLU, the sum and the
+    max-normalisation of Eq. 1 are shared. They run without autograd; a method that needs
+    gradients enables them inside :meth:`maps` (as :class:`GradCAM` does)."""
+
+    def maps(self, model: CAMNet, batch: torch.Tensor) -> torch.Tensor:
+        """Class maps (N, K, h, w) of a batch of normalised images, before ReLU."""
+        raise NotImplementedError
+
+    def __call__(self, model: CAMNet, image: torch.Tensor, classes: Sequence[int], scales: Sequence[float],
+                 flip: bool) -> torch.Tensor:
+        """Multi-scale + flip maps of one normalised image (3, H, W) for its present classes:
+        ReLU'd maps of every scale and mirror, upsampled to the image, summed, max-normalised.
+        Returns (len(classes), H, W) in [0, 1]."""
+        if not classes:
+            return image.new_zeros((0,) + tuple(image.shape[-2:]))
+        maps = multiscale_maps(lambda batch: F.relu(self.maps(model, batch)).detach(), image, scales, flip)
+        return normalise_cams(torch.stack(maps).sum(0), classes)
+
+
+# CAM methods (config key ``cam.method``): a CAMMethod subclass, built without arguments.
+METHODS = Registry("CAM method")
+register_method = METHODS.register
+
+
+@register_method("cam", description="Eq. 1: the classifier's weights applied at every position of f_cam")
+class ClassActivationMap(CAMMethod):
+    def maps(self, model: CAMNet, batch: torch.Tensor) -> torch.Tensor:
+        return model.cams(batch)
+
+
+@register_method("gradcam", description="Grad-CAM (Selvaraju et al.): f_cam's channels weighted by the spatial mean "
+                                        "of the class score's gradient")
+class GradCAM(CAMMethod):
+    """Grad-CAM on f_cam. With the GAP + linear classifier of 3.1 each class's gradient is
+    w_c / (h w) at every position, so its map is the CAM divided by the map's area: after
+    normalisation the same at one scale, weighted towards the small scales over several."""
+
+    def maps(self, model: CAMNet, batch: torch.Tensor) -> torch.Tensor:
+        # The backbone runs without a graph: the gradient is taken at f_cam only.
+        features = model.features(batch).detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model.classify(features)
+            weights = torch.stack([torch.autograd.grad(logits[:, c].sum(), features, retain_graph=True)[0].mean((2, 3))
+                                   for c in range(logits.shape[1])], dim=1)
+        return torch.einsum("nkd,ndhw->nkhw", weights, features.detach())
+
+
 def infer_cams(model: CAMNet, image: torch.Tensor, classes: Sequence[int], scales: Sequence[float],
-               flip: bool) -> torch.Tensor:
-    """Multi-scale + flip CAMs of one normalised image (3, H, W) for its present classes:
-    ReLU'd CAMs of every scale and mirror, upsampled to the image, summed, max-normalised.
-    Returns (len(classes), H, W) in [0, 1]."""
-    if not classes:
-        return image.new_zeros((0,) + tuple(image.shape[-2:]))
-    maps = multiscale_maps(lambda batch: F.relu(model.cams(batch)), image, scales, flip)
-    return normalise_cams(torch.stack(maps).sum(0), classes)
+               flip: bool, method: str = "cam") -> torch.Tensor:
+    """Multi-scale + flip maps of one normalised image (3, H, W) for its present classes by the
+    registered CAM ``method`` (:class:`CAMMethod`). Returns (len(classes), H, W) in [0, 1]."""
+    return METHODS.build(method)(model, image, classes, scales, flip)
 
 
 def background_map(cams, alpha: float):

@@ -23,7 +23,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
                         help="experiment YAML, or a built-in name: demo, msrc21, voc12, voc12_psa, folder (default: "
                              "the run directory's saved config.yaml, else the built-in config of --dataset, else demo)")
-    parser.add_argument("--dataset", choices=["demo", "msrc21", "voc12", "folder"], default=None,
+    from .datasets import DATASETS
+
+    parser.add_argument("--dataset", choices=DATASETS.names(), default=None,
                         help="dataset (overrides dataset.name)")
     parser.add_argument("--root", default=None, help="dataset directory (overrides dataset.root)")
     parser.add_argument("--run-dir", default=None, help="output directory of the run (overrides run_dir)")
@@ -69,8 +71,9 @@ def _config_from_args(args: argparse.Namespace, check: bool = True) -> dict[str,
 def _forced_stages(args: argparse.Namespace) -> tuple[set[str], bool]:
     """``run --force`` alone redoes every stage (and may replace another dataset's outputs);
     ``--force STAGE`` (repeatable) redoes those stages only."""
-    from .pipeline import STAGE_BY_NAME
+    from .pipeline import all_stages
 
+    known = all_stages()
     names: set[str] = set()
     every = False
     for value in args.force or ():
@@ -78,12 +81,12 @@ def _forced_stages(args: argparse.Namespace) -> tuple[set[str], bool]:
             every = True
             continue
         name = value.replace("-", "_")
-        if name not in STAGE_BY_NAME:
-            from .config import ConfigError
+        if name not in known:
+            from .errors import ConfigError
 
-            raise ConfigError(f"--force: unknown stage '{value}' (stages: {', '.join(STAGE_BY_NAME)})")
+            raise ConfigError(f"--force: unknown stage '{value}' (stages: {', '.join(known)})")
         names.add(name)
-    return (set(STAGE_BY_NAME) if every else names), every
+    return (set(known) if every else names), every
 
 
 _ALL = "__all__"
@@ -165,8 +168,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     from .io import plural
 
     if args.action == "list":
-        for name, description in datasets.DATASETS.items():
-            print(f"{name:8s} {description}")
+        for entry in datasets.DATASETS:
+            print(f"{entry.name:8s} {entry.info['description']}")
         return 0
     config = _config_from_args(args)
     if args.action == "generate":
@@ -192,23 +195,23 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     """Every key with its value (the paper's defaults, or those of ``--config`` and overrides) and
     what it means."""
-    from .config import DEFAULTS, KEY_HELP, flatten, load_config
+    from .config import KEY_HELP, defaults, flatten, load_config
 
     if args.config or args.overrides:
         values = flatten(load_config(args.config, args.overrides, check=False))
         source = " + ".join([args.config or "demo", *args.overrides])
     else:
-        values, source = flatten(DEFAULTS), "defaults: the paper's VOC settings"
+        values, source = flatten(defaults()), "defaults: the paper's VOC settings"
     width = max(len(key) for key in values)
     print(f"# key = value ({source}): meaning")
     for key, value in values.items():
         shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-        print(f"{key:<{width}} = {shown:<18} {KEY_HELP[key]}")
+        print(f"{key:<{width}} = {shown:<18} {KEY_HELP.get(key, 'declared by the dataset that reads it')}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .segmentation import predict_files
+    from .predict import predict_files
 
     return predict_files(args.checkpoint, args.inputs, args.out, scales=args.scales, flip=not args.no_flip,
                          crf=args.crf, device=args.device, strict=args.strict)
@@ -231,7 +234,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import STAGES
+    from .config import DEFAULTS
+    from .pipeline import stages
 
     parser = argparse.ArgumentParser(
         prog="affinitynet",
@@ -243,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     run = commands.add_parser("run", help="the whole pipeline, skipping stages whose outputs are current",
-                              description="Run every stage in order: " + " -> ".join(s.command for s in STAGES)
+                              description="Run every stage in order: " + " -> ".join(s.command for s in stages(DEFAULTS))
                               + ". Stages whose outputs are complete and current are skipped.")
     _add_config_options(run)
     run.add_argument("--force", action="append", nargs="?", const=_ALL, metavar="STAGE",
@@ -251,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the outputs of another dataset if the run directory holds them")
     run.set_defaults(func=cmd_run)
 
-    for spec in STAGES:
+    for spec in stages():
         sub = commands.add_parser(spec.command, help=spec.help, description=spec.help[0].upper() + spec.help[1:] + ".")
         _add_config_options(sub)
         sub.add_argument("--force", action="store_true",
@@ -376,15 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *moved]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .backbones import WeightsError
-    from .config import ConfigError
-    from .io import InputError
-    from .pipeline import StageError
-    from .training import TrainingError
+    from .errors import AffinityNetError
 
     try:
         return args.func(args)
-    except (ConfigError, InputError, StageError, TrainingError, WeightsError) as error:
+    except AffinityNetError as error:
         print(f"affinitynet: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RuntimeError as error:

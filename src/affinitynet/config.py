@@ -16,12 +16,8 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from .errors import ConfigError
 from .io import write_text
-
-
-class ConfigError(ValueError):
-    """A bad configuration; ``str()`` is one line naming the key and what is allowed."""
-
 
 # The paper's values (Section 5.1, 4.2) unless a comment says otherwise.
 DEFAULTS: dict[str, Any] = {
@@ -55,6 +51,9 @@ DEFAULTS: dict[str, Any] = {
         "output_stride": 8,
         "atrous": True,                # dilate past the output stride (4.1); false: irn's undilated ResNet-50
     },
+    "labels": {
+        "method": "affinitynet",       # the pseudo-label method: a stage that declares it (pipeline.label_methods)
+    },
     "cam": {
         "head": "conv",                # the 3x3 conv of Section 4.2; "psa"/"irn": the released 1x1 classifier only
         "head_channels": 512,          # the 3x3 conv of Section 4.2
@@ -73,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 5e-4,
         "poly_power": 0.9,
         "new_layer_lr_mult": 10.0,
+        "method": "cam",               # how maps are read off the network: Eq. 1, or a registered CAM method
         "scales": [1.0, 0.5, 1.5, 2.0],
         "flip": True,
         "eval_alpha": 16.0,            # background (1 - max M)^alpha for the "CAM" row of Table 1
@@ -169,7 +169,7 @@ KEY_HELP: dict[str, str] = {
     "strict": "stop at the first bad input instead of skipping it",
     "amp": "mixed precision: 'auto' (bf16/fp16 on CUDA, off on CPU), 'bf16', 'fp16', 'off'",
     "channels_last": "NHWC convolutions: 'auto' (CUDA with AMP), 'on', 'off'",
-    "dataset.name": "demo, msrc21, voc12 or folder (your photos)",
+    "dataset.name": "a registered dataset (affinitynet datasets list): demo, msrc21, voc12, folder (your photos), ...",
     "dataset.root": "dataset directory",
     "dataset.protocol": "msrc21: 'object' (14 classes + background) or 'standard21'",
     "dataset.train_split": "split the CAM network, AffinityNet and the segmentation network train on",
@@ -186,11 +186,13 @@ KEY_HELP: dict[str, str] = {
     "backbone.name": "mobilenetv2, efficientnet_lite0, efficientnet_lite2, resnet38d, resnet50 or vgg16",
     "backbone.weights": "ImageNet weight file (null: the packaged weights, where a backbone has them)",
     "backbone.output_stride": "8 or 16: the feature map is 1/output_stride of the image",
+    "labels.method": "pseudo-label method whose labels train the segmentation network ('affinitynet': 3.2-3.4)",
     "cam.head_channels": "channels of the CAM network's 3x3 conv (Sec. 4.2)",
     "cam.head": "'conv' (3x3 conv + GAP + 1x1, Sec. 4.2), 'psa' (psa's 1x1 fc8 on the backbone) or 'irn'",
     "affinity.channels": "AffinityNet's 1x1 conv widths on the last three levels (psa's: [64, 128, 256])",
     "backbone.atrous": "strides past the output stride become dilations; false: irn's undilated ResNet-50",
     "cam.resize_long": "random rescale range of the long side before cropping ('auto': from the image size)",
+    "cam.method": "a registered CAM method: 'cam' (Eq. 1) or 'gradcam' (Grad-CAM)",
     "cam.scales": "CAM inference scales, each with its flip (Eq. 1; 'auto': from the image size)",
     "cam.flip": "add horizontally flipped CAMs",
     "cam.eval_alpha": "background (1 - max M)^alpha of the 'CAM' row of Table 1 (Eq. 2)",
@@ -267,6 +269,45 @@ def _choice(*options: str) -> Rule:
     return Rule("one of " + ", ".join(repr(o) for o in options), lambda v: v in options)
 
 
+class _Registered:
+    """A rule whose choices are a registry's names, read when a config is checked (the parts
+    register themselves on import, after this module)."""
+
+    def __init__(self, registry: Callable[[], Any]):
+        self._registry = registry
+
+    @property
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(name) for name in self._registry().names())
+
+    def check(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self._registry()
+
+
+def _dataset_registry():
+    from .datasets import DATASETS
+
+    return DATASETS
+
+
+def _cam_head_registry():
+    from .cam import HEADS
+
+    return HEADS
+
+
+def _cam_method_registry():
+    from .cam import METHODS
+
+    return METHODS
+
+
+def _segmentation_head_registry():
+    from .segmentation import HEADS
+
+    return HEADS
+
+
 def _string(optional: bool = False) -> Rule:
     return Rule("a string" + (" (or null)" if optional else ""),
                 lambda v: isinstance(v, str) and v != "" or (optional and v is None))
@@ -289,7 +330,7 @@ def _number_list(low: float = 0.0, length: int | None = None, strict_low: bool =
     return Rule(describe, check)
 
 
-RULES: dict[str, Rule] = {
+RULES: dict[str, Rule | _Registered] = {
     "run_dir": _string(),
     "seed": _number(0, integer=True),
     "device": Rule("'auto', 'cpu', 'cuda' or 'cuda:N'",
@@ -303,7 +344,7 @@ RULES: dict[str, Rule] = {
                 lambda v: isinstance(v, bool) or v in ("auto", "bf16", "fp16", "off")),
     "channels_last": Rule("one of 'auto', 'on', 'off' (or true/false)",
                           lambda v: isinstance(v, bool) or v in ("auto", "on", "off")),
-    "dataset.name": _choice("demo", "msrc21", "voc12", "folder"),
+    "dataset.name": _Registered(_dataset_registry),
     "dataset.root": _string(optional=True),
     "dataset.protocol": _choice("object", "standard21"),
     "dataset.train_split": _string(),
@@ -321,7 +362,8 @@ RULES: dict[str, Rule] = {
     "backbone.weights": _string(optional=True),
     "backbone.output_stride": Rule("8 or 16", lambda v: v in (8, 16) and not isinstance(v, bool)),
     "backbone.atrous": _boolean(),
-    "cam.head": _choice("conv", "psa", "irn"),
+    "cam.head": _Registered(_cam_head_registry),
+    "cam.method": _Registered(_cam_method_registry),
     "cam.eval_alpha": _number(1),
     "cam.eval_bg_threshold": _number(0, 1, optional=True),
     "affinity.alpha_low": _number(1),
@@ -337,7 +379,7 @@ RULES: dict[str, Rule] = {
     # true and false: the older spellings of 'full' and 'off'.
     "random_walk.crf": Rule("one of 'band', 'full', 'off' (or true/false)",
                             lambda v: isinstance(v, bool) or v in ("band", "full", "off")),
-    "segmentation.head": _choice("resnet38", "deeplab_largefov"),
+    "segmentation.head": _Registered(_segmentation_head_registry),
     "segmentation.supervision": _choice("pseudo", "gt"),
     "segmentation.seed": _number(0, integer=True, optional=True),
     "crf.iterations": _number(0, 1000, integer=True),
@@ -385,8 +427,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def defaults() -> dict[str, Any]:
+    """A copy of DEFAULTS with the keys of every registered dataset (a dataset declares its own
+    keys and their defaults where it is defined, ``datasets.register_dataset``)."""
+    tree = copy.deepcopy(DEFAULTS)
+    for entry in _dataset_registry():
+        for key, value in entry.info["keys"].items():
+            tree["dataset"].setdefault(key, copy.deepcopy(value))
+    return tree
+
+
 def _known_keys() -> set[str]:
-    return set(flatten(DEFAULTS))
+    return set(flatten(defaults()))
 
 
 def get(config: dict[str, Any], dotted: str) -> Any:
@@ -442,7 +494,7 @@ def _merge(config: dict[str, Any], tree: Any, source: str, prefix: str = "") -> 
 
 def _default_at(dotted: str) -> Any:
     try:
-        return get(DEFAULTS, dotted)
+        return get(defaults(), dotted)
     except (KeyError, TypeError):
         return None
 
@@ -494,13 +546,21 @@ def validate(config: dict[str, Any]) -> None:
         if not supports_undilated(backbone["name"]):
             raise ConfigError(f"config key 'backbone.atrous' can be false only for backbone 'resnet50' "
                               f"(irn's undilated ResNet-50), not '{backbone['name']}'")
-    name = config["dataset"]["name"]
-    if name != "demo" and not config["dataset"]["root"]:
+    from .pipeline import label_methods
+
+    methods = label_methods()
+    if config["labels"]["method"] not in methods:
+        raise ConfigError(f"config key 'labels.method' must be one of {', '.join(map(repr, sorted(methods)))}, "
+                          f"got {config['labels']['method']!r}")
+    dataset = _dataset_registry().get(config["dataset"]["name"])
+    name, root = dataset.name, config["dataset"]["root"]
+    needs_root = dataset.info.get("needs_root", True)
+    if needs_root and not root:
         raise ConfigError(f"config key 'dataset.root' must name the {name} dataset directory (it is null)")
-    if name == "folder" and not config["dataset"]["labels_file"]:
-        raise ConfigError("config key 'dataset.labels_file' must name a CSV or JSON of tags for the folder dataset")
-    root = config["dataset"]["root"]
-    if name != "demo" and root and not Path(root).is_dir():
+    for key, what in dataset.info.get("required", {}).items():
+        if not config["dataset"][key]:
+            raise ConfigError(f"config key 'dataset.{key}' must name {what} for the {name} dataset")
+    if needs_root and root and not Path(root).is_dir():
         raise ConfigError(f"config key 'dataset.root': directory '{root}' does not exist")
 
 
@@ -511,7 +571,7 @@ def builtin_config_path(name: str) -> Path:
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
                 check: bool = True) -> dict[str, Any]:
     """Defaults <- YAML file (a path, or a built-in name like ``demo``) <- ``key=value`` overrides."""
-    config = copy.deepcopy(DEFAULTS)
+    config = defaults()
     if path is None:
         path = builtin_config_path("demo")
     path = Path(path)

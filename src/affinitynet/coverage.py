@@ -14,17 +14,14 @@ evaluation split) this module counts
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from .datasets.base import IGNORE_INDEX
-from .io import InputError, load_label_png
+from .errors import InputError
+from .io import load_label_png
 
-# Label sources: (title, stage, folder, split key). The stage folders are those the stages write.
-SOURCES = (("CAM labels", "infer_cam", "labels", "label_split"),
-           ("pseudo labels", "random_walk", "pseudo_labels", "label_split"),
-           ("predictions", "infer_seg", "predictions", "eval_split"))
 # A class under this share of the labelled pixels is reported as (almost) absent.
 RARE_PIXEL_PERCENT = 0.5
 WORST_PER_CLASS = 3
@@ -70,12 +67,12 @@ def images_tagged(data) -> dict[str, int]:
     return {name: int(counts[i]) for i, name in enumerate(data.class_names) if i > 0}
 
 
-def run_coverage(label_data, eval_data, folders: Mapping[str, Path]) -> dict[str, Any]:
-    """Coverage of every source whose folder exists (``folders``: title -> directory)."""
+def run_coverage(label_data, eval_data, folders: Iterable[tuple[str, Path, str]]) -> dict[str, Any]:
+    """Coverage of every source whose folder exists (``folders``: title, directory and split key
+    ``label_split`` or ``eval_split`` of each)."""
     sources = {}
-    for title, _, _, split_key in SOURCES:
-        folder = folders.get(title)
-        if folder is None or not Path(folder).is_dir():
+    for title, folder, split_key in folders:
+        if not Path(folder).is_dir():
             continue
         data = label_data if split_key == "label_split" else eval_data
         measured = label_coverage(data, Path(folder))

@@ -50,11 +50,6 @@ class CRFParams:
         return asdict(self)
 
 
-def crf_from_config(section: Mapping[str, Any] | None) -> CRFParams:
-    """Alias of :meth:`CRFParams.from_config`."""
-    return CRFParams.from_config(section)
-
-
 def dense_crf(image_rgb_uint8: np.ndarray, probs: np.ndarray, *, gaussian_sxy: float = 3.0,
               gaussian_compat: float = 3.0, bilateral_sxy: float = 80.0,
               bilateral_srgb: float = 13.0, bilateral_compat: float = 10.0,

@@ -18,18 +18,16 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from .errors import InputError
+
+# The one label value that no loss and no score counts, in every label map: ground truth marks
+# object borders with it, the confident regions of 3.2.1 their neutral region, random crops their
+# padding. Label PNGs draw it white (Fig. 4a).
+IGNORE_INDEX = 255
+
 # Largest image accepted, in pixels. Pillow's own bomb guard warns at 89 Mpx and raises at twice
 # that; a WSSS dataset never needs more than this, and refusing earlier keeps memory bounded.
 MAX_IMAGE_PIXELS = 64_000_000
-
-
-class InputError(Exception):
-    """A problem with one input file; ``str()`` is one line: ``<path>: <problem>``."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def plural(count: int, noun: str) -> str:

@@ -22,9 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .io import InputError, load_label_png
-
-IGNORE_INDEX = 255
+from .errors import InputError
+from .io import IGNORE_INDEX, load_label_png
 
 
 def _counts(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int) -> np.ndarray:

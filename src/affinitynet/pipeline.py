@@ -15,80 +15,179 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
 from . import distributed
-from .config import ConfigError, dump, flatten, get, load_config, section_hash
-from .io import InputError, read_json, write_json, write_text
+from .config import dump, flatten, get, load_config, section_hash
+from .datasets import dataset_keys
+from .errors import ConfigError, InputError, StageError
+from .io import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-DATASET_KEYS = ("dataset.name", "dataset.root", "dataset.protocol", "dataset.labels_file",
-                "dataset.classes_file", "dataset.demo_size", "dataset.demo_train", "dataset.demo_val", "dataset.demo_seed", "dataset.masks_dir",
-                "dataset.train_split")
 _TRAIN = ("crop_size", "color_jitter", "batch_size", "epochs", "optimizer", "lr", "momentum",
           "weight_decay", "poly_power", "new_layer_lr_mult")
+# Keys no stage's outputs depend on, so no stage hashes them (tests/test_stage_contract.py holds
+# every other key to be hashed by each stage that reads it): how and where the work runs, the
+# threshold of a check before it, the graph's choice (the chosen stage's hash is hashed in its
+# place), and the settings of the commands that are not stages.
+RUNTIME_KEYS: dict[str, str] = {
+    "run_dir": "where the outputs go",
+    "device": "where the work runs",
+    "threads": "how the work runs",
+    "num_workers": "how the images are loaded",
+    "amp": "how the work runs (numerics within mixed precision's tolerance)",
+    "channels_last": "how the work runs (the memory layout of the same convolutions)",
+    "strict": "whether a bad input stops the command or is skipped",
+    "dataset.max_skipped": "a check before the stages run",
+    "labels.method": "chooses the label stage, whose hash the network's stages hash",
+    "report.gallery_size": "affinitynet report, not a stage",
+    "sweep.betas": "affinitynet sweep, not a stage",
+    "sweep.ts": "affinitynet sweep, not a stage",
+    "sweep.alphas": "affinitynet sweep, not a stage",
+    "sweep.max_images": "affinitynet sweep, not a stage",
+}
+# Each stage directory's record of its hash, inputs and completion (:class:`StageRun`).
+MARKER = "_stage.json"
+# The stage whose outputs are the run's result: ``affinitynet run`` executes it and what it reads.
+FINAL_STAGE = "evaluate_run"
+
+
+def dataset_inputs() -> tuple[str, ...]:
+    """The keys that say which images every stage sees, hashed by every stage: those the
+    registered datasets read (read when asked, so that a dataset registered late counts), and
+    the training split."""
+    return dataset_keys() + ("dataset.train_split",)
+
+
+def training_keys(section: str) -> tuple[str, ...]:
+    """The keys of a training section (``cam``, ``affinity``, ``segmentation``) that shape what
+    its network learns."""
+    return tuple(f"{section}.{key}" for key in _TRAIN)
 
 
 @dataclass(frozen=True)
-class StageSpec:
+class Stage:
+    """One pipeline stage, declared by its own module in ``affinitynet.steps`` as ``STAGE``.
+
+    ``upstream`` is a tuple of stage names, or a function of the config giving them (the
+    segmentation network reads the labels of the configured label method, or none for the
+    ground-truth bound). ``outputs`` names what the stage writes, as paths relative to its
+    directory; other code asks for them with :meth:`output` instead of spelling the path.
+    """
     name: str                      # directory name and module name in affinitynet.steps
     command: str                   # CLI subcommand
     help: str
-    keys: tuple[str, ...]          # config keys the outputs depend on
-    upstream: tuple[str, ...]      # stages whose outputs it reads
-    # Keys added after runs were made: hashed only when set (not null), so that a run made before
-    # they existed stays current.
+    keys: tuple[str, ...]          # config keys the outputs depend on (besides dataset_inputs())
+    upstream: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]]
+    outputs: dict[str, str]
+    run: Callable[..., dict[str, Any]]
+    # Keys added after runs were made: hashed only when not at their default, so that a run made
+    # before they existed stays current.
     optional_keys: tuple[str, ...] = ()
+    # The pseudo-label method (config key ``labels.method``) whose labels this stage writes as its
+    # output ``pseudo_labels``, with ``label_rows(config)``: (Table 1 title, output name) of each
+    # kind of label it writes, the training labels last.
+    label_method: str | None = None
+    label_rows: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
+
+    def upstream_of(self, config: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(self.upstream(config)) if callable(self.upstream) else self.upstream
+
+    def directory(self, run: dict[str, Any] | str | Path) -> Path:
+        """The stage's directory in a run (given as its config or its directory)."""
+        return Path(run["run_dir"] if isinstance(run, dict) else run) / self.name
+
+    def marker(self, run: dict[str, Any] | str | Path) -> Path:
+        """The stage's bookkeeping file (:class:`StageRun`) in a run."""
+        return self.directory(run) / MARKER
+
+    def output(self, name: str, run: dict[str, Any] | str | Path) -> Path:
+        """The path of output ``name`` in a run (given as its config or its directory)."""
+        if name not in self.outputs:
+            raise KeyError(f"stage '{self.name}' has no output '{name}' (it has: {', '.join(self.outputs)})")
+        return Path(os.path.normpath(self.directory(run) / self.outputs[name]))
 
 
-STAGES: tuple[StageSpec, ...] = (
-    StageSpec("train_cam", "train-cam", "train the CAM network (paper 3.1, 4.2)",
-              DATASET_KEYS + ("seed", "backbone", "cam.head", "cam.head_channels", "cam.resize_long")
-              + tuple(f"cam.{k}" for k in _TRAIN), ()),
-    StageSpec("infer_cam", "infer-cam", "multi-scale CAMs and the CAM-only labels (Eq. 1-2, Table 1 'CAM')",
-              ("dataset.label_split", "cam.scales", "cam.flip", "cam.eval_alpha", "cam.eval_bg_threshold"),
-              ("train_cam",)),
-    StageSpec("confident_regions", "confident-regions",
-              "confident object/background regions from low/high alpha + dCRF (3.2.1)",
-              ("affinity.alpha_low", "affinity.alpha_high", "crf"), ("infer_cam",)),
-    StageSpec("train_affinity", "train-affinity", "train AffinityNet on the affinity labels (3.2.2, Eq. 7-10)",
-              ("seed", "backbone", "affinity.radius", "affinity.distance", "affinity.channels")
-              + tuple(f"affinity.{k}" for k in _TRAIN), ("confident_regions",)),
-    StageSpec("random_walk", "random-walk", "random walk with AffinityNet and the pseudo labels (3.3-3.4, Table 1)",
-              ("random_walk", "affinity.distance", "crf"), ("infer_cam", "train_affinity")),
-    StageSpec("train_seg", "train-seg", "train the segmentation network on the pseudo labels (3.4, 4.2)",
-              ("seed", "backbone", "segmentation.head", "segmentation.supervision", "segmentation.scale_range")
-              + tuple(f"segmentation.{k}" for k in _TRAIN), ("random_walk",), ("segmentation.seed",)),
-    StageSpec("infer_seg", "infer-seg", "segment the evaluation split, multi-scale + flip (A.2)",
-              ("dataset.eval_split", "segmentation.scales", "segmentation.flip", "segmentation.crf", "crf"),
-              ("train_seg",)),
-    StageSpec("evaluate_run", "evaluate-run", "score every stage: Table 1, Table 2 and Table 5",
-              ("dataset.label_split", "dataset.eval_split"), ("infer_cam", "random_walk", "infer_seg")),
-)
-STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+def _discover() -> dict[str, Stage]:
+    """Every ``STAGE`` declared by a module of ``affinitynet.steps``, by name."""
+    import pkgutil
+
+    from . import steps
+
+    found: dict[str, Stage] = {}
+    for module in pkgutil.iter_modules(steps.__path__):
+        declared = getattr(importlib.import_module(f"{steps.__name__}.{module.name}"), "STAGE", None)
+        if isinstance(declared, Stage):
+            found[declared.name] = declared
+    return found
 
 
-class StageError(RuntimeError):
-    """A stage cannot run here (its inputs are missing, or the run directory holds another
-    dataset's outputs); one line saying what to do."""
+_STAGES: dict[str, Stage] = {}
+
+
+def all_stages() -> dict[str, Stage]:
+    """Every declared stage, by name."""
+    if not _STAGES:
+        _STAGES.update(_discover())
+    return _STAGES
+
+
+def stage(name: str) -> Stage:
+    """The stage declared under ``name`` (``stage("random_walk").output("pseudo_labels", config)``)."""
+    try:
+        return all_stages()[name]
+    except KeyError:
+        raise StageError(f"unknown stage '{name}' (stages: {', '.join(all_stages())})") from None
+
+
+def label_methods() -> dict[str, Stage]:
+    """The pseudo-label methods (``labels.method``), each with the stage writing its labels."""
+    return {spec.label_method: spec for spec in all_stages().values() if spec.label_method}
+
+
+def label_stage(config: dict[str, Any]) -> Stage:
+    """The stage whose ``pseudo_labels`` train the segmentation network under this config."""
+    return label_methods()[config["labels"]["method"]]
+
+
+def stages(config: dict[str, Any] | None = None) -> list[Stage]:
+    """The stages ``affinitynet run`` executes under ``config``, in order: the final stage and
+    everything it reads, each after its upstream stages (depth first, upstream in the order
+    declared). Without a config: every declared stage, those of the default graph first."""
+    from .config import DEFAULTS
+
+    ordered: list[str] = []
+
+    def visit(name: str, graph_config: dict[str, Any]) -> None:
+        if name in ordered:
+            return
+        for parent in stage(name).upstream_of(graph_config):
+            visit(parent, graph_config)
+        ordered.append(name)
+
+    visit(FINAL_STAGE, config if config is not None else DEFAULTS)
+    if config is None:
+        for name in all_stages():
+            visit(name, DEFAULTS)
+    return [stage(name) for name in ordered]
 
 
 def upstream_stages(config: dict[str, Any], name: str) -> tuple[str, ...]:
-    """The stages whose outputs ``name`` reads under this config: the fully supervised bound
-    (``segmentation.supervision: gt``) trains on the ground truth, not on pseudo labels."""
-    if name == "train_seg" and config["segmentation"]["supervision"] == "gt":
-        return ()
-    return STAGE_BY_NAME[name].upstream
+    """The stages whose outputs ``name`` reads under this config."""
+    return stage(name).upstream_of(config)
 
 
 def _hashed_keys(name: str, config: dict[str, Any]) -> tuple[str, ...]:
-    spec = STAGE_BY_NAME[name]
-    return spec.keys + DATASET_KEYS + tuple(key for key in spec.optional_keys if get(config, key) is not None)
+    from .config import DEFAULTS
+
+    spec = stage(name)
+    changed = tuple(key for key in spec.optional_keys if get(config, key) != get(DEFAULTS, key))
+    return spec.keys + dataset_inputs() + changed
 
 
 # Keys that name files: hashed as absolute paths, so that the same dataset named relative to
@@ -214,7 +313,7 @@ def recorded_identity(run_dir: Path) -> dict[str, Any] | None:
     state = _json_or_none(run_dir / DATASET_FILE)
     if isinstance(state, dict):
         return state
-    if not any(run_dir.glob("*/_stage.json")) or not (run_dir / CONFIG_FILE).is_file():
+    if not any(run_dir.glob(f"*/{MARKER}")) or not (run_dir / CONFIG_FILE).is_file():
         return None
     try:
         saved = load_config(run_dir / CONFIG_FILE, check=False)
@@ -243,7 +342,7 @@ def check_run_dir(config: dict[str, Any], data=None, replace: bool = False) -> N
                          f"pass --force to replace them, or choose a new --run-dir")
     if distributed.is_main():
         print(f"{run_dir}: replacing the outputs of another dataset ({difference})")
-        for marker in run_dir.glob("*/_stage.json"):
+        for marker in run_dir.glob(f"*/{MARKER}"):
             write_json(marker, {"stage": marker.parent.name, "hash": REPLACED, "complete": False})
         (run_dir / DATASET_FILE).unlink(missing_ok=True)
     distributed.barrier()
@@ -263,20 +362,29 @@ def record_run(config: dict[str, Any]) -> None:
 
 def readers(config: dict[str, Any], name: str) -> list[str]:
     """The stages that read the outputs of ``name`` directly."""
-    return [spec.name for spec in STAGES if name in upstream_stages(config, spec.name)]
+    return [spec.name for spec in stages(config) if name in upstream_stages(config, spec.name)]
+
+
+def ancestors(config: dict[str, Any], name: str) -> list[str]:
+    """Every stage whose outputs those of ``name`` derive from, in pipeline order."""
+    found: set[str] = set()
+    waiting = list(upstream_stages(config, name))
+    while waiting:
+        parent = waiting.pop()
+        if parent not in found:
+            found.add(parent)
+            waiting += upstream_stages(config, parent)
+    return [spec.name for spec in stages(config) if spec.name in found]
 
 
 def descendants(config: dict[str, Any], name: str) -> list[str]:
     """Every stage whose outputs derive from those of ``name``, in pipeline order."""
     found: set[str] = set()
-    for spec in STAGES:
+    ordered = stages(config)
+    for spec in ordered:
         if any(parent == name or parent in found for parent in upstream_stages(config, spec.name)):
             found.add(spec.name)
-    return [spec.name for spec in STAGES if spec.name in found]
-
-
-def stage_dir(config: dict[str, Any], name: str) -> Path:
-    return Path(config["run_dir"]) / name
+    return [spec.name for spec in ordered if spec.name in found]
 
 
 def _json_or_none(path: Path) -> Any:
@@ -290,13 +398,13 @@ def _json_or_none(path: Path) -> Any:
 
 
 def is_complete(config: dict[str, Any], name: str) -> bool:
-    state = _json_or_none(stage_dir(config, name) / "_stage.json")
+    state = _json_or_none(stage(name).marker(config))
     return isinstance(state, dict) and state.get("complete") is True and hash_matches(state.get("hash"), config, name)
 
 
 def imported_kind(config: dict[str, Any], name: str) -> str | None:
     """The kind of released weights ``import-weights`` wrote in stage ``name``, if it did."""
-    state = _json_or_none(stage_dir(config, name) / "_stage.json")
+    state = _json_or_none(stage(name).marker(config))
     imported = state.get("imported") if isinstance(state, dict) else None
     return imported.get("kind") if isinstance(imported, dict) else None
 
@@ -313,7 +421,7 @@ class StageRun:
     def __init__(self, config: dict[str, Any], name: str, force: bool = False, check_upstream: bool = True):
         self.config = config
         self.name = name
-        self.dir = stage_dir(config, name)
+        self.dir = stage(name).directory(config)
         self.hash = stage_hash(config, name)
         self.started = time.time()
         self.images = 0
@@ -330,9 +438,9 @@ class StageRun:
                                  f"--run-dir {config['run_dir']} alone (its config.yaml is the one the import "
                                  f"saved) or import them again")
             raise StageError(f"stage '{name}' needs the outputs of '{parent}', which are missing or "
-                             f"were made with other settings: run `affinitynet {STAGE_BY_NAME[parent].command}` "
+                             f"were made with other settings: run `affinitynet {stage(parent).command}` "
                              f"(or `affinitynet run`) first")
-        marker = self.dir / "_stage.json"
+        marker = self.dir / MARKER
         previous = _json_or_none(marker)
         if distributed.is_main():
             record_run(config)
@@ -362,13 +470,13 @@ class StageRun:
                    "seconds": round(time.time() - self.started, 2), "images": images,
                    "reused": reused, "skipped": skipped, **self.extra, **stage_inputs(self.config, self.name)}
         if distributed.is_main():
-            write_json(self.dir / "_stage.json", summary)
+            write_json(self.dir / MARKER, summary)
             note = f", {reused} reused" if reused else ""
             print(f"[{self.name}] {summary['seconds']:.1f}s, {images} images{note}, {len(skipped)} skipped")
             for line in skipped[:20]:
                 print(f"  skipped: {line}")
             if len(skipped) > 20:
-                print(f"  ... and {len(skipped) - 20} more (see {self.dir / '_stage.json'})")
+                print(f"  ... and {len(skipped) - 20} more (see {self.dir / MARKER})")
         distributed.barrier()
         return summary
 
@@ -405,16 +513,16 @@ def run_stage(config: dict[str, Any], name: str, force: bool = False) -> dict[st
         if distributed.is_main():
             print(f"[{name}] up to date, skipped")
         return None
-    module = importlib.import_module(f"affinitynet.steps.{name}")
-    return module.run(config, force=force)
+    return stage(name).run(config, force=force)
 
 
 def run_all(config: dict[str, Any], force: Iterable[str] = ()) -> None:
-    """Every stage in order, skipping those whose outputs are complete and current, and those
-    whose every reader is complete and current: nothing would read their outputs (after
-    ``import-weights psa-aff``, ``confident_regions`` feeds only the imported AffinityNet)."""
+    """Every stage of the config's graph (:func:`stages`) in order, skipping those whose outputs
+    are complete and current, and those whose every reader is complete and current: nothing would
+    read their outputs (after ``import-weights psa-aff``, ``confident_regions`` feeds only the
+    imported AffinityNet)."""
     forced = set(force)
-    for spec in STAGES:
+    for spec in stages(config):
         waiting = readers(config, spec.name)
         if (spec.name not in forced and waiting and not is_complete(config, spec.name)
                 and all(is_complete(config, reader) for reader in waiting)):

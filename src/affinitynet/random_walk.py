@@ -75,16 +75,34 @@ def _span(size: int, shift: int) -> tuple[slice, slice]:
 
 
 def _pair_distances(features: torch.Tensor, offsets, distance: str) -> torch.Tensor:
-    """``(K, h, w)``: ``mean_d`` (or ``sum_d``) ``|f(p) - f(p + offset_k)|``, ``+inf`` off-grid."""
-    _, h, w = features.shape
-    out = features.new_full((len(offsets), h, w), math.inf)
+    """``(..., K, h, w)``: ``mean_d`` (or ``sum_d``) ``|f(p) - f(p + offset_k)|`` of features
+    ``(..., D, h, w)``, ``+inf`` off-grid."""
+    *lead, _, h, w = features.shape
+    out = features.new_full((*lead, len(offsets), h, w), math.inf)
     for k, (dy, dx) in enumerate(offsets):
         ys, ys2 = _span(h, dy)
         xs, xs2 = _span(w, dx)
         # One offset at a time keeps the temporary at D*h*w instead of K*D*h*w.
-        diff = (features[:, ys, xs] - features[:, ys2, xs2]).abs_()
-        out[k, ys, xs] = diff.sum(0) if distance == "sum" else diff.mean(0)
+        diff = (features[..., ys, xs] - features[..., ys2, xs2]).abs_()
+        out[..., k, ys, xs] = diff.sum(-3) if distance == "sum" else diff.mean(-3)
     return out
+
+
+def pair_distances(features: torch.Tensor, radius: int = 5, distance: str = "mean") -> torch.Tensor:
+    """The distances of Eq. (3), ``W_ij = exp(-d_ij)``, for every pair within ``radius``: the one
+    definition that AffinityNet's training (``affinity.feature_distances``, which adds its
+    backward) and the walk's affinities (:func:`pair_affinities`) share.
+
+    ``features`` ``(D, h, w)`` or ``(B, D, h, w)``; returns ``(K, h, w)`` or ``(B, K, h, w)``
+    with ``d[k, y, x] = dist(f(y, x), f(y + dy_k, x + dx_k))`` (mean or sum of absolute
+    differences over the channels, see :func:`pair_affinities`) and ``+inf`` where the second end
+    is off the grid, so that its affinity is exactly 0.
+    """
+    if not isinstance(features, torch.Tensor) or features.dim() not in (3, 4) or not features.is_floating_point():
+        raise ValueError(f"features must be a floating-point (D, h, w) or (B, D, h, w) tensor, got "
+                         f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__}")
+    _check_distance(distance)
+    return _pair_distances(features, _offsets(_check_int("radius", radius)), distance)
 
 
 def _check_distance(distance: str) -> None:

@@ -36,9 +36,9 @@ from typing import Any, Iterable
 
 import torch
 
-from .backbones import WeightsError
 from .backbones.weights import read_state_dict
-from .config import ConfigError, get, parse_override, set_value, show_value, validate
+from .config import get, parse_override, set_value, show_value, validate
+from .errors import ConfigError, WeightsError
 
 _SHOWN_KEYS = 6
 
@@ -198,9 +198,10 @@ def import_weights(kind: str, path: str | Path, config: dict[str, Any]) -> dict[
     ``_stage.json`` summary."""
     from . import distributed
     from .io import read_json, write_json
-    from .pipeline import StageRun, descendants, imported_kind, stage_dir, stage_hash
-    from .steps import dataset, train_affinity, train_cam
-    from .training import save_checkpoint
+    from .pipeline import StageRun, descendants, imported_kind, stage, stage_hash
+    from .networks import NETWORKS, build_network, network_meta
+    from .steps import dataset
+    from .checkpoints import save_checkpoint
 
     spec = KINDS[kind]
     path = Path(path)
@@ -209,18 +210,15 @@ def import_weights(kind: str, path: str | Path, config: dict[str, Any]) -> dict[
     data = dataset(config, "train_split")
     released = read_state_dict(path)
     check_classes(kind, path, released, data.num_object_classes, f"dataset '{data.name}'")
-    step = train_cam if spec.stage == "train_cam" else train_affinity
+    network = next(name for name, net in NETWORKS.items() if net.stage == spec.stage)
     # Built on the meta device: every value is overwritten, so the (seconds of) random
     # initialisation of a 105M-parameter network is skipped.
     with torch.device("meta"):
-        if spec.stage == "train_cam":
-            model = train_cam.build_model(config, data.num_object_classes, pretrained=False)
-        else:
-            model = train_affinity.build_model(config, pretrained=False)
+        model = build_network(network, config, data.num_classes, pretrained=False)
     state = mapped_state(kind, path, released, model)
     model = model.to_empty(device="cpu")
     model.load_state_dict(state, strict=True)
-    meta = step.model_meta(config, data.class_names, model.backbone)
+    meta = network_meta(network, config, data.class_names, model.backbone)
     source = {"kind": kind, "file": str(path.resolve()), "sha256": _sha256(path)}
     meta["imported"] = source
 
@@ -229,7 +227,7 @@ def import_weights(kind: str, path: str | Path, config: dict[str, Any]) -> dict[
     # between here and the end leaves nothing stale marked current.
     stale = []
     for name in descendants(config, spec.stage):
-        marker = stage_dir(config, name) / "_stage.json"
+        marker = stage(name).marker(config)
         # Imported weights do not derive from the stages before them.
         if not marker.exists() or imported_kind(config, name):
             continue
@@ -240,15 +238,15 @@ def import_weights(kind: str, path: str | Path, config: dict[str, Any]) -> dict[
     if stale and distributed.is_main():
         print(f"import-weights: out of date now, redone by the next run: {', '.join(stale)}")
 
-    stage = StageRun(config, spec.stage, force=True, check_upstream=False)
+    job = StageRun(config, spec.stage, force=True, check_upstream=False)
     if distributed.is_main():
-        save_checkpoint(stage.dir / "model.pt", {"model": model.state_dict(), "meta": meta, "history": []})
-    summary = stage.finish(imported=source)
+        save_checkpoint(stage(spec.stage).output("model", config), {"model": model.state_dict(), "meta": meta, "history": []})
+    summary = job.finish(imported=source)
 
     # Another imported stage (psa-aff beside this psa-cam) hashes this stage's keys as upstream,
     # but its weights do not derive from them: while the config keeps its layout, it stays current.
     for other_stage, other in imported_kinds(config).items():
-        marker = stage_dir(config, other_stage) / "_stage.json"
+        marker = stage(other_stage).marker(config)
         if other_stage == spec.stage or not all(get(config, k) == v for k, v in KINDS[other].layout):
             continue
         state_json = read_json(marker)

@@ -1,5 +1,5 @@
-"""The segmentation network trained on the synthesized labels (paper 3.4, 4.2, Fig. 7d), its
-multi-scale + flip inference (Appendix A.2), and ``affinitynet predict`` for image files.
+"""The segmentation network trained on the synthesized labels (paper 3.4, 4.2, Fig. 7d) and its
+multi-scale + flip inference (Appendix A.2). ``affinitynet predict`` is ``predict.py``.
 
 Heads (``head=``):
 
@@ -19,8 +19,6 @@ outputs) cannot outvote the others, and the averaged map is already the input th
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -29,13 +27,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from .multiscale import multiscale_maps
+from .registry import Registry
 
-HEADS = ("resnet38", "deeplab_largefov")
+# Segmentation heads (config key ``segmentation.head``): a builder ``(in_channels, num_classes,
+# head_channels, dilation, dropout) -> nn.Sequential`` whose last layer is the classifier.
+HEADS = Registry("segmentation head")
+register_head = HEADS.register
 CHECKPOINT_KIND = "segmentation"
 # What a segmentation model.pt's meta must hold so that inference needs no config.
 META_KEYS = ("class_names", "mean", "std", "backbone", "output_stride", "head", "num_classes")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
-OVERLAY_ALPHA = 0.5
+
+
+def _dropout(rate: float) -> nn.Module:
+    return nn.Dropout2d(rate) if rate else nn.Identity()
+
+
+@register_head("resnet38", description="two 3x3 atrous convolutions, dilation 12 (Section 4.2)")
+def resnet38_head(in_channels: int, num_classes: int, head_channels: int, dilation: int,
+                  dropout: float) -> nn.Sequential:
+    head = nn.Sequential(
+        _dropout(dropout),
+        nn.Conv2d(in_channels, head_channels, 3, padding=dilation, dilation=dilation),
+        nn.ReLU(inplace=True),
+        _dropout(dropout),
+        nn.Conv2d(head_channels, num_classes, 3, padding=dilation, dilation=dilation),
+    )
+    nn.init.kaiming_normal_(head[1].weight, nonlinearity="relu")
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+@register_head("deeplab_largefov", description="DeepLab-LargeFOV's fc8: a 1x1 classifier (fc6, fc7 are vgg16's)")
+def deeplab_largefov_head(in_channels: int, num_classes: int, head_channels: int, dilation: int,
+                          dropout: float) -> nn.Sequential:
+    return nn.Sequential(_dropout(dropout), nn.Conv2d(in_channels, num_classes, 1))
 
 
 class SegmentationNet(nn.Module):
@@ -50,28 +75,13 @@ class SegmentationNet(nn.Module):
                  head_channels: int = 512, dilation: int = 12, dropout: float = 0.0):
         super().__init__()
         if head not in HEADS:
-            raise ValueError(f"unknown segmentation head '{head}' (choose from {', '.join(HEADS)})")
+            raise ValueError(f"unknown segmentation head '{head}' (choose from {', '.join(HEADS.names())})")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + objects), got {num_classes}")
         self.backbone = backbone
         self.num_classes = num_classes
         self.head_name = head
-        channels = backbone.out_channels[-1]
-        if head == "resnet38":
-            self.head = nn.Sequential(
-                nn.Dropout2d(dropout) if dropout else nn.Identity(),
-                nn.Conv2d(channels, head_channels, 3, padding=dilation, dilation=dilation),
-                nn.ReLU(inplace=True),
-                nn.Dropout2d(dropout) if dropout else nn.Identity(),
-                nn.Conv2d(head_channels, num_classes, 3, padding=dilation, dilation=dilation),
-            )
-            nn.init.kaiming_normal_(self.head[1].weight, nonlinearity="relu")
-            nn.init.zeros_(self.head[1].bias)
-        else:
-            self.head = nn.Sequential(
-                nn.Dropout2d(dropout) if dropout else nn.Identity(),
-                nn.Conv2d(channels, num_classes, 1),
-            )
+        self.head = HEADS.build(head, backbone.out_channels[-1], num_classes, head_channels, dilation, dropout)
         # A small classifier init keeps the first softmax near uniform, so early Adam steps
         # are not spent undoing a random preference for some class.
         classifier = self.head[-1]
@@ -98,18 +108,22 @@ def build_segmentation_model(backbone_name: str, output_stride: int, num_classes
                              head: str = "resnet38", pretrained: bool | str = True,
                              atrous: bool = True) -> SegmentationNet:
     """A backbone from the registry (``pretrained``: True, False or a weight file; ``atrous``:
-    see ``create_backbone``) + the head."""
-    from .backbones import create_backbone
+    see ``create_backbone``) + the head, by :func:`networks.build_network`."""
+    from .networks import build_network
 
-    backbone = create_backbone(backbone_name, output_stride=output_stride, pretrained=pretrained, atrous=atrous)
-    return SegmentationNet(backbone, num_classes, head)
+    config = {"backbone": {"name": backbone_name, "output_stride": output_stride, "atrous": atrous,
+                           "weights": pretrained if isinstance(pretrained, (str, os.PathLike)) else None},
+              "segmentation": {"head": head}}
+    return build_network("segmentation", config, num_classes, pretrained=bool(pretrained))
 
 
 def model_from_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"
                           ) -> tuple[SegmentationNet, dict[str, Any]]:
     """(model in eval mode on ``device``, meta) from a ``train_seg/model.pt``, loaded with
     ``weights_only=True``; anything else raises a one-line :class:`TrainingError`."""
-    from .training import TrainingError, load_checkpoint
+    from .errors import TrainingError
+    from .networks import build_network, meta_config
+    from .checkpoints import load_checkpoint
 
     state = load_checkpoint(path)
     meta = state.get("meta") if isinstance(state, dict) else None
@@ -121,8 +135,7 @@ def model_from_checkpoint(path: str | os.PathLike, device: torch.device | str = 
     if missing:
         raise TrainingError(f"{path}: segmentation checkpoint meta lacks {', '.join(missing)}")
     try:
-        model = build_segmentation_model(meta["backbone"], int(meta["output_stride"]), int(meta["num_classes"]),
-                                         meta["head"], pretrained=False, atrous=bool(meta.get("atrous", True)))
+        model = build_network(CHECKPOINT_KIND, meta_config(meta), int(meta["num_classes"]), pretrained=False)
         model.load_state_dict(state["model"])
     except (ValueError, RuntimeError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
@@ -155,127 +168,3 @@ def predict_labels(model: nn.Module, image: np.ndarray, mean: Sequence[float], s
         refined = dense_crf_with(image, probs.cpu().numpy(), crf)
         return refined.argmax(0).astype(np.uint8)
     return probs.argmax(0).to(torch.uint8).cpu().numpy()
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """The image with every non-background pixel blended with its class's VOC colour."""
-    from .io import VOC_PALETTE
-
-    colours = VOC_PALETTE[labels].astype(np.float32)
-    blended = image.astype(np.float32) * (1.0 - alpha) + colours * alpha
-    # Background stays untouched so the scene remains readable around the objects.
-    out = np.where((labels == 0)[..., None], image.astype(np.float32), blended)
-    return (out + 0.5).astype(np.uint8)
-
-
-def legend_image(class_names: Sequence[str], row: int = 18, width: int = 220) -> np.ndarray:
-    """A swatch and name per class in the VOC palette, for reading the masks and overlays."""
-    from PIL import Image, ImageDraw
-
-    from .io import VOC_PALETTE
-
-    canvas = Image.new("RGB", (width, row * len(class_names) + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for index, name in enumerate(class_names):
-        top = 2 + index * row
-        draw.rectangle([4, top + 2, 4 + row, top + row - 2], fill=tuple(int(v) for v in VOC_PALETTE[index]),
-                       outline=(0, 0, 0))
-        draw.text((row + 12, top + 3), f"{index:3d} {name}", fill=(0, 0, 0))
-    return np.asarray(canvas)
-
-
-def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
-    """Files named directly (whatever their extension) and image files under folders, recursively
-    and sorted; plus one line per input that does not exist."""
-    files: list[Path] = []
-    missing: list[str] = []
-    for entry in inputs:
-        path = Path(entry)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")))
-        elif path.exists():
-            files.append(path)
-        else:
-            missing.append(f"{path}: file not found")
-    seen: set[Path] = set()
-    unique = []
-    for path in files:
-        key = path.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique, missing
-
-
-def _output_stems(files: Sequence[Path]) -> list[str]:
-    """``<stem>`` per file; a stem already taken (a.jpg next to a.png, or one name in two
-    folders) gets its extension and then a counter, so no mask overwrites another."""
-    taken: set[str] = set()
-    stems = []
-    for path in files:
-        stem = path.stem
-        if stem in taken:
-            stem = f"{path.stem}_{path.suffix.lstrip('.').lower()}" if path.suffix else path.stem
-            counter = 2
-            base = stem
-            while stem in taken:
-                stem = f"{base}_{counter}"
-                counter += 1
-        taken.add(stem)
-        stems.append(stem)
-    return stems
-
-
-def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  scales: Sequence[float] = (1.0,), flip: bool = True, crf: bool = False,
-                  device: str = "auto", strict: bool = False) -> int:
-    """Segment image files and folders with a trained ``train_seg/model.pt`` alone (no config, no
-    dataset): ``<out>/<stem>.png`` (VOC-palette index mask), ``<out>/<stem>_overlay.png`` and
-    ``<out>/legend.png``.
-
-    Bad images are skipped with one line naming the file and counted; with ``strict`` the first
-    one stops the run. Returns 0 if at least one image was segmented and (not ``strict`` or none
-    was skipped), else 2. An unusable checkpoint raises :class:`TrainingError` (one line; the CLI
-    prints it and exits with 2). ``crf`` uses the default dense-CRF parameters (5.1).
-    """
-    from .io import InputError, load_image, save_label_png, save_rgb_png
-    from .training import resolve_device
-
-    model, meta = model_from_checkpoint(checkpoint, resolve_device(device))
-    files, missing = find_images(inputs)
-    out = Path(out_dir)
-    skipped: list[str] = []
-    done = 0
-
-    def skip(line: str) -> None:
-        skipped.append(line)
-        print(f"skipped: {line}", file=sys.stderr)
-
-    for line in missing:
-        skip(line)
-    if strict and skipped:
-        print("predict: stopped at the first bad input (--strict); 0 images segmented", file=sys.stderr)
-        return 2
-    if not files:
-        print("predict: no image files found in the inputs", file=sys.stderr)
-        return 2
-    save_rgb_png(out / "legend.png", legend_image(meta["class_names"]))
-    for path, stem in zip(files, _output_stems(files)):
-        try:
-            image = load_image(path)
-        except InputError as error:
-            skip(str(error))
-            if strict:
-                print(f"predict: stopped at the first bad input (--strict); {done} images segmented",
-                      file=sys.stderr)
-                return 2
-            continue
-        labels = predict_labels(model, image, meta["mean"], meta["std"], scales, flip, {} if crf else None)
-        save_label_png(out / f"{stem}.png", labels)
-        save_rgb_png(out / f"{stem}_overlay.png", overlay(image, labels))
-        done += 1
-    print(f"predict: {done} images segmented into {out}, {len(skipped)} skipped")
-    if done == 0 or (strict and skipped):
-        return 2
-    return 0

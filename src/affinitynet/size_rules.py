@@ -66,7 +66,7 @@ AUTO_KEYS = tuple(rules(375, 500))
 def typical_size(data) -> tuple[int, int]:
     """Median (height, width) of an even sample of the split's images, from their headers."""
     from .datasets.folder import image_size
-    from .io import InputError
+    from .errors import InputError
 
     samples = data.samples[:: max(1, len(data.samples) // SAMPLED_IMAGES)]
     sizes = []

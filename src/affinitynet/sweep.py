@@ -21,10 +21,18 @@ from tqdm import tqdm
 from .cam import background_map, labels_from_scores
 from .io import load_npz, write_json
 from .metrics import ConfusionMatrix
-from .pipeline import is_complete, stage_dir
+from .pipeline import is_complete, stage
 from .pseudo_labels import to_grid, to_image
 from .random_walk import random_walk
 from .steps import dataset, setup
+
+# Where the sweep writes, in the run directory (the report shows its figure).
+FOLDER, FIGURE = "sweep", "fig8.png"
+
+
+def figure_path(run_dir: str | Path) -> Path:
+    """The Fig. 8 plot of a run's sweep."""
+    return Path(run_dir) / FOLDER / FIGURE
 
 
 def _grid_scores(cams: np.ndarray, alpha: float, stride: int) -> torch.Tensor:
@@ -48,8 +56,8 @@ def run_sweep(config: dict[str, Any], which: str = "both") -> dict[str, Any]:
     samples = [s for s in data.samples if s.mask_path is not None]
     if grid_cfg["max_images"]:
         samples = samples[: grid_cfg["max_images"]]
-    cam_dir = stage_dir(config, "infer_cam") / "cams"
-    aff_dir = stage_dir(config, "random_walk") / "affinities"
+    cam_dir = stage("infer_cam").output("cams", config)
+    aff_dir = stage("random_walk").output("affinities", config)
     num_classes = data.num_classes
     beta_t = {(b, t): ConfusionMatrix(num_classes) for b in betas for t in ts}
     by_alpha = {a: ConfusionMatrix(num_classes) for a in alphas}
@@ -91,7 +99,7 @@ def run_sweep(config: dict[str, Any], which: str = "both") -> dict[str, Any]:
         result["beta_t"] = [{"beta": b, "t": t, "miou": beta_t[(b, t)].miou() * 100} for b in betas for t in ts]
     if which in ("alpha", "both"):
         result["alpha"] = [{"alpha": a, "miou": by_alpha[a].miou() * 100} for a in alphas]
-    out_dir = Path(config["run_dir"]) / "sweep"
+    out_dir = figure_path(config["run_dir"]).parent
     write_json(out_dir / "sweep.json", result)
     plot_sweep(result, out_dir)
     _print(result)
@@ -102,10 +110,11 @@ def plot_sweep(result: dict[str, Any], out_dir: Path) -> None:
     """Fig. 8 (a): mIoU against t, one line per beta; (b): mIoU against alpha."""
     import matplotlib
     matplotlib.use("Agg")
+    import io as _io
+
     import matplotlib.pyplot as plt
 
     from .io import write_bytes
-    import io as _io
 
     panels = [key for key in ("beta_t", "alpha") if key in result]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
@@ -129,7 +138,7 @@ def plot_sweep(result: dict[str, Any], out_dir: Path) -> None:
     buffer = _io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    write_bytes(out_dir / "fig8.png", buffer.getvalue())
+    write_bytes(Path(out_dir) / FIGURE, buffer.getvalue())
 
 
 def _print(result: dict[str, Any]) -> None:

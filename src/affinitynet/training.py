@@ -1,13 +1,12 @@
 """The training loop the three networks share: SGD or Adam with a poly schedule, new layers at
 a higher learning rate, per-epoch checkpoints that a killed run resumes from exactly, a CSV log,
 a stop with a clear message when the loss stops being finite, and DistributedDataParallel when
-started by torchrun. On a GPU: mixed precision (bfloat16, or float16 with a GradScaler),
-channels-last convolutions and pinned-memory batches; :func:`for_inference` and
-:func:`autocast` give the inference stages the same precision settings.
+started by torchrun. On a GPU: mixed precision (bfloat16, or float16 with a GradScaler; see
+``precision.py``, which gives the inference stages the same settings), channels-last convolutions
+and pinned-memory batches. Checkpoint files are ``checkpoints.py``'s.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import inspect
 import io
@@ -25,13 +24,12 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from . import distributed
-from .io import write_bytes, write_text
+from .checkpoints import load_checkpoint, save_checkpoint
+from .errors import TrainingError
+from .io import write_text
+from .precision import AmpModule, amp_dtype, use_channels_last
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); the message says what was kept."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,28 +45,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", distributed.local_rank())
     return device
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely: tensors and plain containers only (``weights_only=True``)."""
-    path = Path(path)
-    if not path.exists():
-        raise TrainingError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        text = str(error)
-        if "Weights only load failed" in text or "weights_only" in text:
-            raise TrainingError(f"{path}: refused: the file holds Python objects beyond tensors "
-                                f"(unsafe to unpickle)") from None
-        first = text.splitlines()[0] if text else error.__class__.__name__
-        raise TrainingError(f"{path}: not a readable checkpoint (truncated or damaged: {first[:120]})") from None
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
@@ -117,141 +93,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-# --- Mixed precision, channels-last, DDP -----------------------------------------------------
-
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-CHANNELS_LAST_CHOICES = ("auto", "on", "off")
-
-
-def amp_dtype(device: torch.device, amp: str | bool | None = "auto") -> torch.dtype | None:
-    """The autocast dtype that ``amp`` means on ``device``; None: plain float32.
-
-    ``"auto"`` (or True): bfloat16 on a CUDA GPU that supports it, else float16 (trained with a
-    GradScaler); off on a CPU. ``"bf16"`` / ``"fp16"`` force a dtype (also on a CPU, where
-    autocast exists too: that is how the tests exercise these paths). ``"off"`` (or False, None):
-    float32 everywhere, the paper's setting and the way to reproduce a CPU run bit for bit.
-    """
-    if amp is None or amp is False:
-        return None
-    if amp is True:
-        amp = "auto"
-    amp = str(amp).lower()
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise TrainingError("amp is 'bf16' but this GPU does not support bfloat16: use amp=fp16 or amp=auto")
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    raise TrainingError(f"amp is '{amp}': choose one of {', '.join(AMP_CHOICES)}")
-
-
-def use_channels_last(device: torch.device, channels_last: str | bool | None = "auto",
-                      dtype: torch.dtype | None = None) -> bool:
-    """Whether convolutions should run on NHWC tensors. ``"auto"``: on CUDA under mixed
-    precision, where cuDNN's tensor-core kernels are NHWC and NCHW costs a transpose per conv;
-    never on a CPU (its NCHW kernels are the tuned ones for this project's dilated convs)."""
-    if channels_last is None or channels_last == "auto":
-        return device.type == "cuda" and dtype is not None
-    if isinstance(channels_last, bool):
-        return channels_last
-    value = str(channels_last).lower()
-    if value in ("on", "true", "1"):
-        return True
-    if value in ("off", "false", "0"):
-        return False
-    raise TrainingError(f"channels_last is '{channels_last}': choose one of {', '.join(CHANNELS_LAST_CHOICES)}")
-
-
-def autocast(device: torch.device, amp: str | bool | None = "auto"):
-    """``with autocast(device, amp):`` runs the body in mixed precision (a no-op context when
-    ``amp`` means float32). Cast the network's outputs with ``.float()`` before any sum or
-    normalisation: bfloat16 keeps 3 significant digits."""
-    dtype = amp_dtype(device, amp)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _outputs_to_float(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.float().contiguous() if value.is_floating_point() else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_outputs_to_float(item) for item in value)
-    if isinstance(value, dict):
-        return {key: _outputs_to_float(item) for key, item in value.items()}
-    return value
-
-
-def _inputs_to_channels_last(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point():
-        return value.contiguous(memory_format=torch.channels_last)
-    return value
-
-
-class AmpModule(nn.Module):
-    """``module`` whose ``forward`` (and the other ``methods``, e.g. ``("cams",)`` of the CAM
-    network or ``("features",)`` of AffinityNet) run under autocast with NHWC inputs when asked,
-    and return float32, NCHW-contiguous tensors: losses, sums over scales and random walks then
-    run in float32 outside autocast, as in a float32 run. Other attributes (``backbone``,
-    ``output_stride``...) read through to ``module``. With neither option it only forwards."""
-
-    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None,
-                 channels_last: bool = False, methods: Iterable[str] = ()):
-        super().__init__()
-        self.module = module
-        self.device_type = device_type
-        self.dtype = dtype
-        self.channels_last = channels_last
-        self.methods = tuple(methods)
-
-    def _call(self, function: Callable, args, kwargs):
-        if self.channels_last:
-            args = tuple(_inputs_to_channels_last(arg) for arg in args)
-        if self.dtype is None:
-            output = function(*args, **kwargs)
-        else:
-            with torch.autocast(self.device_type, dtype=self.dtype):
-                output = function(*args, **kwargs)
-        return _outputs_to_float(output) if (self.dtype is not None or self.channels_last) else output
-
-    def forward(self, *args, **kwargs):
-        return self._call(self.module, args, kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            pass
-        inner = super().__getattr__("module")
-        attribute = getattr(inner.module if isinstance(inner, nn.parallel.DistributedDataParallel) else inner, name)
-        if name in self.__dict__.get("methods", ()) and callable(attribute):
-            return lambda *args, **kwargs: self._call(attribute, args, kwargs)
-        return attribute
-
-
-def for_inference(model: nn.Module, device: torch.device, amp: str | bool | None = "auto",
-                  channels_last: str | bool | None = "auto", methods: Iterable[str] = ()) -> nn.Module:
-    """``model`` on ``device`` in eval mode, wrapped for mixed precision / NHWC as ``amp`` and
-    ``channels_last`` say (:class:`AmpModule`); the model itself when both are off.
-
-    Example (infer-cam): ``model = for_inference(model, device, config["amp"], methods=("cams",))``;
-    ``model.cams(batch)`` then runs in bfloat16 on a GPU and returns float32 maps.
-    """
-    dtype = amp_dtype(device, amp)
-    nhwc = use_channels_last(device, channels_last, dtype)
-    model = model.to(device).eval()
-    if nhwc:
-        model = model.to(memory_format=torch.channels_last)
-    if dtype is None and not nhwc:
-        return model
-    return AmpModule(model, device.type, dtype, nhwc, methods).eval()
-
+# --- DDP -------------------------------------------------------------------------------------
 
 def _batchnorm_in_training(model: nn.Module) -> bool:
     """True when some BatchNorm normalises with batch statistics (training mode). Frozen
@@ -311,56 +153,93 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
     Under torchrun each of N processes takes batch_size / N of every global batch (the same
     batches as one process), DDP averages the gradients, and rank 0 writes checkpoints and logs.
     ``amp`` / ``channels_last`` (None: ``section['amp']`` / ``section['channels_last']`` if set,
-    else ``"auto"``): see :func:`amp_dtype` and :func:`use_channels_last`; the model's forward
-    runs under autocast and ``step`` gets float32 outputs, so losses are computed in float32.
-    Images that fail to load are skipped and returned in ``skipped``; with ``strict`` the first
-    one stops training (TrainingError naming the file).
+    else ``"auto"``): see :func:`precision.amp_dtype` and :func:`precision.use_channels_last`;
+    the model's forward runs under autocast and ``step`` gets float32 outputs, so losses are
+    computed in float32. Images that fail to load are skipped and returned in ``skipped``; with
+    ``strict`` the first one stops training (TrainingError naming the file).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / "checkpoint.pt"
-    final_path = out_dir / "model.pt"
-    world = distributed.world_size()
-    if section["batch_size"] % world:
-        raise TrainingError(f"config key '{desc}.batch_size' ({section['batch_size']}) must be divisible "
-                            f"by the number of processes ({world})")
-    per_rank_batch = section["batch_size"] // world
+    checkpoint_path, final_path = out_dir / "checkpoint.pt", out_dir / "model.pt"
+    per_rank_batch = _per_rank_batch(section, desc)
     dtype = amp_dtype(device, section.get("amp", "auto") if amp is None else amp)
     nhwc = use_channels_last(device, section.get("channels_last", "auto") if channels_last is None
                              else channels_last, dtype)
-
     model.to(device)
     if nhwc:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(groups, section)
     # A GradScaler only for float16 (bfloat16 has float32's range); disabled it is a pass-through.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start_epoch, history, skipped_all = 0, [], []
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler.is_enabled() and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"], state["history"]
-        if distributed.is_main():
-            tqdm.write(f"{desc}: resuming at epoch {start_epoch + 1}/{section['epochs']} from {checkpoint_path}")
+    start_epoch, history = _resume(checkpoint_path, model, optimizer, scaler, section, desc)
+    sampler, loader = _batches(dataset, section, seed, per_rank_batch, num_workers, device, desc)
+    net = _training_network(model, prepare, device, dtype, nhwc, desc)
+    loop = _Loop(net, model, optimizer, scaler, step, section, prepare, device, dtype, desc, strict,
+                 checkpoint_path, steps_per_epoch=len(loader))
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # fixed crop size: tune the conv kernels once
+    started = time.time()
+    try:
+        for epoch in range(start_epoch, section["epochs"]):
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            means = loop.epoch(loader, epoch)
+            history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means,
+                            "seconds": round(time.time() - started, 2)})
+            _save_epoch(checkpoint_path, out_dir, model, optimizer, scaler, history, section, desc)
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
 
+    if distributed.is_main():
+        save_checkpoint(final_path, {"model": model.state_dict(), "meta": meta, "history": history})
+    distributed.barrier()
+    return TrainResult(final_path, section["epochs"], time.time() - started, loop.skipped, history)
+
+
+def _per_rank_batch(section: dict[str, Any], desc: str) -> int:
+    world = distributed.world_size()
+    if section["batch_size"] % world:
+        raise TrainingError(f"config key '{desc}.batch_size' ({section['batch_size']}) must be divisible "
+                            f"by the number of processes ({world})")
+    return section["batch_size"] // world
+
+
+def _resume(checkpoint_path: Path, model: nn.Module, optimizer, scaler, section: dict[str, Any],
+            desc: str) -> tuple[int, list[dict[str, float]]]:
+    """(first epoch to run, the log so far): from the last per-epoch checkpoint, if any."""
+    if not checkpoint_path.exists():
+        return 0, []
+    state = load_checkpoint(checkpoint_path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if distributed.is_main():
+        tqdm.write(f"{desc}: resuming at epoch {state['epoch'] + 1}/{section['epochs']} from {checkpoint_path}")
+    return state["epoch"], state["history"]
+
+
+def _batches(dataset: EpochDataset, section: dict[str, Any], seed: int, per_rank_batch: int, num_workers: int,
+             device: torch.device, desc: str) -> tuple[DistributedSampler, DataLoader]:
     # One sampler for one process or many: with the same seed it yields the same permutation, so
     # N processes with batch B/N see exactly the batches of one process with batch B.
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=distributed.rank(), shuffle=True,
-                                 seed=seed, drop_last=False)
+    sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                 shuffle=True, seed=seed, drop_last=False)
     # Pinned host memory lets the steps' .to(device, non_blocking=True) overlap the copy with
     # compute. Workers are not persistent: they hold a copy of the dataset, whose epoch (the
     # augmentation seed) is set in this process before every epoch.
     loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate_skipping, drop_last=True, pin_memory=device.type == "cuda",
                         persistent_workers=False)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    if len(loader) == 0:
         raise TrainingError(f"{desc}: {len(dataset)} training images are fewer than one batch of "
                             f"{section['batch_size']}; lower {desc}.batch_size")
-    total_steps = steps_per_epoch * section["epochs"]
+    return sampler, loader
 
+
+def _training_network(model: nn.Module, prepare, device: torch.device, dtype, nhwc: bool, desc: str) -> nn.Module:
+    """The module the steps call: ``model`` in training mode (``prepare`` applied), wrapped in
+    DDP under torchrun and in :class:`AmpModule` for mixed precision / NHWC."""
     # Freeze first (BatchNorm), then wrap: DDP registers the parameters that require gradients
     # when it is built.
     model.train()
@@ -371,71 +250,83 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
         net = _wrap_ddp(model, device, desc)
     if dtype is not None or nhwc:
         net = AmpModule(net, device.type, dtype, nhwc)
+    return net
 
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True   # fixed crop size: tune the conv kernels once
-    started = time.time()
-    try:
-        for epoch in range(start_epoch, section["epochs"]):
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            net.train()
-            if prepare is not None:
-                prepare(model)
-            totals: dict[str, float] = {}
-            count = 0
-            progress = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{section['epochs']}", leave=False,
-                            disable=not distributed.is_main(), dynamic_ncols=True)
-            for index, (batch, skipped) in enumerate(progress):
-                skipped_all.extend(skipped)
-                if strict and skipped:
-                    raise TrainingError(f"{skipped[0]} (--strict stops at the first bad input)")
-                global_step = epoch * steps_per_epoch + index
-                # Adam decays too: at a constant rate the last epochs' training loss rose again
-                # (MSRC-21, README), so the final weights were wherever the last steps left them.
-                for group in optimizer.param_groups:
-                    group["lr"] = poly_lr(section["lr"], global_step, total_steps, section["poly_power"]) * group["lr_mult"]
-                # A share of a batch whose images all failed to load: every rank skips the step.
-                if not _all_ranks_true(batch is not None, device):
-                    continue
-                loss, parts = step(net, batch)
-                finite = bool(torch.isfinite(loss.detach()))
-                if not _all_ranks_true(finite, device):
-                    kept = (f"the last good checkpoint {checkpoint_path} (after epoch {epoch}) is intact"
-                            if checkpoint_path.exists() else "no checkpoint had been written yet")
-                    value = "non-finite in another process" if finite else loss.item()
-                    hint = " (or use amp=bf16 or amp=off)" if dtype == torch.float16 else ""
-                    raise TrainingError(f"{desc}: loss became {value} at epoch {epoch + 1}, step {index + 1}; "
-                                        f"training stopped and {kept}. Lower {desc}.lr{hint} or check the inputs.")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                count += 1
-                for name, value in {"loss": float(loss.detach()), **parts}.items():
-                    totals[name] = totals.get(name, 0.0) + float(value)
-                progress.set_postfix(loss=f"{totals['loss'] / count:.4f}")
-            means = _mean_over_ranks(totals, count)
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means,
-                   "seconds": round(time.time() - started, 2)}
-            history.append(row)
-            if distributed.is_main():
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch + 1, "history": history}
-                if scaler.is_enabled():
-                    state["scaler"] = scaler.state_dict()
-                save_checkpoint(checkpoint_path, state)
-                _write_log(out_dir / "log.csv", history)
-                tqdm.write(f"{desc}: epoch {epoch + 1}/{section['epochs']} loss {row.get('loss', float('nan')):.4f}")
-            distributed.barrier()
-    finally:
-        torch.backends.cudnn.benchmark = cudnn_benchmark
 
+class _Loop:
+    """The steps of one epoch: the poly learning rate, the loss, the stop on a non-finite loss,
+    the optimizer step, the running means for the log."""
+
+    def __init__(self, net, model, optimizer, scaler, step, section, prepare, device, dtype, desc, strict,
+                 checkpoint_path: Path, steps_per_epoch: int):
+        self.net, self.model, self.optimizer, self.scaler, self.step = net, model, optimizer, scaler, step
+        self.section, self.prepare, self.device, self.dtype = section, prepare, device, dtype
+        self.desc, self.strict, self.checkpoint_path = desc, strict, checkpoint_path
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * section["epochs"]
+        self.skipped: list[str] = []
+
+    def epoch(self, loader: DataLoader, epoch: int) -> dict[str, float]:
+        """Train one epoch; the means of the logged values over its steps (and ranks)."""
+        self.net.train()
+        if self.prepare is not None:
+            self.prepare(self.model)
+        totals: dict[str, float] = {}
+        count = 0
+        progress = tqdm(loader, desc=f"{self.desc} epoch {epoch + 1}/{self.section['epochs']}", leave=False,
+                        disable=not distributed.is_main(), dynamic_ncols=True)
+        for index, (batch, skipped) in enumerate(progress):
+            self.skipped.extend(skipped)
+            if self.strict and skipped:
+                raise TrainingError(f"{skipped[0]} (--strict stops at the first bad input)")
+            self._set_lr(epoch * self.steps_per_epoch + index)
+            # A share of a batch whose images all failed to load: every rank skips the step.
+            if not _all_ranks_true(batch is not None, self.device):
+                continue
+            loss, parts = self.step(self.net, batch)
+            self._check_finite(loss, epoch, index)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            count += 1
+            for name, value in {"loss": float(loss.detach()), **parts}.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            progress.set_postfix(loss=f"{totals['loss'] / count:.4f}")
+        return _mean_over_ranks(totals, count)
+
+    def _set_lr(self, global_step: int) -> None:
+        # Adam decays too: at a constant rate the last epochs' training loss rose again
+        # (MSRC-21, README), so the final weights were wherever the last steps left them.
+        rate = poly_lr(self.section["lr"], global_step, self.total_steps, self.section["poly_power"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate * group["lr_mult"]
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, index: int) -> None:
+        finite = bool(torch.isfinite(loss.detach()))
+        if _all_ranks_true(finite, self.device):
+            return
+        kept = (f"the last good checkpoint {self.checkpoint_path} (after epoch {epoch}) is intact"
+                if self.checkpoint_path.exists() else "no checkpoint had been written yet")
+        value = "non-finite in another process" if finite else loss.item()
+        hint = " (or use amp=bf16 or amp=off)" if self.dtype == torch.float16 else ""
+        raise TrainingError(f"{self.desc}: loss became {value} at epoch {epoch + 1}, step {index + 1}; "
+                            f"training stopped and {kept}. Lower {self.desc}.lr{hint} or check the inputs.")
+
+
+def _save_epoch(checkpoint_path: Path, out_dir: Path, model: nn.Module, optimizer, scaler,
+                history: list[dict[str, float]], section: dict[str, Any], desc: str) -> None:
+    """The per-epoch checkpoint a killed run resumes from, and the log (rank 0)."""
     if distributed.is_main():
-        save_checkpoint(final_path, {"model": model.state_dict(), "meta": meta, "history": history})
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": history[-1]["epoch"], "history": history}
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
+        save_checkpoint(checkpoint_path, state)
+        _write_log(out_dir / "log.csv", history)
+        tqdm.write(f"{desc}: epoch {history[-1]['epoch']}/{section['epochs']} loss "
+                   f"{history[-1].get('loss', float('nan')):.4f}")
     distributed.barrier()
-    return TrainResult(final_path, section["epochs"], time.time() - started, skipped_all, history)
 
 
 def _mean_over_ranks(totals: dict[str, float], count: int) -> dict[str, float]:
@@ -479,7 +370,7 @@ class ImageTrainSet(EpochDataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        from .io import InputError
+        from .errors import InputError
         from .transforms import sample_rng
 
         sample = self.dataset[index]

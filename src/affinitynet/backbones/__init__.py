@@ -26,10 +26,6 @@ from torch import nn
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
-class WeightsError(RuntimeError):
-    """A weight file that cannot be loaded into a backbone; the message names file and keys."""
-
-
 def register_backbone(name: str):
     def decorator(builder: Callable[..., nn.Module]):
         if name in _REGISTRY:
@@ -79,5 +75,15 @@ def freeze_batchnorm(module: nn.Module) -> None:
 
 
 def _import_all() -> None:
-    # Importing the modules runs their @register_backbone decorators.
-    from . import mobilenetv2, efficientnet_lite, resnet38d, resnet50, vgg16  # noqa: F401
+    # Importing the package's modules runs their @register_backbone decorators: a new backbone
+    # file is found without being listed here.
+    import importlib
+    import pkgutil
+
+    if not _IMPORTED:
+        _IMPORTED.append(True)
+        for module in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_IMPORTED: list[bool] = []

@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import WeightsError
+from ..errors import WeightsError
 
 LIST_MAGIC = 0x112
 V1_MAGIC = 0xF993FAC8

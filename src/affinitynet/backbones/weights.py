@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import WeightsError, mxnet_params
+from ..errors import WeightsError
+from . import mxnet_params
 
 StateDict = dict[str, torch.Tensor]
 

@@ -14,53 +14,42 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..io import InputError, plural
-from .base import IGNORE_INDEX, Sample, SegmentationDataset
-from .demo import CLASS_NAMES as DEMO_CLASSES, build_demo, default_demo_root, generate_demo
-from .folder import build_folder
-from .msrc21 import build_msrc21, ensure_msrc21, find_msrc21_tarball
-from .voc12 import build_voc12
+from ..errors import InputError
+from ..io import plural
+from .base import DATASETS, IGNORE_INDEX, Sample, SegmentationDataset, register_dataset
+from .demo import CLASS_NAMES as DEMO_CLASSES
+from .demo import default_demo_root, generate_demo
+from .msrc21 import ensure_msrc21, find_msrc21_tarball
 
 __all__ = [
     "DATASETS", "DatasetReport", "IGNORE_INDEX", "InputError", "Sample", "SegmentationDataset",
-    "build_dataset", "check_dataset", "check_skipped_share", "default_demo_root", "describe_classes", "ensure_msrc21", "find_msrc21_tarball",
+    "build_dataset", "dataset_keys", "register_dataset", "check_dataset", "check_skipped_share", "default_demo_root", "describe_classes", "ensure_msrc21", "find_msrc21_tarball",
     "generate_demo", "DEMO_CLASSES",
 ]
 
-DATASETS: dict[str, str] = {
-    "demo": "synthetic blobs whose class shows only in a small tag (generated, 5 classes + background)",
-    "msrc21": "MSRC-21 v2, native layout; object protocol (14 + background) or standard21 (eval only)",
-    "voc12": "PASCAL VOC 2012 + SBD train_aug, the paper's dataset (20 classes + background)",
-    "folder": "your images with tags from a CSV/JSON, an optional class list and optional masks",
-}
-
-_DEFAULTS = {"name": "voc12", "root": None, "protocol": "object", "labels_file": None, "classes_file": None,
-             "masks_dir": None, "demo_size": 128, "demo_train": 240, "demo_val": 60, "demo_seed": 0}
+def dataset_keys() -> tuple[str, ...]:
+    """Every ``dataset.*`` key some dataset reads to find its images (the splits excepted)."""
+    keys = {"name", "root"} | {key for entry in DATASETS for key in entry.info["keys"]}
+    return tuple(f"dataset.{key}" for key in sorted(keys))
 
 
 def build_dataset(config_dataset_section: Mapping[str, Any], split: str, progress: bool = True) -> SegmentationDataset:
-    """The ``split`` of the dataset the config's ``dataset`` section names.
-
-    ``demo`` is generated into ``root`` (or a per-parameter cache folder when root is null) unless a
-    complete generation with the same parameters is there. Optional keys beyond the config schema:
-    ``demo_seed`` (default 0; the demo images do not follow the run's seed) and ``masks_dir``
-    (folder dataset). Raises InputError (one line) when the dataset itself cannot be read.
-    """
-    section = {**_DEFAULTS, **dict(config_dataset_section)}
-    name = section["name"]
-    root = section["root"]
-    if name == "demo":
-        return build_demo(root, split, size=int(section["demo_size"]), num_train=int(section["demo_train"]),
-                          num_val=int(section["demo_val"]), seed=int(section["demo_seed"]), progress=progress)
-    if not root:
+    """The ``split`` of the dataset the config's ``dataset`` section names (its registered
+    builder, given ``root`` and the keys it declares; a key missing from the section takes the
+    declared default). ``demo`` is generated into ``root`` (or a per-parameter cache folder when
+    root is null) unless a complete generation with the same parameters is there. Raises
+    InputError (one line) when the dataset itself cannot be read."""
+    name = config_dataset_section.get("name", "voc12")
+    if name not in DATASETS:
+        raise InputError("dataset.name", f"unknown dataset '{name}' (known: {', '.join(DATASETS.names())})")
+    entry = DATASETS.get(name)
+    root = config_dataset_section.get("root")
+    if not root and entry.info.get("needs_root", True):
         raise InputError("dataset.root", f"the {name} dataset needs a root directory")
-    if name == "msrc21":
-        return build_msrc21(root, split, protocol=section["protocol"])
-    if name == "voc12":
-        return build_voc12(root, split)
-    if name == "folder":
-        return build_folder(root, split, section["labels_file"], section["classes_file"], section["masks_dir"])
-    raise InputError("dataset.name", f"unknown dataset '{name}' (known: {', '.join(DATASETS)})")
+    # Only the keys that say which images: the splits' names are the caller's.
+    section = {"root": root, **{key: config_dataset_section.get(key, default)
+                                for key, default in entry.info["keys"].items()}}
+    return entry.builder(section, split, progress)
 
 
 # Fewer training images than this cannot teach a class: its CAM is noise (a handful).

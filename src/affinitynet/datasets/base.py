@@ -10,9 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import InputError, load_image
+from ..errors import InputError
+from ..io import IGNORE_INDEX, load_image
+from ..registry import Registry
 
-IGNORE_INDEX = 255
+# Every dataset registers a builder ``(section, split, progress) -> SegmentationDataset`` with
+# ``description`` (one line, for ``affinitynet datasets list``) and ``keys``: the ``dataset.*``
+# config keys it reads beyond ``name`` and ``root``, with their defaults. Every stage hashes them.
+# Optional: ``needs_root=False`` (a generated dataset), ``required``: keys that must be set, each
+# with what it names.
+DATASETS = Registry("dataset", package="affinitynet.datasets")
+register_dataset = DATASETS.register
 
 
 @dataclass

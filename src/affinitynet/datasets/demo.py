@@ -41,8 +41,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..io import VOC_PALETTE, InputError, read_json, write_json, write_text
-from .base import Sample, SegmentationDataset
+from ..errors import InputError
+from ..io import VOC_PALETTE, read_json, write_json, write_text
+from .base import Sample, SegmentationDataset, register_dataset
 from .folder import load_checked_mask, read_list_file
 
 GENERATOR_VERSION = 1
@@ -308,3 +309,12 @@ def build_demo(root: str | os.PathLike | None, split: str, size: int = 128, num_
         present = tuple(sorted(class_index[name] for name in labels[sample_id]))
         dataset.samples.append(Sample(sample_id, image_path, present, mask_path if mask_path.is_file() else None))
     return dataset
+
+
+# Generated, so no root is needed: without one it goes to a cache folder (default_demo_root).
+@register_dataset("demo", description="synthetic blobs whose class shows only in a small tag (generated, 5 classes + "
+                                      "background)", keys={"demo_size": 128, "demo_train": 240, "demo_val": 60,
+                                                           "demo_seed": 0}, needs_root=False)
+def from_config(section, split: str, progress: bool = True) -> DemoDataset:
+    return build_demo(section["root"], split, size=int(section["demo_size"]), num_train=int(section["demo_train"]),
+                      num_val=int(section["demo_val"]), seed=int(section["demo_seed"]), progress=progress)

@@ -46,15 +46,16 @@ import io as _io
 import json
 import os
 import posixpath
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..io import InputError, load_label_png, plural
-from .base import Sample, SegmentationDataset
+from ..errors import InputError
+from ..io import load_label_png, plural
+from .base import Sample, SegmentationDataset, register_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 BACKGROUND = "background"
@@ -420,13 +421,15 @@ def _inside(name: str) -> bool:
 def _image_files(root: Path, exclude: Path | None) -> list[Path]:
     """Image files under the root, leaving out the masks folder, hidden folders and folders that
     hold a run's outputs (a run directory inside the dataset root)."""
+    from ..pipeline import CONFIG_FILE, DATASET_FILE, MARKER
+
     found = []
     for folder, subfolders, files in os.walk(root):
         here = Path(folder)
         if exclude is not None and here == exclude:
             subfolders[:] = []
             continue
-        if here != root and {"_stage.json", "_dataset.json", "config.yaml"} & set(files):
+        if here != root and {MARKER, DATASET_FILE, CONFIG_FILE} & set(files):
             subfolders[:] = []
             continue
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
@@ -450,3 +453,10 @@ def _split_matches(value: str | None, split: str) -> bool:
     if split == "trainval":
         return value in ("train", "val", "trainval")
     return value == split
+
+
+@register_dataset("folder", description="your images with tags from a CSV/JSON, an optional class list and optional masks",
+                  keys={"labels_file": None, "classes_file": None, "masks_dir": None},
+                  required={"labels_file": "a CSV or JSON of tags"})
+def from_config(section, split: str, progress: bool = True) -> FolderDataset:
+    return build_folder(section["root"], split, section["labels_file"], section["classes_file"], section["masks_dir"])

@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import InputError, load_rgb_raw
-from .base import IGNORE_INDEX, Sample, SegmentationDataset
+from ..errors import InputError
+from ..io import load_rgb_raw
+from .base import IGNORE_INDEX, Sample, SegmentationDataset, register_dataset
 from .folder import image_size, read_list_file, relative_inside
 
 DIRECTORY = "MSRC_ObjCategImageDatabase_v2"
@@ -263,3 +264,9 @@ def ensure_msrc21(dest_dir: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+@register_dataset("msrc21", description="MSRC-21 v2, native layout; object protocol (14 + background) or standard21 "
+                                        "(eval only)", keys={"protocol": "object"})
+def from_config(section, split: str, progress: bool = True) -> MSRC21Dataset:
+    return build_msrc21(section["root"], split, protocol=section["protocol"])

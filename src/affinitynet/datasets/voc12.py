@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import InputError, load_label_png
-from .base import IGNORE_INDEX, Sample, SegmentationDataset
+from ..errors import InputError
+from ..io import load_label_png
+from .base import IGNORE_INDEX, Sample, SegmentationDataset, register_dataset
 from .folder import load_checked_mask, read_list_file, relative_inside
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -125,3 +126,9 @@ def build_voc12(root: str | os.PathLike, split: str) -> VOC12Dataset:
             continue
         dataset.samples.append(Sample(sample_id, image_path, labels, mask_path))
     return dataset
+
+
+@register_dataset("voc12", description="PASCAL VOC 2012 + SBD train_aug, the paper's dataset (20 classes + background)",
+                  keys={})
+def from_config(section, split: str, progress: bool = True) -> VOC12Dataset:
+    return build_voc12(section["root"], split)

@@ -59,7 +59,12 @@ def score(config: dict[str, Any], pred_dir, split_key: str, title: str) -> dict[
     (skipped lines in dataset order). It is returned on rank 0 only (None elsewhere), so that
     one process prints and records it.
     """
-    from ..metrics import ConfusionMatrix, score_samples, scored_samples, summarize_scores
+    from ..metrics import (
+        ConfusionMatrix,
+        score_samples,
+        scored_samples,
+        summarize_scores,
+    )
 
     data = dataset(config, split_key)
     if not data.has_masks:
@@ -77,75 +82,6 @@ def score(config: dict[str, Any], pred_dir, split_key: str, title: str) -> dict[
     result["title"] = title
     result["split"] = data.split
     return result
-
-
-def load_model_checkpoint(path):
-    """(state dict, meta) of a stage's final ``model.pt``, loaded with ``weights_only=True``;
-    a file that is not one (a bare state dict, say) raises a one-line TrainingError."""
-    from ..training import TrainingError, load_checkpoint
-
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise TrainingError(f"{path}: not the model.pt of an affinitynet stage (no 'model' weights in it)")
-    meta = state.get("meta")
-    return state["model"], meta if isinstance(meta, dict) else {}
-
-
-def check_model_meta(path, meta: dict[str, Any], class_names=None, backbone: str | None = None,
-                     command: str = "run", layout: dict[str, tuple[str, Any]] | None = None) -> None:
-    """Refuse, in one line, a model.pt trained on other classes or with another backbone than the
-    dataset and config say: its weights would not load, or worse, would label with wrong names.
-
-    ``layout`` maps meta keys to (config key, configured value), e.g. ``{"head": ("cam.head",
-    "psa")}``: layouts whose weights have the same keys and shapes (psa's and irn's CAM heads, a
-    dilated and an undilated ResNet-50) would load silently into the wrong network. A meta
-    without the key (a model.pt older than the option) is taken to have the option's default."""
-    from ..config import show_value
-    from ..training import TrainingError
-
-    for key, (config_key, value) in (layout or {}).items():
-        if key not in meta:
-            continue
-        made = list(meta[key]) if isinstance(meta[key], (list, tuple)) else meta[key]
-        wanted = list(value) if isinstance(value, (list, tuple)) else value
-        if made != wanted:
-            raise TrainingError(f"{path}: made with {config_key}={show_value(made)} but the config has "
-                                f"{config_key}={show_value(wanted)}; retrain it (affinitynet {command} --force) "
-                                f"or set {config_key}={show_value(made)}")
-
-    trained = meta.get("class_names")
-    if class_names is not None and trained is not None and list(trained) != list(class_names):
-        if len(trained) != len(class_names):
-            detail = f"{len(trained)} classes in it, {len(class_names)} in the dataset"
-        else:
-            index = next(i for i, (a, b) in enumerate(zip(trained, class_names)) if a != b)
-            detail = f"class {index} is '{trained[index]}' in it but '{class_names[index]}' in the dataset"
-        raise TrainingError(f"{path}: trained on other classes than the dataset ({detail}); retrain it "
-                            f"(affinitynet {command} --force) or use the dataset it was trained on")
-    if backbone is not None and meta.get("backbone") not in (None, backbone):
-        raise TrainingError(f"{path}: trained with backbone '{meta['backbone']}' but config key 'backbone.name' "
-                            f"is '{backbone}'; retrain it (affinitynet {command} --force)")
-
-
-def load_weights(model, state, path) -> None:
-    """``model.load_state_dict(state)``; a mismatch is one line naming the file."""
-    from ..training import TrainingError
-
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = (lines[1] if len(lines) > 1 else lines[0]) if lines else error.__class__.__name__
-        raise TrainingError(f"{path}: weights do not fit the configured model ({detail[:160]})") from None
-
-
-def imagenet_weights(config: dict[str, Any], pretrained: bool = True):
-    """What ``create_backbone(pretrained=...)`` gets: nothing to load when the weights will be
-    overwritten by a stage's own ``model.pt`` (inference), else the user's file or the packaged
-    weights."""
-    if not pretrained:
-        return False
-    return config["backbone"]["weights"] or True
 
 
 def train_network(config: dict[str, Any], stage, device: torch.device, model, section: dict[str, Any],

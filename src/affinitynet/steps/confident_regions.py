@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..affinity import confident_regions
+from ..affinity import NEUTRAL, confident_regions
 from ..crf import CRFParams
 from ..io import load_npz, save_label_png
-from ..pipeline import StageRun, map_images, stage_dir
+from ..pipeline import Stage, StageRun, map_images, stage
 from . import dataset, setup
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     setup(config)
-    stage = StageRun(config, "confident_regions", force)
+    job = StageRun(config, "confident_regions", force)
     data = dataset(config, "train_split")
-    stage.skipped.extend(data.skipped)
-    cam_dir = stage_dir(config, "infer_cam") / "cams"
-    out_dir = stage.dir / "labels"
+    job.skipped.extend(data.skipped)
+    cam_dir = stage("infer_cam").output("cams", config)
+    out_dir = STAGE.output("labels", config)
     section = config["affinity"]
     crf_params = CRFParams.from_config(config["crf"])
     counts = {"confident": 0, "pixels": 0}
@@ -27,13 +27,19 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         stored = load_npz(cam_dir / f"{sample.id}.npz")
         labels = confident_regions(image, stored["cams"].astype("float32"), stored["classes"].tolist(),
                                    section["alpha_low"], section["alpha_high"], crf_params)
-        counts["confident"] += int((labels != 255).sum())
+        counts["confident"] += int((labels != NEUTRAL).sum())
         counts["pixels"] += labels.size
         save_label_png(out_dir / f"{sample.id}.png", labels)
 
-    map_images(stage, data.samples, lambda s: [out_dir / f"{s.id}.png"], work, "confident-regions",
+    map_images(job, data.samples, lambda s: [out_dir / f"{s.id}.png"], work, "confident-regions",
                config["strict"])
     share = counts["confident"] / counts["pixels"] if counts["pixels"] else None
     if share is not None:
         print(f"[confident_regions] confident pixels: {100 * share:.1f}% (neutral {100 * (1 - share):.1f}%)")
-    return stage.finish(confident_share=share)
+    return job.finish(confident_share=share)
+
+
+STAGE = Stage("confident_regions", "confident-regions",
+              "confident object/background regions from low/high alpha + dCRF (3.2.1)",
+              keys=("affinity.alpha_low", "affinity.alpha_high", "crf"), upstream=("infer_cam",),
+              outputs={"labels": "labels"}, run=run)

@@ -8,28 +8,36 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from ..coverage import SOURCES, run_coverage
+from ..coverage import run_coverage
 from ..io import write_json
 from ..metrics import format_table
-from ..pipeline import StageRun, stage_dir
+from ..pipeline import MARKER, Stage, StageRun, label_stage, stage
 from . import dataset, label_images, score, setup
-from .random_walk import label_rows
 
 
 def rows(config: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(title, stage, folder, split key) of every scored row, in the order of the pipeline."""
+    """(title, stage, output, split key) of every scored row, in the order of the pipeline: the
+    CAM labels, each kind of label the configured label method writes, the network."""
+    labels = label_stage(config)
     return ([("CAM", "infer_cam", "labels", "label_split")]
-            + [(title, "random_walk", folder, "label_split") for title, folder in label_rows(config)]
+            + [(title, labels.name, output, "label_split") for title, output in labels.label_rows(config)]
             + [("Network", "infer_seg", "predictions", "eval_split")])
+
+
+def coverage_sources(config: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(title, folder, split key) of the labels whose coverage of the tags is measured."""
+    return [("CAM labels", stage("infer_cam").output("labels", config), "label_split"),
+            ("pseudo labels", label_stage(config).output("pseudo_labels", config), "label_split"),
+            ("predictions", stage("infer_seg").output("predictions", config), "eval_split")]
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     setup(config)
-    stage = StageRun(config, "evaluate_run", force)
+    job = StageRun(config, "evaluate_run", force)
     data = dataset(config, "eval_split")
     results: dict[str, Any] = {}
-    for title, stage_name, folder, split_key in rows(config):
-        directory = stage_dir(config, stage_name) / folder
+    for title, stage_name, output, split_key in rows(config):
+        directory = stage(stage_name).output(output, config)
         if not directory.is_dir():
             continue
         result = score(config, directory, split_key, title)
@@ -38,11 +46,11 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     if distributed.is_main():
         summary = {"run_dir": str(config["run_dir"]), "dataset": config["dataset"]["name"],
                    "backbone": config["backbone"]["name"], "class_names": data.class_names,
-                   "training_labels": label_rows(config)[-1][0],
+                   "training_labels": label_stage(config).label_rows(config)[-1][0],
                    "rows": {title: {"split": r["split"], "miou": r["miou"], "iou": r["iou"],
                                     "num_images": r["num_images"]} for title, r in results.items()}}
         stages = {}
-        for spec_dir in sorted(Path(config["run_dir"]).glob("*/_stage.json")):
+        for spec_dir in sorted(Path(config["run_dir"]).glob(f"*/{MARKER}")):
             from ..io import read_json
             state = read_json(spec_dir)
             stages[state.get("stage", spec_dir.parent.name)] = {"seconds": state.get("seconds"),
@@ -50,9 +58,8 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                                                                 "skipped": len(state.get("skipped", []))}
         summary["stages"] = stages
         summary["coverage"] = run_coverage(label_images(config), data,
-                                           {title: stage_dir(config, stage_name) / folder
-                                            for title, stage_name, folder, _ in SOURCES})
-        write_json(Path(config["run_dir"]) / "results.json", summary)
+                                           coverage_sources(config))
+        write_json(STAGE.output("results", config), summary)
         if "Network" in results:
             net = results["Network"]
             print(format_table({"Network": net["iou"]}, data.class_names,
@@ -60,4 +67,14 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         if results:
             labelled = {f"{title} ({r['split']})": r["iou"] for title, r in results.items()}
             print(format_table(labelled, data.class_names, "Table 5: every stage (mIoU %)"))
-    return stage.finish(rows={t: r["miou"] for t, r in results.items()})
+    return job.finish(rows={t: r["miou"] for t, r in results.items()})
+
+
+def upstream(config: dict[str, Any]) -> tuple[str, ...]:
+    return ("infer_cam", label_stage(config).name, "infer_seg")
+
+
+# results.json lies in the run directory, beside config.yaml, where a user looks first.
+STAGE = Stage("evaluate_run", "evaluate-run", "score every stage: Table 1, Table 2 and Table 5",
+              keys=("dataset.label_split", "dataset.eval_split"), upstream=upstream,
+              outputs={"results": "../results.json"}, run=run)

@@ -5,37 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from .. import distributed, transforms
 from ..cam import infer_cams, labels_from_scores, with_background
 from ..io import save_label_png, save_npz
 from ..metrics import format_table
-from ..training import for_inference
-from ..pipeline import StageRun, map_images, stage_dir
-from . import check_model_meta, label_images, load_model_checkpoint, load_weights, score, setup
-from .train_cam import build_model, layout
-
-
-def load_cam_model(config: dict[str, Any], device: torch.device, num_object_classes: int, class_names=None):
-    path = stage_dir(config, "train_cam") / "model.pt"
-    state, meta = load_model_checkpoint(path)
-    check_model_meta(path, meta, class_names, config["backbone"]["name"], "train-cam", layout(config))
-    model = build_model(config, num_object_classes, pretrained=False)
-    load_weights(model, state, path)
-    return model.to(device).eval()
+from ..networks import load_network
+from ..pipeline import Stage, StageRun, map_images
+from ..precision import for_inference
+from . import label_images, score, setup
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     device = setup(config)
-    stage = StageRun(config, "infer_cam", force)
+    job = StageRun(config, "infer_cam", force)
     data = label_images(config)
-    stage.skipped.extend(data.skipped)
-    model = for_inference(load_cam_model(config, device, data.num_object_classes, data.class_names),
-                          device, config["amp"], config["channels_last"], methods=("cams",))
+    job.skipped.extend(data.skipped)
+    model = for_inference(load_network("cam", config, device, data.num_classes, data.class_names),
+                          device, config["amp"], config["channels_last"], methods=("cams", "features", "classify"))
     mean, std = model.backbone.mean, model.backbone.std
     section = config["cam"]
-    cam_dir, label_dir = stage.dir / "cams", stage.dir / "labels"
+    cam_dir, label_dir = STAGE.output("cams", config), STAGE.output("labels", config)
 
     def outputs(sample):
         return [cam_dir / f"{sample.id}.npz", label_dir / f"{sample.id}.png"]
@@ -43,17 +33,24 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     def work(sample):
         image = data.load_image(sample)
         tensor = transforms.normalize(image, mean, std).to(device)
-        cams = infer_cams(model, tensor, sample.labels, section["scales"], section["flip"]).cpu().numpy()
+        cams = infer_cams(model, tensor, sample.labels, section["scales"], section["flip"],
+                          section["method"]).cpu().numpy()
         scores = with_background(cams, section["eval_alpha"], section["eval_bg_threshold"])
         save_label_png(label_dir / f"{sample.id}.png", labels_from_scores(scores, sample.labels))
         # float16 halves the disk; CAMs live in [0, 1] where its 3 decimal digits are plenty.
         save_npz(cam_dir / f"{sample.id}.npz", classes=np.asarray(sample.labels, dtype=np.int16),
                  cams=cams.astype(np.float16))
 
-    map_images(stage, data.samples, outputs, work, "infer-cam", config["strict"])
+    map_images(job, data.samples, outputs, work, "infer-cam", config["strict"])
     distributed.barrier()
     result = score(config, label_dir, "label_split", "CAM")
     if result is not None:
         print(format_table({"CAM": result["iou"]}, data.class_names,
                            f"Table 1 (CAM only), {result['split']}: mIoU {result['miou']:.1f}"))
-    return stage.finish(cam=result)
+    return job.finish(cam=result)
+
+
+STAGE = Stage("infer_cam", "infer-cam", "multi-scale CAMs and the CAM-only labels (Eq. 1-2, Table 1 'CAM')",
+              keys=("dataset.label_split", "cam.scales", "cam.flip", "cam.eval_alpha", "cam.eval_bg_threshold"),
+              upstream=("train_cam",), outputs={"cams": "cams", "labels": "labels"}, run=run,
+              optional_keys=("cam.method",))

@@ -8,25 +8,27 @@ from typing import Any
 from .. import distributed
 from ..io import save_label_png
 from ..metrics import format_table
-from ..pipeline import StageRun, map_images, stage_dir
-from ..training import for_inference
+from ..networks import check_meta
+from ..pipeline import Stage, StageRun, map_images, stage
+from ..precision import for_inference
 from ..segmentation import model_from_checkpoint, predict_labels
-from . import check_model_meta, dataset, score, setup
+from . import dataset, score, setup
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     device = setup(config)
-    stage = StageRun(config, "infer_seg", force)
+    job = StageRun(config, "infer_seg", force)
     data = dataset(config, "eval_split")
-    stage.skipped.extend(data.skipped)
+    job.skipped.extend(data.skipped)
     # The checkpoint's meta, not the config, says how the network was built: the stage hash
     # already ties this model.pt to the current training settings.
-    model, meta = model_from_checkpoint(stage_dir(config, "train_seg") / "model.pt", device)
-    check_model_meta(stage_dir(config, "train_seg") / "model.pt", meta, data.class_names, command="train-seg")
+    path = stage("train_seg").output("model", config)
+    model, meta = model_from_checkpoint(path, device)
+    check_meta(path, meta, data.class_names, command="train-seg")
     model = for_inference(model, device, config["amp"], config["channels_last"])
     section = config["segmentation"]
     crf = config["crf"] if section["crf"] else None
-    pred_dir = stage.dir / "predictions"
+    pred_dir = STAGE.output("predictions", config)
 
     def outputs(sample):
         return [pred_dir / f"{sample.id}.png"]
@@ -36,7 +38,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         labels = predict_labels(model, image, meta["mean"], meta["std"], section["scales"], section["flip"], crf)
         save_label_png(pred_dir / f"{sample.id}.png", labels)
 
-    map_images(stage, data.samples, outputs, work, "infer-seg", config["strict"])
+    map_images(job, data.samples, outputs, work, "infer-seg", config["strict"])
     distributed.barrier()
     row = ("Fully supervised" if meta.get("supervision") == "gt" else "Ours") + f"-{meta['backbone']}"
     result = score(config, pred_dir, "eval_split", row)
@@ -44,4 +46,9 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         print(format_table({row: result}, data.class_names,
                            f"Table 2 layout (segmentation network), {result['split']}: mIoU "
                            f"{result['miou']:.1f} over {result['num_images']} images"))
-    return stage.finish(segmentation=result)
+    return job.finish(segmentation=result)
+
+
+STAGE = Stage("infer_seg", "infer-seg", "segment the evaluation split, multi-scale + flip (A.2)",
+              keys=("dataset.eval_split", "segmentation.scales", "segmentation.flip", "segmentation.crf", "crf"),
+              upstream=("train_seg",), outputs={"predictions": "predictions"}, run=run)

@@ -18,34 +18,20 @@ from PIL import Image
 
 from .. import distributed, transforms
 from ..affinity import boundary_image, boundary_map
-from ..config import ConfigError
 from ..crf import CRFParams
+from ..errors import ConfigError
 from ..io import load_npz, save_label_png, save_npz, save_rgb_png
 from ..metrics import format_table
-from ..training import for_inference
-from ..pipeline import StageRun, map_images, stage_dir
+from ..networks import load_network
+from ..pipeline import Stage, StageRun, map_images, stage
+from ..precision import for_inference
 from ..pseudo_labels import band_limited, band_width, label_maps, refinement
 from ..random_walk import pair_affinities
-from . import check_model_meta, label_images, load_model_checkpoint, load_weights, score, setup
-from .train_affinity import build_model, layout
-
-
-def load_affinity_model(config: dict[str, Any], device: torch.device, class_names=None):
-    path = stage_dir(config, "train_affinity") / "model.pt"
-    state, meta = load_model_checkpoint(path)
-    check_model_meta(path, meta, class_names, config["backbone"]["name"], "train-affinity", layout(config))
-    model = build_model(config, pretrained=False)
-    load_weights(model, state, path)
-    return model.to(device).eval()
-
-
-def output_dirs(run_dir_stage) -> dict[str, Any]:
-    return {name: run_dir_stage / name
-            for name in ("affinities", "boundaries", "rw_labels", "crf_labels", "pseudo_labels")}
+from . import label_images, score, setup
 
 
 def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """(Table 1 title, folder) of each kind of label this stage writes under ``config``, in the
+    """(Table 1 title, output) of each kind of label this stage writes under ``config``, in the
     order of the pipeline. The last row's labels are those in ``pseudo_labels``, which train the
     segmentation network."""
     mode = refinement(config["random_walk"]["crf"])
@@ -58,10 +44,10 @@ def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     device = setup(config)
-    stage = StageRun(config, "random_walk", force)
+    job = StageRun(config, "random_walk", force)
     data = label_images(config)
-    stage.skipped.extend(data.skipped)
-    model = for_inference(load_affinity_model(config, device, data.class_names), device,
+    job.skipped.extend(data.skipped)
+    model = for_inference(load_network("affinity", config, device, data.num_classes, data.class_names), device,
                           config["amp"], config["channels_last"], methods=("features",))
     section = config["random_walk"]
     mean, std = model.backbone.mean, model.backbone.std
@@ -75,8 +61,8 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     # The config's rule has already refused any other value.
     mode = refinement(section["crf"])
     crf = CRFParams.from_config(config["crf"]) if mode != "off" else None
-    cam_dir = stage_dir(config, "infer_cam") / "cams"
-    dirs = output_dirs(stage.dir)
+    cam_dir = stage("infer_cam").output("cams", config)
+    dirs = {name: STAGE.output(name, config) for name in STAGE.outputs}
     label_folders = {folder for _, folder in label_rows(config)} | {"pseudo_labels"}
 
     def outputs(sample):
@@ -111,10 +97,10 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         save_npz(dirs["affinities"] / f"{sample.id}.npz", affinities=affinities16.cpu().numpy(),
                  stride=np.int16(stride))
 
-    map_images(stage, data.samples, outputs, work, "random-walk", config["strict"])
+    map_images(job, data.samples, outputs, work, "random-walk", config["strict"])
     distributed.barrier()
     rows, results = {}, {}
-    for title, directory in [("CAM", stage_dir(config, "infer_cam") / "labels")] + [
+    for title, directory in [("CAM", stage("infer_cam").output("labels", config))] + [
             (title, dirs[folder]) for title, folder in label_rows(config)]:
         result = score(config, directory, "label_split", title)
         if result is not None:
@@ -122,4 +108,10 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     if rows:
         split = next(iter(results.values()))["split"]
         print(format_table(rows, data.class_names, f"Table 1: pseudo labels on {data.name} {split} (mIoU %)"))
-    return stage.finish(table1={title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()})
+    return job.finish(table1={title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()})
+
+
+STAGE = Stage("random_walk", "random-walk", "random walk with AffinityNet and the pseudo labels (3.3-3.4, Table 1)",
+              keys=("random_walk", "affinity.distance", "crf"), upstream=("infer_cam", "train_affinity"),
+              outputs={name: name for name in ("affinities", "boundaries", "rw_labels", "crf_labels", "pseudo_labels")},
+              run=run, label_method="affinitynet", label_rows=label_rows)

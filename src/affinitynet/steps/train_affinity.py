@@ -8,12 +8,17 @@ import numpy as np
 import torch
 
 from .. import transforms
-from ..affinity import AffinityNet, affinity_loss_from_distances, downsample_labels, feature_distances, pair_labels
-from ..backbones import create_backbone
+from ..affinity import (
+    affinity_loss_from_distances,
+    downsample_labels,
+    feature_distances,
+    pair_labels,
+)
 from ..io import load_label_png
-from ..pipeline import StageRun, stage_dir
+from ..networks import build_network, network_meta
+from ..pipeline import Stage, StageRun, stage, training_keys
 from ..training import ImageTrainSet
-from . import dataset, imagenet_weights, setup, train_network
+from . import dataset, setup, train_network
 
 
 class AffinityTrainSet(ImageTrainSet):
@@ -33,31 +38,6 @@ class AffinityTrainSet(ImageTrainSet):
         return transforms.normalize(image, self.mean, self.std), torch.from_numpy(np.ascontiguousarray(grid))
 
 
-def build_model(config: dict[str, Any], pretrained=True) -> AffinityNet:
-    backbone_cfg = config["backbone"]
-    section = config["affinity"]
-    weights = imagenet_weights(config, pretrained)
-    backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"], pretrained=weights,
-                               atrous=backbone_cfg["atrous"])
-    return AffinityNet(backbone, channels=section["channels"], radius=section["radius"], distance=section["distance"])
-
-
-def model_meta(config: dict[str, Any], class_names, backbone) -> dict[str, Any]:
-    """What ``model.pt`` records beside the weights (also written by ``import-weights``)."""
-    section = config["affinity"]
-    return {"kind": "affinity", "class_names": list(class_names), "backbone": config["backbone"]["name"],
-            "output_stride": config["backbone"]["output_stride"], "atrous": config["backbone"]["atrous"],
-            "channels": list(section["channels"]), "radius": section["radius"], "distance": section["distance"],
-            "mean": list(backbone.mean), "std": list(backbone.std)}
-
-
-def layout(config: dict[str, Any]) -> dict[str, tuple[str, Any]]:
-    """The meta keys that must match the config for the weights to mean what they meant."""
-    return {"channels": ("affinity.channels", config["affinity"]["channels"]),
-            "distance": ("affinity.distance", config["affinity"]["distance"]),
-            "atrous": ("backbone.atrous", config["backbone"]["atrous"])}
-
-
 def make_step(radius: int, distance: str):
     def step(model, batch):
         images, grid_labels = batch
@@ -72,15 +52,21 @@ def make_step(radius: int, distance: str):
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     device = setup(config)
-    stage = StageRun(config, "train_affinity", force)
+    job = StageRun(config, "train_affinity", force)
     data = dataset(config, "train_split")
-    stage.skipped.extend(data.skipped)
-    model = build_model(config)
+    job.skipped.extend(data.skipped)
+    model = build_network("affinity", config, data.num_classes)
     section = config["affinity"]
     backbone = model.backbone
-    meta = model_meta(config, data.class_names, backbone)
-    train_set = AffinityTrainSet(data, stage_dir(config, "confident_regions") / "labels", section,
+    meta = network_meta("affinity", config, data.class_names, backbone)
+    train_set = AffinityTrainSet(data, stage("confident_regions").output("labels", config), section,
                                  backbone.mean, backbone.std, backbone.output_stride, config["seed"])
-    result = train_network(config, stage, device, model, section, train_set,
+    result = train_network(config, job, device, model, section, train_set,
                            make_step(section["radius"], section["distance"]), meta, "affinity")
-    return stage.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)
+    return job.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)
+
+
+STAGE = Stage("train_affinity", "train-affinity", "train AffinityNet on the affinity labels (3.2.2, Eq. 7-10)",
+              keys=("seed", "backbone", "affinity.radius", "affinity.distance", "affinity.channels")
+              + training_keys("affinity"),
+              upstream=("confident_regions",), outputs={"model": "model.pt", "log": "log.csv"}, run=run)

@@ -6,11 +6,10 @@ from typing import Any
 import torch.nn.functional as F
 
 from .. import transforms
-from ..backbones import create_backbone
-from ..cam import CAMNet
-from ..pipeline import StageRun
+from ..networks import build_network, network_meta
+from ..pipeline import Stage, StageRun, training_keys
 from ..training import ImageTrainSet
-from . import dataset, imagenet_weights, setup, train_network
+from . import dataset, setup, train_network
 
 
 class CAMTrainSet(ImageTrainSet):
@@ -30,27 +29,6 @@ class CAMTrainSet(ImageTrainSet):
         return transforms.normalize(image, self.mean, self.std), self.dataset.multi_hot(sample)
 
 
-def build_model(config: dict[str, Any], num_object_classes: int, pretrained=True) -> CAMNet:
-    backbone_cfg = config["backbone"]
-    weights = imagenet_weights(config, pretrained)
-    backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"], pretrained=weights,
-                               atrous=backbone_cfg["atrous"])
-    return CAMNet(backbone, num_object_classes, config["cam"]["head_channels"], config["cam"]["head"])
-
-
-def model_meta(config: dict[str, Any], class_names, backbone) -> dict[str, Any]:
-    """What ``model.pt`` records beside the weights (also written by ``import-weights``)."""
-    return {"kind": "cam", "class_names": list(class_names), "backbone": config["backbone"]["name"],
-            "output_stride": config["backbone"]["output_stride"], "atrous": config["backbone"]["atrous"],
-            "head": config["cam"]["head"], "head_channels": config["cam"]["head_channels"],
-            "mean": list(backbone.mean), "std": list(backbone.std)}
-
-
-def layout(config: dict[str, Any]) -> dict[str, tuple[str, Any]]:
-    """The meta keys that must match the config for the weights to mean what they meant."""
-    return {"head": ("cam.head", config["cam"]["head"]), "atrous": ("backbone.atrous", config["backbone"]["atrous"])}
-
-
 def classification_step(model, batch):
     images, targets = batch
     device = next(model.parameters()).device
@@ -60,14 +38,20 @@ def classification_step(model, batch):
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     device = setup(config)
-    stage = StageRun(config, "train_cam", force)
+    job = StageRun(config, "train_cam", force)
     data = dataset(config, "train_split")
-    stage.skipped.extend(data.skipped)
-    model = build_model(config, data.num_object_classes)
+    job.skipped.extend(data.skipped)
+    model = build_network("cam", config, data.num_classes)
     section = config["cam"]
     backbone = model.backbone
-    meta = model_meta(config, data.class_names, backbone)
-    result = train_network(config, stage, device, model, section,
+    meta = network_meta("cam", config, data.class_names, backbone)
+    result = train_network(config, job, device, model, section,
                            CAMTrainSet(data, section, backbone.mean, backbone.std, config["seed"]),
                            classification_step, meta, "cam")
-    return stage.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)
+    return job.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)
+
+
+STAGE = Stage("train_cam", "train-cam", "train the CAM network (paper 3.1, 4.2)",
+              keys=("seed", "backbone", "cam.head", "cam.head_channels", "cam.resize_long")
+              + training_keys("cam"),
+              upstream=(), outputs={"model": "model.pt", "log": "log.csv"}, run=run)

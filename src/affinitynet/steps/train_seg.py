@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import transforms
-from ..io import InputError, load_label_png
-from ..pipeline import StageRun, stage_dir
-from ..segmentation import CHECKPOINT_KIND, build_segmentation_model
-from ..training import ImageTrainSet, TrainingError
-from . import dataset, imagenet_weights, setup, train_network
-
-IGNORE_INDEX = transforms.IGNORE_INDEX
+from ..errors import InputError, TrainingError
+from ..io import IGNORE_INDEX, load_label_png
+from ..networks import build_network, network_meta
+from ..pipeline import Stage, StageRun, label_stage, training_keys
+from ..training import ImageTrainSet
+from . import dataset, setup, train_network
 
 
 class SegTrainSet(ImageTrainSet):
@@ -42,7 +41,8 @@ class SegTrainSet(ImageTrainSet):
 
 
 def pseudo_label_dir(config: dict[str, Any]) -> Path:
-    return stage_dir(config, "random_walk") / "pseudo_labels"
+    """The pseudo labels of the configured label method (``labels.method``)."""
+    return label_stage(config).output("pseudo_labels", config)
 
 
 def label_loader(config: dict[str, Any], data) -> Callable[[Any], np.ndarray]:
@@ -81,7 +81,7 @@ def check_labels_exist(config: dict[str, Any], data) -> None:
     label_dir = pseudo_label_dir(config)
     if not any((label_dir / f"{sample.id}.png").exists() for sample in data.samples):
         raise TrainingError(f"no pseudo labels for the {data.split} split in {label_dir}: run "
-                            f"`affinitynet random-walk` first (or segmentation.supervision=gt)")
+                            f"`affinitynet {label_stage(config).command}` first (or segmentation.supervision=gt)")
 
 
 def segmentation_step(model, batch):
@@ -99,31 +99,34 @@ def segmentation_step(model, batch):
     return loss, {"pixel_accuracy": float(correct) / float(count)}
 
 
-def build_model(config: dict[str, Any], num_classes: int, pretrained=True):
-    backbone_cfg = config["backbone"]
-    weights = imagenet_weights(config, pretrained)
-    return build_segmentation_model(backbone_cfg["name"], backbone_cfg["output_stride"], num_classes,
-                                    config["segmentation"]["head"], pretrained=weights, atrous=backbone_cfg["atrous"])
-
-
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     section = config["segmentation"]
     seed = config["seed"] if section["seed"] is None else section["seed"]
     device = setup(config, seed)
-    stage = StageRun(config, "train_seg", force)
+    job = StageRun(config, "train_seg", force)
     data = dataset(config, "train_split")
-    stage.skipped.extend(data.skipped)
+    job.skipped.extend(data.skipped)
     check_labels_exist(config, data)
-    model = build_model(config, data.num_classes)
+    model = build_network("segmentation", config, data.num_classes)
     backbone = model.backbone
     # Everything predict() needs, so a model.pt alone segments images (affinitynet predict).
-    meta = {"kind": CHECKPOINT_KIND, "class_names": list(data.class_names), "num_classes": data.num_classes,
-            "backbone": config["backbone"]["name"], "output_stride": config["backbone"]["output_stride"],
-            "atrous": config["backbone"]["atrous"], "head": section["head"], "supervision": section["supervision"],
-            "mean": list(backbone.mean), "std": list(backbone.std)}
-    result = train_network(config, stage, device, model, section,
+    meta = network_meta("segmentation", config, data.class_names, backbone)
+    result = train_network(config, job, device, model, section,
                            SegTrainSet(data, section, backbone.mean, backbone.std, seed, label_loader(config, data)),
                            segmentation_step, meta, "segmentation", seed)
     last = result.history[-1] if result.history else {}
-    return stage.finish(epochs=result.epochs, seed=seed, final_loss=last.get("loss"),
+    return job.finish(epochs=result.epochs, seed=seed, final_loss=last.get("loss"),
                         final_pixel_accuracy=last.get("pixel_accuracy"))
+
+
+def upstream(config: dict[str, Any]) -> tuple[str, ...]:
+    """The label method's stage; none for the fully supervised bound, which trains on the ground
+    truth."""
+    return () if config["segmentation"]["supervision"] == "gt" else (label_stage(config).name,)
+
+
+STAGE = Stage("train_seg", "train-seg", "train the segmentation network on the pseudo labels (3.4, 4.2)",
+              keys=("seed", "backbone", "segmentation.head", "segmentation.supervision", "segmentation.scale_range")
+              + training_keys("segmentation"),
+              upstream=upstream, outputs={"model": "model.pt", "log": "log.csv"}, run=run,
+              optional_keys=("segmentation.seed",))

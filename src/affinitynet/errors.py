@@ -1,0 +1,38 @@
+"""The errors a user sees as one line (``affinitynet`` prints ``error: <message>`` and exits 2).
+
+Each error names what is wrong and what to do; none carries a traceback to the user. They share
+:class:`AffinityNetError`, so that a caller (the CLI, a notebook) can catch them all at once.
+"""
+from __future__ import annotations
+
+import os
+
+
+class AffinityNetError(Exception):
+    """The base of every error reported to the user as one line."""
+
+
+class ConfigError(AffinityNetError, ValueError):
+    """A bad configuration; ``str()`` is one line naming the key and what is allowed."""
+
+
+class InputError(AffinityNetError):
+    """A problem with one input file; ``str()`` is one line: ``<path>: <problem>``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class StageError(AffinityNetError, RuntimeError):
+    """A stage cannot run here (its inputs are missing, or the run directory holds another
+    dataset's outputs); one line saying what to do."""
+
+
+class TrainingError(AffinityNetError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message says what was kept."""
+
+
+class WeightsError(AffinityNetError, RuntimeError):
+    """A weight file that cannot be loaded into a backbone; the message names file and keys."""

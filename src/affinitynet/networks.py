@@ -1,0 +1,201 @@
+"""The pipeline's three networks in one place: the CAM network (3.1), AffinityNet (3.2.2) and the
+segmentation network (3.4). :func:`build_network` builds each from the config,
+:func:`network_meta` gives what its ``model.pt`` records beside the weights, and
+:func:`load_network` loads a stage's ``model.pt`` and checks it against the config and the
+dataset. Training stages, inference stages and ``import-weights`` all go through here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import TrainingError
+
+
+def imagenet_weights(config: dict[str, Any], pretrained: bool = True):
+    """What ``create_backbone(pretrained=...)`` gets: nothing to load when the weights will be
+    overwritten by a stage's own ``model.pt`` (inference), else the user's file or the packaged
+    weights."""
+    if not pretrained:
+        return False
+    return config["backbone"]["weights"] or True
+
+
+def _backbone(config: dict[str, Any], pretrained: bool):
+    from .backbones import create_backbone
+
+    section = config["backbone"]
+    return create_backbone(section["name"], output_stride=section["output_stride"],
+                           pretrained=imagenet_weights(config, pretrained), atrous=section["atrous"])
+
+
+def _cam(config, num_classes, pretrained):
+    from .cam import CAMNet
+
+    return CAMNet(_backbone(config, pretrained), num_classes - 1, config["cam"]["head_channels"], config["cam"]["head"])
+
+
+def _affinity(config, num_classes, pretrained):
+    from .affinity import AffinityNet
+
+    section = config["affinity"]
+    return AffinityNet(_backbone(config, pretrained), channels=section["channels"], radius=section["radius"],
+                       distance=section["distance"])
+
+
+def _segmentation(config, num_classes, pretrained):
+    from .segmentation import SegmentationNet
+
+    return SegmentationNet(_backbone(config, pretrained), num_classes, config["segmentation"]["head"])
+
+
+@dataclass(frozen=True)
+class Network:
+    kind: str                  # the ``kind`` of its model.pt's meta
+    stage: str                 # the stage that trains it and holds its model.pt
+    build: Callable[[dict[str, Any], int, bool], nn.Module]   # (config, classes with background, pretrained)
+    # Meta entries beyond the common ones: (meta key, config key) of what shapes the weights.
+    recorded: tuple[tuple[str, str], ...]
+    # The recorded entries that must match the config for the weights to mean what they meant
+    # (layouts whose weights have the same keys and shapes would load silently otherwise).
+    checked: tuple[str, ...]
+
+
+NETWORKS: dict[str, Network] = {
+    "cam": Network("cam", "train_cam", _cam, (("head", "cam.head"), ("head_channels", "cam.head_channels")),
+                   ("head", "atrous")),
+    "affinity": Network("affinity", "train_affinity", _affinity,
+                        (("channels", "affinity.channels"), ("radius", "affinity.radius"),
+                         ("distance", "affinity.distance")), ("channels", "distance", "atrous")),
+    "segmentation": Network("segmentation", "train_seg", _segmentation,
+                            (("head", "segmentation.head"), ("supervision", "segmentation.supervision")), ()),
+}
+
+
+def build_network(kind: str, config: dict[str, Any], num_classes: int, pretrained: bool = True) -> nn.Module:
+    """The ``kind`` network (``cam``, ``affinity``, ``segmentation``) for a dataset of
+    ``num_classes`` classes, background included; ``pretrained=False`` skips the ImageNet
+    weights (they are about to be overwritten by a ``model.pt``)."""
+    return NETWORKS[kind].build(config, num_classes, pretrained)
+
+
+def meta_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The config keys a ``model.pt``'s meta records, as a config tree that
+    :func:`build_network` reads: a network rebuilt from its file alone (``predict``)."""
+    tree: dict[str, Any] = {"backbone": {"name": meta["backbone"], "output_stride": int(meta["output_stride"]),
+                                         "atrous": bool(meta.get("atrous", True)), "weights": None}}
+    for key, config_key in NETWORKS[meta["kind"]].recorded:
+        if key in meta:
+            section, leaf = config_key.split(".")
+            tree.setdefault(section, {})[leaf] = meta[key]
+    return tree
+
+
+def network_meta(kind: str, config: dict[str, Any], class_names, backbone) -> dict[str, Any]:
+    """What ``model.pt`` records beside the weights: enough for ``predict`` to rebuild the
+    segmentation network without a config, and for :func:`load_network` to refuse a file that
+    does not fit."""
+    from .config import get
+
+    meta: dict[str, Any] = {"kind": kind, "class_names": list(class_names)}
+    if kind == "segmentation":
+        meta["num_classes"] = len(class_names)
+    meta.update({"backbone": config["backbone"]["name"], "output_stride": config["backbone"]["output_stride"],
+                 "atrous": config["backbone"]["atrous"]})
+    for key, config_key in NETWORKS[kind].recorded:
+        value = get(config, config_key)
+        meta[key] = list(value) if isinstance(value, (list, tuple)) else value
+    meta.update({"mean": list(backbone.mean), "std": list(backbone.std)})
+    return meta
+
+
+def layout(kind: str, config: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """The meta keys of ``kind`` that must match the config, with (config key, configured value)."""
+    from .config import get
+
+    config_keys = dict(NETWORKS[kind].recorded, atrous="backbone.atrous")
+    return {key: (config_keys[key], get(config, config_keys[key])) for key in NETWORKS[kind].checked}
+
+
+def load_checkpoint_meta(path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state dict, meta) of a stage's final ``model.pt``, loaded with ``weights_only=True``;
+    a file that is not one (a bare state dict, say) raises a one-line TrainingError."""
+    from .checkpoints import load_checkpoint
+
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise TrainingError(f"{path}: not the model.pt of an affinitynet stage (no 'model' weights in it)")
+    meta = state.get("meta")
+    return state["model"], meta if isinstance(meta, dict) else {}
+
+
+def check_meta(path, meta: dict[str, Any], class_names=None, backbone: str | None = None,
+               command: str = "run", layout: dict[str, tuple[str, Any]] | None = None) -> None:
+    """Refuse, in one line, a model.pt trained on other classes or with another backbone than the
+    dataset and config say: its weights would not load, or worse, would label with wrong names.
+
+    ``layout`` maps meta keys to (config key, configured value), e.g. ``{"head": ("cam.head",
+    "psa")}``: layouts whose weights have the same keys and shapes (psa's and irn's CAM heads, a
+    dilated and an undilated ResNet-50) would load silently into the wrong network. A meta
+    without the key (a model.pt older than the option) is taken to have the option's default."""
+    from .config import show_value
+
+    for key, (config_key, value) in (layout or {}).items():
+        if key not in meta:
+            continue
+        made = list(meta[key]) if isinstance(meta[key], (list, tuple)) else meta[key]
+        wanted = list(value) if isinstance(value, (list, tuple)) else value
+        if made != wanted:
+            raise TrainingError(f"{path}: made with {config_key}={show_value(made)} but the config has "
+                                f"{config_key}={show_value(wanted)}; retrain it (affinitynet {command} --force) "
+                                f"or set {config_key}={show_value(made)}")
+
+    trained = meta.get("class_names")
+    if class_names is not None and trained is not None and list(trained) != list(class_names):
+        if len(trained) != len(class_names):
+            detail = f"{len(trained)} classes in it, {len(class_names)} in the dataset"
+        else:
+            index = next(i for i, (a, b) in enumerate(zip(trained, class_names)) if a != b)
+            detail = f"class {index} is '{trained[index]}' in it but '{class_names[index]}' in the dataset"
+        raise TrainingError(f"{path}: trained on other classes than the dataset ({detail}); retrain it "
+                            f"(affinitynet {command} --force) or use the dataset it was trained on")
+    if backbone is not None and meta.get("backbone") not in (None, backbone):
+        raise TrainingError(f"{path}: trained with backbone '{meta['backbone']}' but config key 'backbone.name' "
+                            f"is '{backbone}'; retrain it (affinitynet {command} --force)")
+
+
+def load_weights(model: nn.Module, state, path) -> None:
+    """``model.load_state_dict(state)``; a mismatch is one line naming the file."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0]) if lines else error.__class__.__name__
+        raise TrainingError(f"{path}: weights do not fit the configured model ({detail[:160]})") from None
+
+
+def model_path(kind: str, config: dict[str, Any]) -> Path:
+    """The ``model.pt`` of the stage that trains ``kind``."""
+    from .pipeline import stage
+
+    return stage(NETWORKS[kind].stage).output("model", config)
+
+
+def load_network(kind: str, config: dict[str, Any], device: torch.device, num_classes: int,
+                 class_names=None) -> nn.Module:
+    """The ``kind`` network of the run (``num_classes`` with background), from its stage's
+    ``model.pt``, checked against the config's backbone and layout and, given, the dataset's
+    classes; in eval mode on ``device``."""
+    from .pipeline import stage
+
+    path = model_path(kind, config)
+    state, meta = load_checkpoint_meta(path)
+    check_meta(path, meta, class_names, config["backbone"]["name"], stage(NETWORKS[kind].stage).command,
+               layout(kind, config))
+    model = build_network(kind, config, num_classes, pretrained=False)
+    load_weights(model, state, path)
+    return model.to(device).eval()

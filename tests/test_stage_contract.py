@@ -1,0 +1,155 @@
+"""The contract between the stages and the run directory: a stage's outputs are reused only while
+every config key it reads is unchanged.
+
+- Every default key is hashed by some stage or is on ``pipeline.RUNTIME_KEYS``.
+- Each stage of the tiny pipeline, run with a config that notes every key read, reads only keys
+  its hash covers (its own, or an upstream stage's, whose hash it hashes) or runtime keys.
+- Changing any one key leaves exactly the stages that hash it, and those downstream of them, out
+  of date in a finished run.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import tiny_pipeline as tiny
+
+from affinitynet import pipeline
+from affinitynet.config import DEFAULTS, flatten, load_config
+
+
+def covered(key: str, hashed: tuple[str, ...] | set[str]) -> bool:
+    """Whether a hashed key or section (``crf``, ``random_walk``) holds ``key``."""
+    return any(key == h or key.startswith(h + ".") for h in hashed)
+
+
+def own_keys(config: dict[str, Any], name: str) -> tuple[str, ...]:
+    return pipeline._hashed_keys(name, config)
+
+
+def covering_keys(config: dict[str, Any], name: str) -> set[str]:
+    """What the stage's hash covers: its keys, and its optional keys (hashed once set; unset,
+    they mean a hashed key's value)."""
+    return set(own_keys(config, name)) | set(pipeline.stage(name).optional_keys)
+
+
+def transitive_keys(config: dict[str, Any], name: str) -> set[str]:
+    keys = covering_keys(config, name)
+    for parent in pipeline.ancestors(config, name):
+        keys |= covering_keys(config, parent)
+    return keys
+
+
+def test_every_default_key_is_hashed_or_declared_runtime():
+    config = copy.deepcopy(DEFAULTS)
+    hashed = {key for spec in pipeline.stages(config) for key in own_keys(config, spec.name)}
+    hashed |= {key for spec in pipeline.stages(config) for key in spec.optional_keys}
+    loose = [key for key in flatten(DEFAULTS) if not covered(key, hashed) and key not in pipeline.RUNTIME_KEYS]
+    assert loose == [], f"neither hashed by a stage nor in pipeline.RUNTIME_KEYS: {loose}"
+    both = [key for key in pipeline.RUNTIME_KEYS if covered(key, hashed)]
+    assert both == [], f"hashed, yet declared runtime-only: {both}"
+    assert set(pipeline.RUNTIME_KEYS) <= set(flatten(DEFAULTS))
+
+
+class Recording(dict):
+    """A config (section) that notes the dotted name of every leaf key read from it, unless
+    ``paused[0]``: the pipeline's own bookkeeping (hashes, the saved config.yaml, the size rules)
+    reads every key and is not a stage's reading."""
+
+    def __init__(self, tree: dict[str, Any], log: set[str], paused: list[bool], prefix: str = ""):
+        super().__init__({k: Recording(v, log, paused, f"{prefix}{k}.") if isinstance(v, dict) else v
+                          for k, v in tree.items()})
+        self._log, self._paused, self._prefix = log, paused, prefix
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if not isinstance(value, Recording) and not self._paused[0]:
+            self._log.add(self._prefix + key)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    # Overriding iteration makes dict(), ** and json read through __getitem__.
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def items(self):
+        return [(k, self[k]) for k in super().keys()]
+
+    def values(self):
+        return [self[k] for k in super().keys()]
+
+
+def plain(tree: Any) -> Any:
+    return {k: plain(dict.__getitem__(tree, k)) for k in dict.keys(tree)} if isinstance(tree, dict) else tree
+
+
+@pytest.mark.slow
+def test_every_key_a_stage_reads_is_hashed(tmp_path, monkeypatch):
+    from affinitynet import size_rules
+
+    log: set[str] = set()
+    paused = [False]
+
+    def quietly(function, convert=False):
+        def wrapped(config, *args, **kwargs):
+            paused[0] = True
+            try:
+                return function(plain(config) if convert else config, *args, **kwargs)
+            finally:
+                paused[0] = False
+        return wrapped
+
+    monkeypatch.setattr(pipeline, "record_run", quietly(pipeline.record_run, convert=True))
+    for name in ("stage_hash", "stage_inputs", "hash_matches", "_hash"):
+        monkeypatch.setattr(pipeline, name, quietly(getattr(pipeline, name)))
+    monkeypatch.setattr(size_rules, "resolve_auto", quietly(size_rules.resolve_auto))
+
+    base = tiny.config(tmp_path / "run", tmp_path / "data")
+    config = Recording(base, log, paused)
+    misses = {}
+    for spec in pipeline.stages(base):
+        log.clear()
+        pipeline.run_stage(config, spec.name)
+        allowed = transitive_keys(base, spec.name)
+        loose = sorted(key for key in log if not covered(key, allowed) and key not in pipeline.RUNTIME_KEYS)
+        if loose:
+            misses[spec.name] = loose
+        assert pipeline.is_complete(base, spec.name)
+    assert misses == {}, f"keys read but not hashed (a change would reuse stale outputs): {misses}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return tiny.reference_run(tmp_path_factory)
+
+
+def changed(value: Any) -> Any:
+    """Another value of the same kind (the hash compares values, not their validity)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, list):
+        return value + value[-1:]
+    return f"{value}-changed"
+
+
+def test_one_changed_key_outdates_exactly_its_stages_and_those_downstream(reference):
+    run_dir, data_root = reference
+    config = load_config(run_dir / "config.yaml")
+    names = [spec.name for spec in pipeline.stages(config)]
+    assert all(pipeline.is_complete(config, name) for name in names)
+    for key, value in flatten(config).items():
+        if key in pipeline.RUNTIME_KEYS:
+            continue
+        other = copy.deepcopy(config)
+        section, _, leaf = key.rpartition(".")
+        (pipeline.get(other, section) if section else other)[leaf] = changed(value)
+        reading = [name for name in names if covered(key, own_keys(other, name))]
+        expected = set(reading) | {d for name in reading for d in pipeline.descendants(other, name)}
+        stale = {name for name in names if not pipeline.is_complete(other, name)}
+        assert stale == expected, f"{key}: out of date {sorted(stale)}, expected {sorted(expected)}"
+        assert expected, f"{key}: no stage depends on it (declare it in pipeline.RUNTIME_KEYS)"
