@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -244,3 +245,79 @@ def summarize_scores(class_names: Sequence[str], confusion: ConfusionMatrix, num
         "skipped": list(skipped),
         "confusion": confusion.counts.tolist(),
     }
+
+
+# --- instance segmentation: mAP^r -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance mask of an image: its class (1..K), a boolean (H, W) mask and, for a
+    prediction, its score (ground truth: 1)."""
+    label: int
+    mask: np.ndarray
+    score: float = 1.0
+
+
+def _mask_ious(predicted: Sequence[Instance], truth: Sequence[Instance]) -> np.ndarray:
+    """IoU of every predicted mask with every true mask of one image: (P, G)."""
+    if not predicted or not truth:
+        return np.zeros((len(predicted), len(truth)))
+    p = np.stack([inst.mask.reshape(-1) for inst in predicted]).astype(np.float64)
+    g = np.stack([inst.mask.reshape(-1) for inst in truth]).astype(np.float64)
+    inter = p @ g.T
+    union = p.sum(1)[:, None] + g.sum(1)[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def average_precision(scores: Sequence[float], correct: Sequence[bool], num_true: int) -> float:
+    """The area under the precision/recall curve of detections ranked by ``scores`` (highest
+    first; ``correct`` says which matched an instance), precision made monotone from the right
+    (PASCAL VOC 2010+). NaN without true instances."""
+    if num_true == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = np.asarray(correct, dtype=np.float64)[order]
+    tp, fp = np.cumsum(hits), np.cumsum(1 - hits)
+    # The devkit's sentinels: recall 0 and 1 at the ends, precision 0 there.
+    recall = np.concatenate([[0.0], tp / num_true, [1.0]])
+    precision = np.concatenate([[0.0], tp / np.maximum(tp + fp, 1), [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.nonzero(recall[1:] != recall[:-1])[0]
+    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+def instance_average_precision(predictions: Sequence[Sequence[Instance]], truths: Sequence[Sequence[Instance]],
+                               num_classes: int, thresholds: Sequence[float] = (0.25, 0.5, 0.75)
+                               ) -> dict[str, Any]:
+    """mAP^r (Hariharan et al.; IRN Table 3): per class, the predictions of every image ranked by
+    score; each is correct when its best-overlapping true instance of its class and image has IoU
+    >= the threshold and was not matched by a higher-ranked prediction. Per threshold: AP per
+    object class (NaN for a class without true instances) and their mean over the classes that
+    have some. ``predictions[i]`` and ``truths[i]`` are the instances of image i."""
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} images of predictions but {len(truths)} of ground truth")
+    result: dict[str, Any] = {}
+    ious = [_mask_ious(p, t) for p, t in zip(predictions, truths)]
+    for threshold in thresholds:
+        per_class = []
+        for label in range(1, num_classes):
+            scores, correct, num_true = [], [], 0
+            ranked = []
+            for image, (predicted, truth) in enumerate(zip(predictions, truths)):
+                num_true += sum(inst.label == label for inst in truth)
+                ranked += [(inst.score, image, index) for index, inst in enumerate(predicted) if inst.label == label]
+            ranked.sort(key=lambda item: -item[0])
+            matched: set[tuple[int, int]] = set()
+            for score, image, index in ranked:
+                candidates = [g for g, inst in enumerate(truths[image]) if inst.label == label]
+                best = max(candidates, key=lambda g: ious[image][index, g], default=None)
+                hit = (best is not None and ious[image][index, best] >= threshold and (image, best) not in matched)
+                if hit:
+                    matched.add((image, best))
+                scores.append(score)
+                correct.append(hit)
+            per_class.append(average_precision(scores, correct, num_true))
+        values = np.asarray(per_class, dtype=np.float64)
+        result[f"{threshold:g}"] = {"ap": [None if np.isnan(v) else 100 * v for v in values],
+                                   "map": float(100 * np.nanmean(values)) if np.any(~np.isnan(values)) else None}
+    return result
