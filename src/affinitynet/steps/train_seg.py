@@ -116,7 +116,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                            segmentation_step, meta, "segmentation", seed)
     last = result.history[-1] if result.history else {}
     return job.finish(epochs=result.epochs, seed=seed, final_loss=last.get("loss"),
-                        final_pixel_accuracy=last.get("pixel_accuracy"))
+                      final_pixel_accuracy=last.get("pixel_accuracy"))
 
 
 def upstream(config: dict[str, Any]) -> tuple[str, ...]:
