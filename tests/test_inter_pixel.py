@@ -178,3 +178,53 @@ def test_instance_map_r_matches_the_definition():
         assert result[f"{threshold:g}"]["map"] == pytest.approx(map_by_definition(predictions, truths, 4, threshold))
     perfect = instance_average_precision(truths, truths, num_classes=4)
     assert all(perfect[key]["map"] == pytest.approx(100.0) for key in perfect)
+
+
+class _Levels(torch.nn.Module):
+    """Two levels at strides 2 and 4, with a BatchNorm (which must stay frozen)."""
+
+    out_channels = (6, 10)
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, 2, 1), torch.nn.BatchNorm2d(6), torch.nn.ReLU())
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(6, 10, 3, 2, 1), torch.nn.ReLU())
+
+    def forward(self, x):
+        first = self.a(x)
+        return [first, self.b(first)]
+
+
+def test_irnet_trains_its_branches_only_and_learns_boundaries_and_centroids():
+    from affinitynet.irnet import IRNet, irn_loss
+
+    torch.manual_seed(0)
+    net = IRNet(_Levels()).train()
+    assert not net.backbone.training
+    image = torch.zeros(1, 3, 38, 50)
+    a, b = disc((38, 50), (12, 12), 7), disc((38, 50), (22, 36), 9)
+    image[0, 0][torch.from_numpy(a)] = 1.0
+    image[0, 1][torch.from_numpy(b)] = 1.0
+    logits, field = net(image)
+    assert logits.shape == (1, 1, 10, 13) and field.shape == (1, 2, 10, 13)
+    grid = np.zeros((10, 13), dtype=np.uint8)
+    grid[disc((10, 13), (3, 3), 1.5)] = 1
+    grid[disc((10, 13), (5.5, 9), 2)] = 2
+    masks = pair_labels(grid[None], 3)
+    before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    optimizer = torch.optim.Adam(net.new_parameters(), lr=0.01)
+    losses = []
+    for _ in range(60):
+        loss, parts = irn_loss(*net(image), masks, 3)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert all(p.grad is None for p in net.backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in net.backbone.state_dict().items())
+    assert losses[-1] < 0.7 * losses[0], losses[::10]
+    assert set(parts) >= {"boundary_pos_fg", "boundary_neg", "disp_fg", "disp_bg"}
+    # What it learned: pairs across the two objects' border are less related than pairs inside.
+    with torch.no_grad():
+        affinities = path_max_affinities(torch.sigmoid(net(image)[0][:, 0]), 3)
+    assert float(affinities[masks["neg"]].mean()) < float(affinities[masks["pos_fg"]].mean()) - 0.2
