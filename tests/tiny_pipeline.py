@@ -37,6 +37,7 @@ TINY = (
     "dataset.demo_size=64", "dataset.demo_train=12", "dataset.demo_val=4",
     "cam.crop_size=64", "cam.resize_long=[56,72]", "cam.batch_size=4", "cam.epochs=2", "cam.scales=[1.0]",
     "affinity.crop_size=64", "affinity.batch_size=4", "affinity.epochs=2",
+    "irn.crop_size=64", "irn.batch_size=4", "irn.epochs=2",
     "segmentation.crop_size=64", "segmentation.batch_size=4", "segmentation.epochs=2",
     "segmentation.scales=[1.0]",
 )
@@ -270,6 +271,76 @@ def _install_pause(point: dict[str, Any], ready: Path) -> None:
         register_optimizer_step_post_hook(lambda optimizer, args, kwargs: reached(f"after optimizer step {seen[0] + 1}"))
     else:
         raise ValueError(f"unknown pause point {point}")
+
+
+# --- which config keys each stage reads ------------------------------------------------------
+
+class Recording(dict):
+    """A config (section) that notes the dotted name of every leaf key read from it, unless
+    ``paused[0]``: the pipeline's own bookkeeping (hashes, the saved config.yaml, the size rules)
+    reads every key and is not a stage's reading."""
+
+    def __init__(self, tree: dict[str, Any], log: set[str], paused: list[bool], prefix: str = ""):
+        super().__init__({k: Recording(v, log, paused, f"{prefix}{k}.") if isinstance(v, dict) else v
+                          for k, v in tree.items()})
+        self._log, self._paused, self._prefix = log, paused, prefix
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if not isinstance(value, Recording) and not self._paused[0]:
+            self._log.add(self._prefix + key)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    # Overriding iteration makes dict(), ** and json read through __getitem__.
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def items(self):
+        return [(k, self[k]) for k in super().keys()]
+
+    def values(self):
+        return [self[k] for k in super().keys()]
+
+
+def plain(tree: Any) -> Any:
+    return {k: plain(dict.__getitem__(tree, k)) for k in dict.keys(tree)} if isinstance(tree, dict) else tree
+
+
+def recording_run(config: dict[str, Any], monkeypatch) -> dict[str, set[str]]:
+    """Run every stage of ``config``'s graph that is not complete yet, in this process, with a
+    config that notes each key read; the keys each stage read. The pipeline's bookkeeping
+    (hashes, the saved config.yaml, the size rules) reads every key and is left out."""
+    from affinitynet import pipeline, size_rules
+
+    log: set[str] = set()
+    paused = [False]
+
+    def quietly(function, convert=False):
+        def wrapped(config, *args, **kwargs):
+            paused[0] = True
+            try:
+                return function(plain(config) if convert else config, *args, **kwargs)
+            finally:
+                paused[0] = False
+        return wrapped
+
+    monkeypatch.setattr(pipeline, "record_run", quietly(pipeline.record_run, convert=True))
+    for name in ("stage_hash", "stage_inputs", "hash_matches", "_hash"):
+        monkeypatch.setattr(pipeline, name, quietly(getattr(pipeline, name)))
+    monkeypatch.setattr(size_rules, "resolve_auto", quietly(size_rules.resolve_auto))
+    recording = Recording(config, log, paused)
+    reads = {}
+    for spec in pipeline.stages(config):
+        if pipeline.is_complete(config, spec.name):
+            continue
+        log.clear()
+        pipeline.run_stage(recording, spec.name)
+        assert pipeline.is_complete(config, spec.name), spec.name
+        reads[spec.name] = set(log)
+    return reads
 
 
 if __name__ == "__main__":

@@ -115,6 +115,23 @@ DEFAULTS: dict[str, Any] = {
         "scale": 1.0,                  # AffinityNet's input scale for the walk (finer grid above 1)
         "crf": "full",                 # the paper's dCRF on the walked labels; "band" or "off" (pseudo_labels.py)
     },
+    "irn": {                           # labels.method: irn (IRN, Ahn, Cho & Kwak 2019), on the stride-4 grid
+        "radius": 5,                   # pairs of the boundary loss and of the walk (irn: 10 to train, 5 to walk)
+        "alpha": 16.0,                 # background of Eq. 2 for the walk's input CAMs (irn: a constant 0.25)
+        "beta": 10.0,                  # Hadamard power of the boundary affinities (irn's)
+        "t": 256,                      # walk iterations (irn: 256)
+        "crf": "band",                 # refinement of the walked labels, as random_walk.crf
+        "crop_size": 448,
+        "color_jitter": [0.3, 0.3, 0.3, 0.1],
+        "batch_size": 8,
+        "epochs": 3,                   # irn's
+        "optimizer": "sgd",            # irn: SGD at 0.1 without momentum, weight decay 1e-4, poly
+        "lr": 0.1,
+        "momentum": 0.0,
+        "weight_decay": 1e-4,
+        "poly_power": 0.9,
+        "new_layer_lr_mult": 1.0,      # every trained layer is new: the backbone is frozen
+    },
     "segmentation": {
         "head": "resnet38",            # two 3x3 atrous convs, dilation 12 (Section 4.2)
         "supervision": "pseudo",       # "pseudo" labels, or "gt" for the fully supervised bound
@@ -214,6 +231,11 @@ KEY_HELP: dict[str, str] = {
     "random_walk.scale": "AffinityNet's input scale for the walk (above 1: a finer grid)",
     "random_walk.crf": ("refinement of the walked labels that train the network: 'full' (the paper's dCRF), "
                         "'band' (the dCRF within half a grid cell of the walk's boundaries), 'off'"),
+    "irn.radius": "IRN: radius of the pairs on the stride-4 grid (boundary loss and walk)",
+    "irn.alpha": "IRN: background (1 - max M)^alpha of the walk's input CAMs (Eq. 2)",
+    "irn.beta": "IRN: Hadamard power of the path-max affinities",
+    "irn.t": "IRN: walk iterations",
+    "irn.crf": "IRN: refinement of the walked labels: 'band', 'full' (the dCRF) or 'off', as random_walk.crf",
     "segmentation.head": "'resnet38' (two 3x3 atrous convs) or 'deeplab_largefov'",
     "segmentation.supervision": "'pseudo' labels, or 'gt' for the fully supervised bound",
     "segmentation.seed": ("seed of the segmentation network's training (null: the run's 'seed'); another "
@@ -228,7 +250,8 @@ KEY_HELP: dict[str, str] = {
     "sweep.alphas": "alpha values of the Fig. 8 sweep",
     "sweep.max_images": "images the sweep scores (0: the whole label split)",
 }
-for _section, _what in (("cam", "CAM network"), ("affinity", "AffinityNet"), ("segmentation", "segmentation network")):
+for _section, _what in (("cam", "CAM network"), ("affinity", "AffinityNet"), ("irn", "IRNet"),
+                        ("segmentation", "segmentation network")):
     KEY_HELP.update({f"{_section}.{key}": f"{_what}: {text}" for key, text in _TRAINING_HELP.items()})
 
 
@@ -379,6 +402,11 @@ RULES: dict[str, Rule | _Registered] = {
     # true and false: the older spellings of 'full' and 'off'.
     "random_walk.crf": Rule("one of 'band', 'full', 'off' (or true/false)",
                             lambda v: isinstance(v, bool) or v in ("band", "full", "off")),
+    "irn.radius": _number(2, 16, integer=True),
+    "irn.alpha": _number(1),
+    "irn.beta": _number(0, strict_low=True),
+    "irn.t": _number(1, integer=True),
+    "irn.crf": Rule("one of 'band', 'full', 'off'", lambda v: v in ("band", "full", "off")),
     "segmentation.head": _Registered(_segmentation_head_registry),
     "segmentation.supervision": _choice("pseudo", "gt"),
     "segmentation.seed": _number(0, integer=True, optional=True),
@@ -389,7 +417,7 @@ RULES: dict[str, Rule | _Registered] = {
     "sweep.alphas": _number_list(1, strict_low=False),
     "sweep.max_images": _number(0, integer=True),
 }
-for _section in ("cam", "affinity", "segmentation"):
+for _section in ("cam", "affinity", "irn", "segmentation"):
     RULES.update({
         f"{_section}.crop_size": _number(16, 4096, integer=True),
         f"{_section}.color_jitter": _number_list(0.0, length=4, strict_low=False),

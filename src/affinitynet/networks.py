@@ -47,6 +47,12 @@ def _affinity(config, num_classes, pretrained):
                        distance=section["distance"])
 
 
+def _irn(config, num_classes, pretrained):
+    from .irnet import IRNet
+
+    return IRNet(_backbone(config, pretrained))
+
+
 def _segmentation(config, num_classes, pretrained):
     from .segmentation import SegmentationNet
 
@@ -71,6 +77,7 @@ NETWORKS: dict[str, Network] = {
     "affinity": Network("affinity", "train_affinity", _affinity,
                         (("channels", "affinity.channels"), ("radius", "affinity.radius"),
                          ("distance", "affinity.distance")), ("channels", "distance", "atrous")),
+    "irn": Network("irn", "train_irn", _irn, (("radius", "irn.radius"),), ("atrous",)),
     "segmentation": Network("segmentation", "train_seg", _segmentation,
                             (("head", "segmentation.head"), ("supervision", "segmentation.supervision")), ()),
 }

@@ -1,0 +1,94 @@
+"""Stage ``irn-walk`` (``labels.method: irn``): IRN's semantic pseudo labels (IRN 3.4). Per image
+the class-boundary map of IRNet (the image and its mirror averaged), affinities ``1 - max B``
+along each pair's path, and the walk of Eq. 11-12 on the stride-4 grid, sparse and exact; the
+labels refined as ``irn.crf`` says. Table 1's rows IRN, IRN+dCRF."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import distributed, transforms
+from ..crf import CRFParams
+from ..inter_pixel import path_max_affinities
+from ..io import load_npz, save_label_png, save_rgb_png
+from ..irnet import STRIDE
+from ..metrics import format_table
+from ..networks import load_network
+from ..pipeline import Stage, StageRun, map_images, stage
+from ..pseudo_labels import band_limited, band_width, label_maps
+from . import label_images, score, setup
+
+
+def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(Table 1 title, output) of each kind of label this stage writes, the training labels last."""
+    mode = config["irn"]["crf"]
+    if mode == "off":
+        return [("CAM+IRN", "rw_labels")]
+    if mode == "full":
+        return [("CAM+IRN", "rw_labels"), ("CAM+IRN+dCRF", "pseudo_labels")]
+    return [("CAM+IRN", "rw_labels"), ("CAM+IRN+dCRF", "crf_labels"), ("CAM+IRN+dCRF in band", "pseudo_labels")]
+
+
+def boundary_of(model, image: torch.Tensor) -> torch.Tensor:
+    """B (h, w) of a normalised image (3, H, W): the mean of the image's and its mirror's."""
+    logits, _ = model(torch.stack([image, image.flip(-1)]))
+    return torch.sigmoid((logits[0, 0] + logits[1, 0].flip(-1)) / 2)
+
+
+def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    device = setup(config)
+    job = StageRun(config, "irn_walk", force)
+    data = label_images(config)
+    job.skipped.extend(data.skipped)
+    model = load_network("irn", config, device, data.num_classes, data.class_names)
+    section = config["irn"]
+    mode = section["crf"]
+    crf = CRFParams.from_config(config["crf"]) if mode != "off" else None
+    cam_dir = stage("infer_cam").output("cams", config)
+    dirs = {name: STAGE.output(name, config) for name in STAGE.outputs}
+    folders = sorted({folder for _, folder in label_rows(config)} | {"pseudo_labels"})
+
+    def outputs(sample):
+        return [dirs["boundaries"] / f"{sample.id}.png"] + [dirs[f] / f"{sample.id}.png" for f in folders]
+
+    def work(sample):
+        image = data.load_image(sample)
+        stored = load_npz(cam_dir / f"{sample.id}.npz")
+        with torch.no_grad():
+            boundary = boundary_of(model, transforms.normalize(image, model.backbone.mean,
+                                                               model.backbone.std).to(device))
+            affinities = path_max_affinities(boundary, section["radius"]).float().cpu()
+        walked, refined = label_maps(image, stored["cams"].astype(np.float32), stored["classes"].tolist(),
+                                     affinities, section["alpha"], section["beta"], section["t"],
+                                     section["radius"], STRIDE, crf)
+        picture = np.round(boundary.cpu().numpy() * 255).astype(np.uint8)
+        big = np.asarray(Image.fromarray(picture).resize(image.shape[1::-1], Image.NEAREST))
+        save_rgb_png(dirs["boundaries"] / f"{sample.id}.png", np.repeat(big[:, :, None], 3, axis=2))
+        save_label_png(dirs["rw_labels"] / f"{sample.id}.png", walked)
+        if mode == "band":
+            save_label_png(dirs["crf_labels"] / f"{sample.id}.png", refined)
+            refined = band_limited(walked, refined, band_width(STRIDE))
+        save_label_png(dirs["pseudo_labels"] / f"{sample.id}.png", walked if mode == "off" else refined)
+
+    map_images(job, data.samples, outputs, work, "irn-walk", config["strict"])
+    distributed.barrier()
+    rows, results = {}, {}
+    for title, directory in [("CAM", stage("infer_cam").output("labels", config))] + [
+            (title, dirs[folder]) for title, folder in label_rows(config)]:
+        result = score(config, directory, "label_split", title)
+        if result is not None:
+            rows[title], results[title] = result["iou"], result
+    if rows:
+        split = next(iter(results.values()))["split"]
+        print(format_table(rows, data.class_names, f"Table 1: pseudo labels on {data.name} {split} (mIoU %)"))
+    return job.finish(table1={title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()})
+
+
+STAGE = Stage("irn_walk", "irn-walk", "IRN's semantic pseudo labels: boundary affinities and the walk (IRN 3.4)",
+              keys=("irn.alpha", "irn.beta", "irn.t", "irn.radius", "irn.crf", "crf"),
+              upstream=("infer_cam", "train_irn"),
+              outputs={name: name for name in ("boundaries", "rw_labels", "crf_labels", "pseudo_labels")},
+              run=run, label_method="irn", label_rows=label_rows)
