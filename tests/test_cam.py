@@ -60,19 +60,26 @@ def test_normalisation_and_background_against_eq_1_and_2():
     assert np.all(constant[0] == np.float32(0.2))
 
 
-def test_multiscale_flip_equals_the_mean_of_the_separate_maps(model):
-    image = torch.randn(3, 21, 27)
-    scales, classes = (1.0, 0.5, 1.5), [1, 3]
-    got = infer_cams(model, image, classes, scales, flip=True)
+def separate_maps(model, image, scales, per_map=lambda cam: cam):
+    """ReLU'd CAMs of every scale and mirror, each through ``per_map``, upsampled to the image
+    and mirrored back: the maps that multi-scale inference sums, computed one by one."""
     maps = []
     with torch.no_grad():
         for scale in scales:
             size = (round(21 * scale), round(27 * scale))
             scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
             for flipped in (False, True):
-                cam = F.relu(model.cams(scaled.flip(-1) if flipped else scaled))
+                cam = per_map(F.relu(model.cams(scaled.flip(-1) if flipped else scaled)))
                 cam = F.interpolate(cam, size=(21, 27), mode="bilinear", align_corners=False)[0]
                 maps.append(cam.flip(-1) if flipped else cam)
+    return maps
+
+
+def test_multiscale_flip_equals_the_mean_of_the_separate_maps(model):
+    image = torch.randn(3, 21, 27)
+    scales, classes = (1.0, 0.5, 1.5), [1, 3]
+    got = infer_cams(model, image, classes, scales, flip=True)
+    maps = separate_maps(model, image, scales)
     mean = torch.stack(maps).mean(0)[[0, 2]]
     expected = mean / (mean.flatten(1).amax(1).view(-1, 1, 1) + 1e-5 / len(maps))
     # The sum of the maps, max-normalised, equals their mean, max-normalised (up to the epsilon).
@@ -88,16 +95,7 @@ def test_gradcam_is_the_cam_divided_by_the_map_area(model):
     image = torch.randn(3, 21, 27)
     scales, classes = (1.0, 0.5, 1.5), [1, 3]
     got = infer_cams(model, image, classes, scales, flip=True, method="gradcam")
-    maps = []
-    with torch.no_grad():
-        for scale in scales:
-            size = (round(21 * scale), round(27 * scale))
-            scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
-            for flipped in (False, True):
-                cam = F.relu(model.cams(scaled.flip(-1) if flipped else scaled))
-                cam = cam / (cam.shape[-2] * cam.shape[-1])
-                cam = F.interpolate(cam, size=(21, 27), mode="bilinear", align_corners=False)[0]
-                maps.append(cam.flip(-1) if flipped else cam)
+    maps = separate_maps(model, image, scales, per_map=lambda cam: cam / (cam.shape[-2] * cam.shape[-1]))
     summed = torch.stack(maps).sum(0)[[0, 2]]
     expected = summed / (summed.flatten(1).amax(1).view(-1, 1, 1) + 1e-5)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

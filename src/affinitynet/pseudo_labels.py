@@ -127,3 +127,27 @@ def label_maps(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], affi
     if crf is None:
         return walked, None
     return walked, labels_from_scores(refine_with_crf(image, scores, crf), classes)
+
+
+def refined_rows(walk_title: str, mode: str) -> list[tuple[str, str]]:
+    """(Table 1 title, output folder) of each kind of label a walk stage writes under refinement
+    ``mode``, in the order of the pipeline; the last is ``pseudo_labels``, which trains the
+    segmentation network (``band`` keeps the paper's whole-image dCRF labels beside it)."""
+    if mode == "off":
+        return [(walk_title, "rw_labels")]
+    if mode == "full":
+        return [(walk_title, "rw_labels"), (f"{walk_title}+dCRF", "pseudo_labels")]
+    return [(walk_title, "rw_labels"), (f"{walk_title}+dCRF", "crf_labels"), (f"{walk_title}+dCRF in band", "pseudo_labels")]
+
+
+def save_refined(folders, sample_id: str, mode: str, walked: np.ndarray, refined: np.ndarray | None,
+                 stride: int) -> None:
+    """Write one image's walked labels and, as ``mode`` says, its refined ones into ``folders``
+    (output name -> folder, those of :func:`refined_rows`)."""
+    from .io import save_label_png
+
+    save_label_png(folders["rw_labels"] / f"{sample_id}.png", walked)
+    if mode == "band":
+        save_label_png(folders["crf_labels"] / f"{sample_id}.png", refined)
+        refined = band_limited(walked, refined, band_width(stride))
+    save_label_png(folders["pseudo_labels"] / f"{sample_id}.png", walked if mode == "off" else refined)

@@ -84,6 +84,22 @@ def score(config: dict[str, Any], pred_dir, split_key: str, title: str) -> dict[
     return result
 
 
+def table1(config: dict[str, Any], data, labelled) -> dict[str, Any]:
+    """Score each (title, label folder) on the label split and print them as Table 1; the
+    scores by title (``{"miou", "iou"}``) for the stage's record. Every rank must call it."""
+    from ..metrics import format_table
+
+    rows, results = {}, {}
+    for title, directory in labelled:
+        result = score(config, directory, "label_split", title)
+        if result is not None:
+            rows[title], results[title] = result["iou"], result
+    if rows:
+        split = next(iter(results.values()))["split"]
+        print(format_table(rows, data.class_names, f"Table 1: pseudo labels on {data.name} {split} (mIoU %)"))
+    return {title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()}
+
+
 def train_network(config: dict[str, Any], stage, device: torch.device, model, section: dict[str, Any],
                   train_set, step, meta: dict[str, Any], desc: str, seed: int | None = None):
     """The shared loop (``training.train``) as every training stage calls it: backbone at the base

@@ -13,23 +13,17 @@ from PIL import Image
 from .. import distributed, transforms
 from ..crf import CRFParams
 from ..inter_pixel import path_max_affinities
-from ..io import load_npz, save_label_png, save_rgb_png
+from ..io import load_npz, save_rgb_png
 from ..irnet import STRIDE
-from ..metrics import format_table
 from ..networks import load_network
 from ..pipeline import Stage, StageRun, map_images, stage
-from ..pseudo_labels import band_limited, band_width, label_maps
-from . import label_images, score, setup
+from ..pseudo_labels import label_maps, refined_rows, save_refined
+from . import label_images, setup, table1
 
 
 def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     """(Table 1 title, output) of each kind of label this stage writes, the training labels last."""
-    mode = config["irn"]["crf"]
-    if mode == "off":
-        return [("CAM+IRN", "rw_labels")]
-    if mode == "full":
-        return [("CAM+IRN", "rw_labels"), ("CAM+IRN+dCRF", "pseudo_labels")]
-    return [("CAM+IRN", "rw_labels"), ("CAM+IRN+dCRF", "crf_labels"), ("CAM+IRN+dCRF in band", "pseudo_labels")]
+    return refined_rows("CAM+IRN", config["irn"]["crf"])
 
 
 def boundary_of(model, image: torch.Tensor) -> torch.Tensor:
@@ -67,24 +61,12 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         picture = np.round(boundary.cpu().numpy() * 255).astype(np.uint8)
         big = np.asarray(Image.fromarray(picture).resize(image.shape[1::-1], Image.NEAREST))
         save_rgb_png(dirs["boundaries"] / f"{sample.id}.png", np.repeat(big[:, :, None], 3, axis=2))
-        save_label_png(dirs["rw_labels"] / f"{sample.id}.png", walked)
-        if mode == "band":
-            save_label_png(dirs["crf_labels"] / f"{sample.id}.png", refined)
-            refined = band_limited(walked, refined, band_width(STRIDE))
-        save_label_png(dirs["pseudo_labels"] / f"{sample.id}.png", walked if mode == "off" else refined)
+        save_refined(dirs, sample.id, mode, walked, refined, STRIDE)
 
     map_images(job, data.samples, outputs, work, "irn-walk", config["strict"])
     distributed.barrier()
-    rows, results = {}, {}
-    for title, directory in [("CAM", stage("infer_cam").output("labels", config))] + [
-            (title, dirs[folder]) for title, folder in label_rows(config)]:
-        result = score(config, directory, "label_split", title)
-        if result is not None:
-            rows[title], results[title] = result["iou"], result
-    if rows:
-        split = next(iter(results.values()))["split"]
-        print(format_table(rows, data.class_names, f"Table 1: pseudo labels on {data.name} {split} (mIoU %)"))
-    return job.finish(table1={title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()})
+    return job.finish(table1=table1(config, data, [("CAM", stage("infer_cam").output("labels", config))]
+                                    + [(title, dirs[folder]) for title, folder in label_rows(config)]))
 
 
 STAGE = Stage("irn_walk", "irn-walk", "IRN's semantic pseudo labels: boundary affinities and the walk (IRN 3.4)",

@@ -20,26 +20,20 @@ from .. import distributed, transforms
 from ..affinity import boundary_image, boundary_map
 from ..crf import CRFParams
 from ..errors import ConfigError
-from ..io import load_npz, save_label_png, save_npz, save_rgb_png
-from ..metrics import format_table
+from ..io import load_npz, save_npz, save_rgb_png
 from ..networks import load_network
 from ..pipeline import Stage, StageRun, map_images, stage
 from ..precision import for_inference
-from ..pseudo_labels import band_limited, band_width, label_maps, refinement
+from ..pseudo_labels import label_maps, refinement, refined_rows, save_refined
 from ..random_walk import pair_affinities
-from . import label_images, score, setup
+from . import label_images, setup, table1
 
 
 def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     """(Table 1 title, output) of each kind of label this stage writes under ``config``, in the
     order of the pipeline. The last row's labels are those in ``pseudo_labels``, which train the
     segmentation network."""
-    mode = refinement(config["random_walk"]["crf"])
-    if mode == "off":
-        return [("CAM+RW", "rw_labels")]
-    if mode == "full":
-        return [("CAM+RW", "rw_labels"), ("CAM+RW+dCRF", "pseudo_labels")]
-    return [("CAM+RW", "rw_labels"), ("CAM+RW+dCRF", "crf_labels"), ("CAM+RW+dCRF in band", "pseudo_labels")]
+    return refined_rows("CAM+RW", refinement(config["random_walk"]["crf"]))
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -89,26 +83,14 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                                      section["radius"], stride, crf)
         big = np.asarray(Image.fromarray(boundaries).resize((width, height), Image.NEAREST))
         save_rgb_png(dirs["boundaries"] / f"{sample.id}.png", np.repeat(big[:, :, None], 3, axis=2))
-        save_label_png(dirs["rw_labels"] / f"{sample.id}.png", walked)
-        if mode == "band":
-            save_label_png(dirs["crf_labels"] / f"{sample.id}.png", refined)
-            refined = band_limited(walked, refined, band_width(stride))
-        save_label_png(dirs["pseudo_labels"] / f"{sample.id}.png", walked if mode == "off" else refined)
+        save_refined(dirs, sample.id, mode, walked, refined, stride)
         save_npz(dirs["affinities"] / f"{sample.id}.npz", affinities=affinities16.cpu().numpy(),
                  stride=np.int16(stride))
 
     map_images(job, data.samples, outputs, work, "random-walk", config["strict"])
     distributed.barrier()
-    rows, results = {}, {}
-    for title, directory in [("CAM", stage("infer_cam").output("labels", config))] + [
-            (title, dirs[folder]) for title, folder in label_rows(config)]:
-        result = score(config, directory, "label_split", title)
-        if result is not None:
-            rows[title], results[title] = result["iou"], result
-    if rows:
-        split = next(iter(results.values()))["split"]
-        print(format_table(rows, data.class_names, f"Table 1: pseudo labels on {data.name} {split} (mIoU %)"))
-    return job.finish(table1={title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()})
+    return job.finish(table1=table1(config, data, [("CAM", stage("infer_cam").output("labels", config))]
+                                    + [(title, dirs[folder]) for title, folder in label_rows(config)]))
 
 
 STAGE = Stage("random_walk", "random-walk", "random walk with AffinityNet and the pseudo labels (3.3-3.4, Table 1)",
