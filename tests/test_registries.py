@@ -120,8 +120,8 @@ def test_a_label_method_is_a_stage_and_the_run_follows_the_config(reference, tmp
     ``run`` executes drops AffinityNet's stages, and the network trains on the new labels."""
     ref_run, data_root = reference
     monkeypatch.setitem(pipeline.all_stages(), "cam_copy", CAM_COPY)
-    with pytest.raises(ConfigError, match="labels.method.*'affinitynet', 'camcopy'.*got 'irn'"):
-        load_config("demo", ["labels.method=irn"])
+    with pytest.raises(ConfigError, match="labels.method.*'affinitynet', 'camcopy', 'irn'.*got 'nonesuch'"):
+        load_config("demo", ["labels.method=nonesuch"])
     config = tiny.config(tmp_path / "run", data_root, "labels.method=camcopy")
     assert [s.name for s in pipeline.stages(config)] == ["train_cam", "infer_cam", "cam_copy", "train_seg",
                                                          "infer_seg", "evaluate_run"]
