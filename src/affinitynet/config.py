@@ -521,10 +521,14 @@ def _merge(config: dict[str, Any], tree: Any, source: str, prefix: str = "") -> 
 
 
 def _default_at(dotted: str) -> Any:
-    try:
-        return get(defaults(), dotted)
-    except (KeyError, TypeError):
-        return None
+    # DEFAULTS first: validation asks for many keys, and only a registered dataset's own keys
+    # need the copied tree of defaults().
+    for tree in (lambda: DEFAULTS, defaults):
+        try:
+            return get(tree(), dotted)
+        except (KeyError, TypeError):
+            continue
+    return None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
