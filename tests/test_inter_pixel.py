@@ -228,3 +228,21 @@ def test_irnet_trains_its_branches_only_and_learns_boundaries_and_centroids():
     with torch.no_grad():
         affinities = path_max_affinities(torch.sigmoid(net(image)[0][:, 0]), 3)
     assert float(affinities[masks["neg"]].mean()) < float(affinities[masks["pos_fg"]].mean()) - 0.2
+
+
+def test_predict_is_mirror_equivariant_so_the_field_flips_its_column_component():
+    from affinitynet.irnet import IRNet, predict
+
+    torch.manual_seed(1)
+    net = IRNet(_Levels()).eval()
+    image = torch.rand(3, 24, 40)
+    with torch.no_grad():
+        boundary, field = predict(net, image)
+        mirror_boundary, mirror_field = predict(net, image.flip(-1))
+        _, plain = net(image[None])
+    assert boundary.shape == (6, 10) and field.shape == (2, 6, 10)
+    torch.testing.assert_close(mirror_boundary, boundary.flip(-1))
+    torch.testing.assert_close(mirror_field[0], field[0].flip(-1))
+    torch.testing.assert_close(mirror_field[1], -field[1].flip(-1))
+    # The average of the image's field and its mirror's, not the image's alone.
+    assert not torch.allclose(field, plain[0])

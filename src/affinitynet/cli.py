@@ -93,16 +93,19 @@ _ALL = "__all__"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import distributed
     from .pipeline import preflight, run_all, run_summary
 
     config = _config_from_args(args)
     forced, every = _forced_stages(args)
     preflight(config, replace=every, announce=True)
-    print(f"affinitynet run: dataset {config['dataset']['name']}, backbone {config['backbone']['name']}, "
-          f"outputs in {config['run_dir']}")
+    # Under torchrun every rank runs this; one of them speaks.
+    if distributed.is_main():
+        print(f"affinitynet run: dataset {config['dataset']['name']}, backbone {config['backbone']['name']}, "
+              f"outputs in {config['run_dir']}")
     run_all(config, force=forced)
     line = run_summary(config)
-    if line:
+    if line and distributed.is_main():
         print(line)
     return 0
 

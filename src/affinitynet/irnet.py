@@ -82,3 +82,13 @@ def irn_loss(boundary_logits: torch.Tensor, displacement: torch.Tensor, masks: d
     logged = {f"boundary_{k}": float(v) for k, v in parts.items() if not k.startswith("num_")}
     logged.update({k: float(v) for k, v in moved_parts.items()})
     return boundary + moved, logged
+
+
+def predict(model: IRNet, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boundary map ``B`` (h, w) in [0, 1] and the displacement field ``D`` (2, h, w) of a
+    normalised image (3, H, W), each the mean of the image's and its mirror's (the mirror's field
+    mirrored back, its column component negated)."""
+    logits, displacement = model(torch.stack([image, image.flip(-1)]))
+    boundary = torch.sigmoid((logits[0, 0] + logits[1, 0].flip(-1)) / 2)
+    mirrored = displacement[1].flip(-1) * displacement.new_tensor([1.0, -1.0])[:, None, None]
+    return boundary, (displacement[0] + mirrored) / 2

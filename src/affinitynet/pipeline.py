@@ -94,6 +94,9 @@ class Stage:
     # kind of label it writes, the training labels last.
     label_method: str | None = None
     label_rows: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
+    # A further product of a label method that ``affinitynet run`` makes with it (IRN's
+    # instance labels): the method's name.
+    companion_of: str | None = None
 
     def upstream_of(self, config: dict[str, Any]) -> tuple[str, ...]:
         return tuple(self.upstream(config)) if callable(self.upstream) else self.upstream
@@ -153,6 +156,12 @@ def label_methods() -> dict[str, Stage]:
 def label_stage(config: dict[str, Any]) -> Stage:
     """The stage whose ``pseudo_labels`` train the segmentation network under this config."""
     return label_methods()[config["labels"]["method"]]
+
+
+def companion_stages(config: dict[str, Any]) -> tuple[Stage, ...]:
+    """The stages that the configured label method makes beside its pseudo labels."""
+    method = config["labels"]["method"]
+    return tuple(spec for spec in all_stages().values() if spec.companion_of == method)
 
 
 def stages(config: dict[str, Any] | None = None) -> list[Stage]:

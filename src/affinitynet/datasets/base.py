@@ -1,7 +1,10 @@
-"""What every dataset provides: ids, class names, images, image-level labels, optional masks.
+"""What every dataset provides: ids, class names, images, image-level labels, optional masks
+and optional instance masks.
 
 Class index 0 is ``background``; object classes are 1..K, as in PASCAL VOC. Image-level labels
 are the object classes present (never background). Masks are uint8 (H, W) with 255 = ignore.
+Instance masks follow VOC's ``SegmentationObject`` layout: an index PNG with 0 = background,
+1..N = the objects, 255 = void; each object's class is read from the class mask.
 """
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import IGNORE_INDEX, load_image
+from ..io import IGNORE_INDEX, load_image, load_label_png
+from ..metrics import Instance
 from ..registry import Registry
 
 # Every dataset registers a builder ``(section, split, progress) -> SegmentationDataset`` with
@@ -29,6 +33,7 @@ class Sample:
     image_path: Path
     labels: tuple[int, ...]             # object class indices present, 1..K, sorted
     mask_path: Path | None = None
+    instance_path: Path | None = None   # SegmentationObject-style PNG, where the dataset has one
 
 
 @dataclass
@@ -46,6 +51,10 @@ class SegmentationDataset:
     # things worth a look that refuse nothing (a tag that looks like a typo of a class).
     untagged: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def has_instances(self) -> bool:
+        return any(sample.instance_path is not None for sample in self.samples)
 
     @property
     def num_classes(self) -> int:
@@ -82,6 +91,29 @@ class SegmentationDataset:
     def load_mask(self, sample: Sample) -> np.ndarray | None:
         """uint8 (H, W) class indices with 255 = ignore, or None without ground truth."""
         raise NotImplementedError
+
+    def load_instances(self, sample: Sample) -> list[Instance] | None:
+        """The sample's objects (``metrics.Instance``, in index order) from its SegmentationObject
+        PNG, each with the class that most of its pixels have in the class mask; None without
+        instance ground truth. Raises InputError naming the file when the two masks disagree in
+        size or an object has no class."""
+        if sample.instance_path is None:
+            return None
+        objects = load_label_png(sample.instance_path)
+        classes = self.load_mask(sample)
+        if classes is None or classes.shape != objects.shape:
+            raise InputError(sample.instance_path, "instance mask without a class mask of the same size")
+        instances = []
+        for index in np.unique(objects):
+            if index in (0, IGNORE_INDEX):
+                continue
+            pixels = objects == index
+            labels = classes[pixels]
+            labels = labels[(labels != 0) & (labels != IGNORE_INDEX)]
+            if labels.size == 0:
+                raise InputError(sample.instance_path, f"object {index} has no object class in the class mask")
+            instances.append(Instance(int(np.bincount(labels).argmax()), pixels))
+        return instances
 
     def multi_hot(self, sample: Sample) -> np.ndarray:
         """Image-level labels over the K object classes (float32, shape (K,))."""

@@ -16,11 +16,14 @@ grow from the tag to the whole body: the job of AffinityNet's random walk.
 Each image holds 0 to 3 objects of distinct classes; bodies never overlap and keep at least a few
 background pixels between them, so object boundaries exist. Masks are exact (hard-edged rendering,
 no anti-aliasing), so there is no ignore band: every pixel is background (0) or its object's class.
+Each object is also written as an instance (VOC's ``SegmentationObject`` layout), for the mAP^r
+of IRN's instance labels.
 
 Layout written to the root (readable by this module, and by the folder dataset too)::
 
     JPEGImages/<id>.png        RGB, lossless PNG (the name follows VOC's layout)
     SegmentationClass/<id>.png VOC-palette index PNG
+    SegmentationObject/<id>.png VOC-palette index PNG: 0 background, 1..N the objects in placement order
     ImageSets/{train,val,trainval}.txt
     labels.json                {"<id>": ["class", ...]}
     classes.txt                object class names, one per line
@@ -46,7 +49,7 @@ from ..io import VOC_PALETTE, read_json, write_json, write_text
 from .base import Sample, SegmentationDataset, register_dataset
 from .folder import load_checked_mask, read_list_file
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2     # 2: SegmentationObject (the images and class masks are those of 1)
 CLASS_NAMES = ("stripe_tag", "checker_tag", "dot_tag", "bullseye_tag", "cross_tag")
 SPLITS = ("train", "val")
 # Colour pairs of the tags (pattern colour, ground colour), chosen far from the body and background
@@ -65,7 +68,8 @@ _NUM_OBJECTS_P = (0.1, 0.4, 0.35, 0.15)
 _DIAMETER = {1: (0.40, 0.60), 2: (0.34, 0.50), 3: (0.30, 0.42)}
 _TAG_AREA = (0.10, 0.15)
 _MANIFEST = "manifest.json"
-_OWN_ENTRIES = {"JPEGImages", "SegmentationClass", "ImageSets", "labels.json", "classes.txt", _MANIFEST}
+_OWN_ENTRIES = {"JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets", "labels.json", "classes.txt",
+                _MANIFEST}
 _ID_PATTERN = re.compile(r"^(train|val)_\d{5}\.png$")
 
 
@@ -115,6 +119,11 @@ def render(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, np
     return _render(seed, split, index, size)[:3]
 
 
+def instance_mask(seed: int, split: str, index: int, size: int) -> np.ndarray:
+    """uint8 (S, S) instance ids of one image: 0 background, 1..N its objects in placement order."""
+    return _render(seed, split, index, size)[4]
+
+
 def _render(seed: int, split: str, index: int, size: int):
     rng = np.random.default_rng([seed, _split_code(split), index])
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -126,6 +135,7 @@ def _render(seed: int, split: str, index: int, size: int):
     image = (colour_a * (1 - blend) + colour_b * blend).astype(np.float32)
     image *= 0.85 + 0.3 * _smooth_noise(rng, 6, size, 1)
     mask = np.zeros((size, size), dtype=np.uint8)
+    objects = np.zeros((size, size), dtype=np.uint8)
 
     num_objects = int(rng.choice(4, p=_NUM_OBJECTS_P))
     classes = rng.permutation(len(CLASS_NAMES))[:num_objects] + 1
@@ -188,12 +198,13 @@ def _render(seed: int, split: str, index: int, size: int):
         window = image[y0:y1, x0:x1]
         window[tag] = np.where(pattern[..., None], fore, back)[tag]
         mask[body] = class_index
+        objects[body] = objects.max() + 1
         tags[y0:y1, x0:x1] |= tag
 
     image += rng.standard_normal(image.shape, dtype=np.float32) * 4.0
     rgb = np.clip(image + 0.5, 0, 255).astype(np.uint8)
     labels = sorted(int(c) for c in np.unique(mask) if c != 0)
-    return rgb, mask, labels, tags
+    return rgb, mask, labels, tags, objects
 
 
 def tag_mask(seed: int, split: str, index: int, size: int) -> np.ndarray:
@@ -247,7 +258,8 @@ def generate_demo(root: str | os.PathLike, size: int = 128, num_train: int = 240
     # Remove the old manifest first: if this run is killed, the set is known to be incomplete.
     (root / _MANIFEST).unlink(missing_ok=True)
     images_dir, masks_dir, sets_dir = root / "JPEGImages", root / "SegmentationClass", root / "ImageSets"
-    for folder in (images_dir, masks_dir, sets_dir):
+    objects_dir = root / "SegmentationObject"
+    for folder in (images_dir, masks_dir, objects_dir, sets_dir):
         folder.mkdir(parents=True, exist_ok=True)
 
     counts = {"train": num_train, "val": num_val}
@@ -258,14 +270,15 @@ def generate_demo(root: str | os.PathLike, size: int = 128, num_train: int = 240
     # the manifest, written last with fsync, is what marks the set complete, and a set without
     # one is generated again.
     for split, i in tqdm(jobs, desc="generate demo", unit="img", disable=not progress, leave=False):
-        rgb, mask, present = render(seed, split, i, size)
+        rgb, mask, present, _, objects = _render(seed, split, i, size)
         sample_id = ids[split][i]
         _replace(images_dir / f"{sample_id}.png", _png_bytes(rgb, palette=False))
         _replace(masks_dir / f"{sample_id}.png", _png_bytes(mask, palette=True))
+        _replace(objects_dir / f"{sample_id}.png", _png_bytes(objects, palette=True))
         labels[sample_id] = [CLASS_NAMES[c - 1] for c in present]
 
     wanted = {f"{sample_id}.png" for split in SPLITS for sample_id in ids[split]}
-    for folder in (images_dir, masks_dir):
+    for folder in (images_dir, masks_dir, objects_dir):
         for path in folder.iterdir():
             if _ID_PATTERN.match(path.name) and path.name not in wanted:
                 path.unlink()       # left over from a larger earlier generation
@@ -303,11 +316,14 @@ def build_demo(root: str | os.PathLike | None, split: str, size: int = 128, num_
     for number, sample_id in read_list_file(list_path):
         image_path = root / "JPEGImages" / f"{sample_id}.png"
         mask_path = root / "SegmentationClass" / f"{sample_id}.png"
+        objects_path = root / "SegmentationObject" / f"{sample_id}.png"
         if sample_id not in labels or not image_path.is_file():
             dataset.skipped.append(str(InputError(image_path, f"missing (listed at {list_path.name} line {number})")))
             continue
         present = tuple(sorted(class_index[name] for name in labels[sample_id]))
-        dataset.samples.append(Sample(sample_id, image_path, present, mask_path if mask_path.is_file() else None))
+        has_mask = mask_path.is_file()
+        dataset.samples.append(Sample(sample_id, image_path, present, mask_path if has_mask else None,
+                                      objects_path if has_mask and objects_path.is_file() else None))
     return dataset
 
 

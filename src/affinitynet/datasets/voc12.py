@@ -6,6 +6,7 @@
     Annotations/<id>.xml               image-level labels
     SegmentationClass/<id>.png         palette masks (train, val)
     SegmentationClassAug/<id>.png      SBD-converted masks for train_aug (palette or grey)
+    SegmentationObject/<id>.png        instance masks (train, val): IRN's instance labels are scored
     ImageSets/Segmentation/{train,val,trainval,test}.txt
     ImageSets/Segmentation/train_aug.txt  or  <root>/train_aug.txt
 
@@ -124,7 +125,9 @@ def build_voc12(root: str | os.PathLike, split: str) -> VOC12Dataset:
         except InputError as error:
             dataset.skipped.append(str(error))
             continue
-        dataset.samples.append(Sample(sample_id, image_path, labels, mask_path))
+        objects = root / "SegmentationObject" / f"{sample_id}.png"
+        dataset.samples.append(Sample(sample_id, image_path, labels, mask_path,
+                                      objects if objects.is_file() and mask_path is not None else None))
     return dataset
 
 

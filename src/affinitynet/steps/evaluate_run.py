@@ -9,9 +9,9 @@ from typing import Any
 
 from .. import distributed
 from ..coverage import run_coverage
-from ..io import write_json
+from ..io import read_json, write_json
 from ..metrics import format_table
-from ..pipeline import MARKER, Stage, StageRun, label_stage, stage
+from ..pipeline import MARKER, Stage, StageRun, companion_stages, label_stage, stage
 from . import dataset, label_images, score, setup
 
 
@@ -51,12 +51,17 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                                     "num_images": r["num_images"]} for title, r in results.items()}}
         stages = {}
         for spec_dir in sorted(Path(config["run_dir"]).glob(f"*/{MARKER}")):
-            from ..io import read_json
             state = read_json(spec_dir)
             stages[state.get("stage", spec_dir.parent.name)] = {"seconds": state.get("seconds"),
                                                                 "images": state.get("images"),
                                                                 "skipped": len(state.get("skipped", []))}
         summary["stages"] = stages
+        # The companions' own scores (IRN's instance mAP^r), as their stages recorded them.
+        for spec in companion_stages(config):
+            recorded = read_json(spec.marker(config))
+            if recorded.get("map_r") is not None:
+                summary.setdefault("instances", {})[spec.name] = {
+                    "map_r": recorded["map_r"], "ap_r": recorded["ap_r"], "num_images": recorded["instance_images"]}
         summary["coverage"] = run_coverage(label_images(config), data,
                                            coverage_sources(config))
         write_json(STAGE.output("results", config), summary)
@@ -71,7 +76,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
 
 
 def upstream(config: dict[str, Any]) -> tuple[str, ...]:
-    return ("infer_cam", label_stage(config).name, "infer_seg")
+    return ("infer_cam", label_stage(config).name, *(spec.name for spec in companion_stages(config)), "infer_seg")
 
 
 # results.json lies in the run directory, beside config.yaml, where a user looks first.

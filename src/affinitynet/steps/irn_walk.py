@@ -14,7 +14,7 @@ from .. import distributed, transforms
 from ..crf import CRFParams
 from ..inter_pixel import path_max_affinities
 from ..io import load_npz, save_rgb_png
-from ..irnet import STRIDE
+from ..irnet import STRIDE, predict
 from ..networks import load_network
 from ..pipeline import Stage, StageRun, map_images, stage
 from ..pseudo_labels import label_maps, refined_rows, save_refined
@@ -24,12 +24,6 @@ from . import label_images, setup, table1
 def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     """(Table 1 title, output) of each kind of label this stage writes, the training labels last."""
     return refined_rows("CAM+IRN", config["irn"]["crf"])
-
-
-def boundary_of(model, image: torch.Tensor) -> torch.Tensor:
-    """B (h, w) of a normalised image (3, H, W): the mean of the image's and its mirror's."""
-    logits, _ = model(torch.stack([image, image.flip(-1)]))
-    return torch.sigmoid((logits[0, 0] + logits[1, 0].flip(-1)) / 2)
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -52,8 +46,8 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         image = data.load_image(sample)
         stored = load_npz(cam_dir / f"{sample.id}.npz")
         with torch.no_grad():
-            boundary = boundary_of(model, transforms.normalize(image, model.backbone.mean,
-                                                               model.backbone.std).to(device))
+            boundary, _ = predict(model, transforms.normalize(image, model.backbone.mean,
+                                                              model.backbone.std).to(device))
             affinities = path_max_affinities(boundary, section["radius"]).float().cpu()
         walked, refined = label_maps(image, stored["cams"].astype(np.float32), stored["classes"].tolist(),
                                      affinities, section["alpha"], section["beta"], section["t"],
