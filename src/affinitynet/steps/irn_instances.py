@@ -13,18 +13,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import distributed, transforms
+from .. import distributed
 from ..errors import InputError
 from ..instance_labels import coco_document, instance_seeds, load_instances, save_instances, split_instances
-from ..inter_pixel import instance_map, path_max_affinities
+from ..inter_pixel import instance_map
 from ..io import IGNORE_INDEX, load_label_png, load_npz, write_json
-from ..irnet import STRIDE, predict
+from ..irnet import STRIDE
 from ..metrics import format_table, instance_average_precision
-from ..networks import load_network
-from ..pipeline import Stage, StageRun, map_images, stage
+from ..pipeline import Stage, map_images, stage
 from ..pseudo_labels import to_grid, to_image
 from ..random_walk import random_walk
-from . import dataset, label_images, setup
+from . import dataset
+from .irn_walk import relations, start
 
 THRESHOLDS = (0.25, 0.5, 0.75)
 
@@ -35,10 +35,7 @@ def instances_of(model, image: np.ndarray, cams: np.ndarray, classes, semantic: 
     (K, H, W) of ``classes`` and its semantic pseudo labels (H, W)."""
     if len(classes) == 0:
         return []
-    with torch.no_grad():
-        boundary, displacement = predict(model, transforms.normalize(image, model.backbone.mean,
-                                                                     model.backbone.std).to(device))
-        affinities = path_max_affinities(boundary, section["radius"]).float().cpu()
+    _, displacement, affinities = relations(model, image, section["radius"], device)
     ids = instance_map(displacement.cpu().numpy())
     grid = to_grid(torch.from_numpy(np.asarray(cams, dtype=np.float32)), STRIDE).numpy()
     seeds, owners = instance_seeds(grid, classes, ids)
@@ -51,11 +48,7 @@ def instances_of(model, image: np.ndarray, cams: np.ndarray, classes, semantic: 
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    device = setup(config)
-    job = StageRun(config, "irn_instances", force)
-    data = label_images(config)
-    job.skipped.extend(data.skipped)
-    model = load_network("irn", config, device, data.num_classes, data.class_names)
+    device, job, data, model = start(config, "irn_instances", force)
     section = config["irn"]
     cam_dir = stage("infer_cam").output("cams", config)
     semantic_dir = stage("irn_walk").output("pseudo_labels", config)

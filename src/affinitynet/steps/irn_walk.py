@@ -26,12 +26,27 @@ def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     return refined_rows("CAM+IRN", config["irn"]["crf"])
 
 
-def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+def start(config: dict[str, Any], name: str, force: bool):
+    """What IRN's inference stages begin with: the device, the stage's record, the label images
+    (their refused inputs recorded) and the trained IRNet."""
     device = setup(config)
-    job = StageRun(config, "irn_walk", force)
+    job = StageRun(config, name, force)
     data = label_images(config)
     job.skipped.extend(data.skipped)
-    model = load_network("irn", config, device, data.num_classes, data.class_names)
+    return device, job, data, load_network("irn", config, device, data.num_classes, data.class_names)
+
+
+def relations(model, image: np.ndarray, radius: int, device: torch.device):
+    """IRNet's boundary map and displacement field of an RGB image (``irnet.predict``), and the
+    path-max affinities of the boundary map (on the CPU)."""
+    with torch.no_grad():
+        boundary, displacement = predict(model, transforms.normalize(image, model.backbone.mean,
+                                                                     model.backbone.std).to(device))
+        return boundary, displacement, path_max_affinities(boundary, radius).float().cpu()
+
+
+def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    device, job, data, model = start(config, "irn_walk", force)
     section = config["irn"]
     mode = section["crf"]
     crf = CRFParams.from_config(config["crf"]) if mode != "off" else None
@@ -45,10 +60,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     def work(sample):
         image = data.load_image(sample)
         stored = load_npz(cam_dir / f"{sample.id}.npz")
-        with torch.no_grad():
-            boundary, _ = predict(model, transforms.normalize(image, model.backbone.mean,
-                                                              model.backbone.std).to(device))
-            affinities = path_max_affinities(boundary, section["radius"]).float().cpu()
+        boundary, _, affinities = relations(model, image, section["radius"], device)
         walked, refined = label_maps(image, stored["cams"].astype(np.float32), stored["classes"].tolist(),
                                      affinities, section["alpha"], section["beta"], section["t"],
                                      section["radius"], STRIDE, crf)
