@@ -1,0 +1,178 @@
+"""Where the time goes: each network of the pipeline at its training stage's crop and batch on the
+MSRC-21 config, images/s forward and forward + backward + optimizer step, the FLOP/s achieved
+(FLOPs counted by ``torch.utils.flop_counter``) and its fraction of this machine's float32 matmul
+peak, measured in the same run, for the current settings and for each candidate, side by side.
+
+    python benchmarks/stage_throughput.py [--networks cam affinity segmentation irn]
+        [--candidates current channels_last bf16 threads1 compile] [--rounds 3] [--steps 2]
+
+Candidates (each against ``current``: float32, contiguous tensors, the process's threads):
+``channels_last`` (the memory layout), ``bf16`` (CPU autocast to bfloat16; where the CPU has
+native bf16), ``threads1`` (one thread, as each of the benchmark's two processes runs),
+``compile`` (``torch.compile``; its compile time is printed apart and not counted in the rate).
+Rounds interleave the candidates so that a swing in the machine's speed hits all of them; each
+rate is the best round's. Random weights (speed does not depend on their values) and random
+images of the config's crop size.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from affinitynet.backbones import freeze_batchnorm  # noqa: E402
+from affinitynet.config import load_config  # noqa: E402
+from affinitynet.networks import build_network  # noqa: E402
+
+NETWORKS = ("cam", "affinity", "segmentation", "irn")
+CANDIDATES = ("current", "channels_last", "bf16", "threads1", "compile")
+SECTION = {"cam": "cam", "affinity": "affinity", "segmentation": "segmentation", "irn": "irn"}
+NUM_CLASSES = 15       # MSRC-21's object protocol: 14 classes + background
+
+
+def matmul_peak(seconds: float = 2.0, size: int = 2048) -> float:
+    """The best float32 FLOP/s of a square matmul over ``seconds``."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best, end = 0.0, time.time() + seconds
+    while time.time() < end:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, _transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **_) -> int:
+    """FLOPs of a convolution's backward pass: each gradient asked for (input, weight) costs what
+    the forward pass does, 2 * N * output positions * the weight's size. torch's own formula
+    leaves the groups out of the backward pass and counts a depthwise convolution's gradients
+    as a dense one's (33x its forward pass for 32 channels, checked here)."""
+    forward = 2 * grad_out_shape[0] * math.prod(grad_out_shape[2:]) * math.prod(w_shape)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+COUNTED = {torch.ops.aten.convolution_backward: conv_backward_flops}
+
+
+def scalar(output) -> torch.Tensor:
+    """A loss that reaches every output of the network (its outputs summed, each averaged)."""
+    parts = output if isinstance(output, (tuple, list)) else [output]
+    return sum(part.float().mean() for part in parts)
+
+
+class Case:
+    """One network under one candidate: the model, a batch of images and the two steps."""
+
+    def __init__(self, kind: str, candidate: str, config: dict, threads: int):
+        section = config[SECTION[kind]]
+        self.kind, self.candidate = kind, candidate
+        self.threads = 1 if candidate == "threads1" else threads
+        self.batch, crop = int(section["batch_size"]), int(section["crop_size"])
+        torch.manual_seed(0)
+        self.model = build_network(kind, config, NUM_CLASSES, pretrained=False)
+        self.images = torch.randn(self.batch, 3, crop, crop)
+        if candidate == "channels_last":
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.trained, lr=1e-6, momentum=0.9)
+        self.runner = self.model
+        self.compile_seconds = None
+        if candidate == "compile":
+            self.runner = torch.compile(self.model)
+            started = time.perf_counter()
+            self.train_step()
+            self.forward_step()
+            self.compile_seconds = time.perf_counter() - started
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.candidate == "bf16")
+
+    def train_step(self) -> float:
+        torch.set_num_threads(self.threads)
+        self.model.train()
+        freeze_batchnorm(self.model)
+        started = time.perf_counter()
+        with self._autocast():
+            loss = scalar(self.runner(self.images))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return time.perf_counter() - started
+
+    def forward_step(self) -> float:
+        torch.set_num_threads(self.threads)
+        self.model.eval()
+        started = time.perf_counter()
+        with torch.no_grad(), self._autocast():
+            self.runner(self.images)
+        return time.perf_counter() - started
+
+    def flops(self) -> tuple[int, int]:
+        """FLOPs of one forward pass and of one forward + backward pass of the batch."""
+        self.model.train()
+        freeze_batchnorm(self.model)
+        with FlopCounterMode(display=False, custom_mapping=COUNTED) as counter:
+            scalar(self.model(self.images)).backward()
+        both = counter.get_total_flops()
+        self.model.zero_grad(set_to_none=True)
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=COUNTED) as counter:
+            self.model(self.images)
+        return counter.get_total_flops(), both
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS)
+    parser.add_argument("--candidates", nargs="+", default=["current", "channels_last", "bf16", "threads1"],
+                        choices=CANDIDATES)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps of each kind per round")
+    parser.add_argument("--config", default="msrc21")
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    config = load_config(args.config, check=False)
+    candidates = ["current"] + [c for c in args.candidates if c != "current"]
+    peak_before = matmul_peak()
+    print(f"torch {torch.__version__}, {threads} threads, config {args.config}, "
+          f"float32 matmul peak {peak_before / 1e9:.0f} GFLOP/s")
+    rows = []
+    for kind in args.networks:
+        cases = {c: Case(kind, c, config, threads) for c in candidates}
+        forward_flops, train_flops = cases["current"].flops()
+        best = {c: [float("inf"), float("inf")] for c in candidates}
+        for _ in range(args.rounds):
+            for name, case in cases.items():
+                for _ in range(args.steps):
+                    best[name][0] = min(best[name][0], case.forward_step())
+                    best[name][1] = min(best[name][1], case.train_step())
+        for name, case in cases.items():
+            rows.append((kind, name, case, forward_flops, train_flops, *best[name], best["current"]))
+    peak = max(peak_before, matmul_peak())
+    print(f"float32 matmul peak (best of before and after): {peak / 1e9:.0f} GFLOP/s\n")
+    header = (f"{'network':13s} {'candidate':14s} {'crop x batch':>12s} {'fwd img/s':>9s} {'x':>5s} "
+              f"{'train img/s':>11s} {'x':>5s} {'train GFLOP/s':>13s} {'of peak':>7s}")
+    print(header)
+    print("-" * len(header))
+    for kind, name, case, forward_flops, train_flops, forward, train, current in rows:
+        crop = case.images.shape[-1]
+        print(f"{kind:13s} {name:14s} {f'{crop} x {case.batch}':>12s} {case.batch / forward:9.2f} "
+              f"{current[0] / forward:5.2f} {case.batch / train:11.2f} {current[1] / train:5.2f} "
+              f"{train_flops / train / 1e9:13.1f} {train_flops / train / peak:7.2f}"
+              + (f"   (compile {case.compile_seconds:.0f} s)" if case.compile_seconds else ""))
+    print("\nx: the rate over the current settings' rate, measured in the same rounds. FLOPs per "
+          "image: " + ", ".join(f"{kind} {train / case.batch / 1e9:.1f} GFLOP to train, "
+                               f"{fwd / case.batch / 1e9:.1f} forward"
+                               for kind, name, case, fwd, train, *_ in rows if name == "current"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
