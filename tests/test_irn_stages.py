@@ -88,3 +88,22 @@ def check_instances(run_dir, config):
     assert state["map_r"]["0.25"] >= state["map_r"]["0.5"] >= state["map_r"]["0.75"]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["instances"]["irn_instances"]["map_r"] == state["map_r"]
+    check_report(run_dir, state)
+
+
+def check_report(run_dir, instances):
+    """The report reads IRN's stages: Table 1 from irn-walk, Table 3 from the instances, the
+    gallery's boundaries and walked labels from irn-walk."""
+    from test_report import _parse
+
+    from affinitynet.report import write_report
+
+    index = write_report(run_dir, gallery_size=1)
+    page = _parse(index)
+    walk = json.loads(pipeline.stage("irn_walk").marker(run_dir).read_text())["table1"]
+    assert page.cells[("table1", "CAM+IRN", "mean")].strip() == f"{walk['CAM+IRN']['miou']:.1f}"
+    for threshold, value in instances["map_r"].items():
+        assert page.cells[("table3", f"mAP^r at IoU {threshold}", "mean")].strip() == f"{value:.1f}"
+    first = sorted((run_dir / "irn_walk" / "boundaries").glob("*.png"))[0].stem
+    for name in ("boundaries", "rw"):
+        assert f"gallery/{first}_{name}.png" in page.images

@@ -57,8 +57,8 @@ class _Gallery:
 
         name, output = {"cam": ("infer_cam", "cams"), "background": ("infer_cam", "cams"),
                         "confident": ("confident_regions", "labels"),
-                        "boundaries": ("random_walk", "boundaries"),
-                        "rw": ("random_walk", "rw_labels"),
+                        "boundaries": (self.label_stage, "boundaries"),
+                        "rw": (self.label_stage, "rw_labels"),
                         "pseudo": (self.label_stage, "pseudo_labels"),
                         "prediction": ("infer_seg", "predictions"),
                         "camlabel": ("infer_cam", "labels")}[key]

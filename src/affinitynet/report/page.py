@@ -105,10 +105,17 @@ class _ReportBuilder:
             return str(self.results[key])
         return "unknown"
 
+    def _label_stage(self) -> str:
+        """The stage whose labels trained the run's network (``labels.method``)."""
+        from ..config import DEFAULTS
+        from ..pipeline import label_stage
+
+        return label_stage(self.config or DEFAULTS).name
+
     def _class_names(self) -> list[str]:
         if self.results and isinstance(self.results.get("class_names"), list):
             return [str(n) for n in self.results["class_names"]]
-        table1 = self.stages.get("random_walk", {}).get("table1")
+        table1 = self.stages.get(self._label_stage(), {}).get("table1")
         if isinstance(table1, dict):
             for row in table1.values():
                 if isinstance(row, dict) and isinstance(row.get("iou"), dict):
@@ -209,14 +216,22 @@ class _ReportBuilder:
             parts.append('<p class="note" id="no-ground-truth">This dataset has no ground-truth masks, so no '
                          "mIoU can be computed and no table of scores is shown. The label coverage below "
                          "needs none: it shows what the labels lack, measured against the image tags.</p>")
-        table1 = self.stages.get("random_walk", {}).get("table1")
+        labels = self._label_stage()
+        table1 = self.stages.get(labels, {}).get("table1")
+        split = (self.config or {}).get("dataset", {}).get("label_split", "label split")
         if isinstance(table1, dict) and table1:
-            split = (self.config or {}).get("dataset", {}).get("label_split", "label split")
             caption = (f"Table 1 layout: synthesized segmentation labels of the {split} split in IoU % "
-                       "(from random_walk/_stage.json; RW = random walk with AffinityNet).")
+                       f"(from {labels}/_stage.json; RW = random walk with AffinityNet, IRN = IRN's walk).")
             parts.append(_iou_table("table1", table1, class_names, caption, with_split=False))
             if not table_rows:
                 table_rows = table1
+        instances = (self.results or {}).get("instances")
+        for name, scores in (instances.items() if isinstance(instances, dict) else ()):
+            rows3 = {f"mAP^r at IoU {t}": {"iou": scores["ap_r"][t], "miou": scores["map_r"][t]}
+                     for t in scores["map_r"]}
+            caption = (f"Table 3 layout: instance pseudo labels of the {split} split, average precision (%) of "
+                       f"the masks at each IoU over {scores.get('num_images')} images (from {name}/_stage.json).")
+            parts.append(_iou_table("table3", rows3, class_names[1:], caption, with_split=False))
         if table_rows and class_names:
             name = self._save_png("iou_bars.png", _iou_bar_chart(table_rows, class_names))
             parts.append(f'<figure><img src="{name}" alt="per-class IoU bar chart" class="chart">'
