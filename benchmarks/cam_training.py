@@ -14,21 +14,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from stage_throughput import matmul_peak  # noqa: E402  (benchmarks/ is on sys.path)
 
 from affinitynet.backbones import create_backbone, freeze_batchnorm  # noqa: E402
 from affinitynet.cam import CAMNet  # noqa: E402
 from affinitynet.config import load_config  # noqa: E402
-
-
-def matmul_peak(seconds: float = 3.0, size: int = 2048) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best, end = 0.0, time.time() + seconds
-    while time.time() < end:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
-    return best
 
 
 def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
