@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InputError
-from .io import IGNORE_INDEX, read_json, save_label_png, write_json
+from .io import IGNORE_INDEX, load_label_png, read_json, save_label_png, write_json
 from .metrics import Instance
 
 # IRN's rule: a connected part smaller than this share of the image is a fragment (score 0).
@@ -127,8 +127,6 @@ def save_instances(png_path: Path, json_path: Path, instances: Sequence[Instance
 def load_instances(png_path: Path, json_path: Path) -> tuple[list[Instance], tuple[int, int]]:
     """The instances :func:`save_instances` wrote, and the image's (H, W) (raises InputError
     naming a bad file)."""
-    from .io import load_label_png
-
     objects = load_label_png(png_path)
     try:
         entries = read_json(json_path)["instances"]
