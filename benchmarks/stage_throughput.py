@@ -4,11 +4,14 @@ MSRC-21 config, images/s forward and forward + backward + optimizer step, the FL
 peak, measured in the same run, for the current settings and for each candidate, side by side.
 
     python benchmarks/stage_throughput.py [--networks cam affinity segmentation irn]
-        [--candidates current channels_last bf16 threads1 compile] [--rounds 3] [--steps 2]
+        [--candidates before current channels_last bf16 threads1 compile] [--rounds 3] [--steps 2]
 
-Candidates (each against ``current``: float32, contiguous tensors, the process's threads):
-``channels_last`` (the memory layout), ``bf16`` (CPU autocast to bfloat16; where the CPU has
-native bf16), ``threads1`` (one thread, as each of the benchmark's two processes runs),
+Candidates, each as a ratio to the first one named (``before`` by default): ``before`` (each
+BatchNorm and each convolution as its own torch module and kernel: the code before
+``backbones/conv_bn.py``), ``current`` (the pipeline's settings: float32, contiguous tensors,
+the process's threads, frozen BatchNorm folded into the convolutions, the depthwise backward
+pass of ``conv_bn.py``), and each change on top of ``current``: ``channels_last`` (the memory
+layout), ``bf16`` (CPU autocast to bfloat16; where the CPU has native bf16), ``threads1`` (one thread, as each of the benchmark's two processes runs),
 ``compile`` (``torch.compile``; its compile time is printed apart and not counted in the rate).
 Rounds interleave the candidates so that a swing in the machine's speed hits all of them; each
 rate is the best round's. Random weights (speed does not depend on their values) and random
@@ -17,6 +20,7 @@ images of the config's crop size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -27,11 +31,12 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from affinitynet.backbones import freeze_batchnorm  # noqa: E402
+from affinitynet.backbones.conv_bn import separate_modules  # noqa: E402
 from affinitynet.config import load_config  # noqa: E402
 from affinitynet.networks import build_network  # noqa: E402
 
 NETWORKS = ("cam", "affinity", "segmentation", "irn")
-CANDIDATES = ("current", "channels_last", "bf16", "threads1", "compile")
+CANDIDATES = ("before", "current", "channels_last", "bf16", "threads1", "compile")
 SECTION = {"cam": "cam", "affinity": "affinity", "segmentation": "segmentation", "irn": "irn"}
 NUM_CLASSES = 15       # MSRC-21's object protocol: 14 classes + background
 
@@ -95,12 +100,15 @@ class Case:
     def _autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.candidate == "bf16")
 
+    def _modules(self):
+        return separate_modules() if self.candidate == "before" else contextlib.nullcontext()
+
     def train_step(self) -> float:
         torch.set_num_threads(self.threads)
         self.model.train()
         freeze_batchnorm(self.model)
         started = time.perf_counter()
-        with self._autocast():
+        with self._autocast(), self._modules():
             loss = scalar(self.runner(self.images))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -111,7 +119,7 @@ class Case:
         torch.set_num_threads(self.threads)
         self.model.eval()
         started = time.perf_counter()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), self._modules():
             self.runner(self.images)
         return time.perf_counter() - started
 
@@ -131,22 +139,23 @@ class Case:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS)
-    parser.add_argument("--candidates", nargs="+", default=["current", "channels_last", "bf16", "threads1"],
-                        choices=CANDIDATES)
+    parser.add_argument("--candidates", nargs="+", default=["before", "current", "channels_last", "bf16", "threads1"],
+                        choices=CANDIDATES, help="the first is the one the others are compared with")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps of each kind per round")
     parser.add_argument("--config", default="msrc21")
     args = parser.parse_args()
     threads = torch.get_num_threads()
     config = load_config(args.config, check=False)
-    candidates = ["current"] + [c for c in args.candidates if c != "current"]
+    candidates = list(dict.fromkeys(args.candidates))
+    base = candidates[0]
     peak_before = matmul_peak()
     print(f"torch {torch.__version__}, {threads} threads, config {args.config}, "
           f"float32 matmul peak {peak_before / 1e9:.0f} GFLOP/s")
     rows = []
     for kind in args.networks:
         cases = {c: Case(kind, c, config, threads) for c in candidates}
-        forward_flops, train_flops = cases["current"].flops()
+        forward_flops, train_flops = cases[base].flops()
         best = {c: [float("inf"), float("inf")] for c in candidates}
         for _ in range(args.rounds):
             for name, case in cases.items():
@@ -154,23 +163,23 @@ def main() -> int:
                     best[name][0] = min(best[name][0], case.forward_step())
                     best[name][1] = min(best[name][1], case.train_step())
         for name, case in cases.items():
-            rows.append((kind, name, case, forward_flops, train_flops, *best[name], best["current"]))
+            rows.append((kind, name, case, forward_flops, train_flops, *best[name], best[base]))
     peak = max(peak_before, matmul_peak())
     print(f"float32 matmul peak (best of before and after): {peak / 1e9:.0f} GFLOP/s\n")
     header = (f"{'network':13s} {'candidate':14s} {'crop x batch':>12s} {'fwd img/s':>9s} {'x':>5s} "
               f"{'train img/s':>11s} {'x':>5s} {'train GFLOP/s':>13s} {'of peak':>7s}")
     print(header)
     print("-" * len(header))
-    for kind, name, case, forward_flops, train_flops, forward, train, current in rows:
+    for kind, name, case, forward_flops, train_flops, forward, train, baseline in rows:
         crop = case.images.shape[-1]
         print(f"{kind:13s} {name:14s} {f'{crop} x {case.batch}':>12s} {case.batch / forward:9.2f} "
-              f"{current[0] / forward:5.2f} {case.batch / train:11.2f} {current[1] / train:5.2f} "
+              f"{baseline[0] / forward:5.2f} {case.batch / train:11.2f} {baseline[1] / train:5.2f} "
               f"{train_flops / train / 1e9:13.1f} {train_flops / train / peak:7.2f}"
               + (f"   (compile {case.compile_seconds:.0f} s)" if case.compile_seconds else ""))
-    print("\nx: the rate over the current settings' rate, measured in the same rounds. FLOPs per "
+    print(f"\nx: the rate over {base}'s rate, measured in the same rounds. FLOPs per "
           "image: " + ", ".join(f"{kind} {train / case.batch / 1e9:.1f} GFLOP to train, "
                                f"{fwd / case.batch / 1e9:.1f} forward"
-                               for kind, name, case, fwd, train, *_ in rows if name == "current"))
+                               for kind, name, case, fwd, train, *_ in rows if name == base))
     return 0
 
 

@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_backbone
+from .conv_bn import conv_bn
 from .weights import (ImageNetClassifier, check_output_stride, dilation_plan, kaiming_init,
                       load_linear, load_state_dict_file, packaged_file, resolve_pretrained)
 
@@ -162,14 +163,18 @@ class SameConv2d(nn.Conv2d):
         super().__init__(cin, cout, kernel, stride, padding, dilation, groups, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.same_pad(x))
+
+    def same_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded as TensorFlow pads a strided convolution (unchanged at stride 1)."""
         if self.stride[0] == 1:
-            return super().forward(x)
+            return x
         pads = []
         for size, k, s, d in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1],
                                  self.dilation[::-1]):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
             pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads))
+        return F.pad(x, pads)
 
 
 class MBConv(nn.Module):
@@ -192,9 +197,9 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
         if self.has_expansion:
-            out = F.relu6(self._bn0(self._expand_conv(out)))
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
-        out = self._bn2(self._project_conv(out))
+            out = F.relu6(conv_bn(out, self._expand_conv, self._bn0))
+        out = F.relu6(conv_bn(self._depthwise_conv.same_pad(out), self._depthwise_conv, self._bn1))
+        out = conv_bn(out, self._project_conv, self._bn2)
         # Stochastic depth (drop connect) of the original training recipe is left out: the
         # backbone is fine-tuned here with frozen BatchNorm, not trained from scratch.
         return x + out if self.use_residual else out
@@ -235,13 +240,13 @@ class EfficientNetLiteBackbone(nn.Module):
         kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(conv_bn(self._conv_stem.same_pad(x), self._conv_stem, self._bn0))
         levels = []
         for index, block in enumerate(self._blocks):
             x = block(x)
             if index in self._level_ends:
                 levels.append(x)
-        levels.append(F.relu6(self._bn1(self._conv_head(x))))
+        levels.append(F.relu6(conv_bn(x, self._conv_head, self._bn1)))
         return levels
 
     def imagenet_classifier(self, path: str | os.PathLike | None = None) -> ImageNetClassifier:

@@ -37,9 +37,11 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import register_backbone
+from .conv_bn import conv_bn
 from .weights import (IMAGENET_MEAN, IMAGENET_STD, ImageNetClassifier, check_output_stride,
                       dilation_plan, kaiming_init, load_linear, load_state_dict_file,
                       packaged_file, resolve_pretrained)
@@ -69,6 +71,9 @@ class ConvBNReLU6(nn.Sequential):
             nn.ReLU6(inplace=True),
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(conv_bn(x, self[0], self[1]), inplace=True)
+
 
 class InvertedResidual(nn.Module):
     """Expand (1x1) -> depthwise 3x3 (strided or dilated) -> linear projection (1x1)."""
@@ -88,7 +93,10 @@ class InvertedResidual(nn.Module):
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
+        out = x
+        for layer in self.conv[:-2]:
+            out = layer(out)
+        out = conv_bn(out, self.conv[-2], self.conv[-1])
         return x + out if self.use_residual else out
 
 
