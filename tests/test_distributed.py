@@ -284,11 +284,12 @@ def test_amp_settings_and_inference_wrapper():
     cpu = torch.device("cpu")
     assert amp_dtype(cpu, "auto") is None and amp_dtype(cpu, "off") is None and amp_dtype(cpu, False) is None
     assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "fp16") == torch.float16
-    assert not use_channels_last(cpu, "auto", torch.bfloat16) and use_channels_last(cpu, "on")
+    assert not use_channels_last(cpu, "auto", torch.bfloat16, training=True) and use_channels_last(cpu, "on")
+    assert use_channels_last(cpu, "auto") and not use_channels_last(cpu, "off")   # CPU inference: NHWC
     with pytest.raises(Exception, match="amp"):
         amp_dtype(cpu, "fp8")
     model = _Tiny().eval()
-    assert for_inference(model, cpu, "auto", "auto") is model   # float32 on a CPU: untouched
+    assert for_inference(model, cpu, "auto", "off") is model   # float32, NCHW: untouched
     wrapped = for_inference(_Tiny().eval(), cpu, "bf16", "on", methods=("features",))
     assert isinstance(wrapped, AmpModule)
     wrapped.module.load_state_dict(model.state_dict())

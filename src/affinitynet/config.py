@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": 0,
     "strict": False,
     "amp": "auto",                     # mixed precision: auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16, off
-    "channels_last": "auto",           # NHWC convolutions: auto (CUDA with AMP), on, off
+    "channels_last": "auto",           # NHWC convolutions: auto (CUDA with AMP, CPU inference), on, off
     "dataset": {
         "name": "voc12",
         "root": None,
@@ -185,7 +185,7 @@ KEY_HELP: dict[str, str] = {
     "threads": "torch threads per process (0: torch's default, all cores)",
     "strict": "stop at the first bad input instead of skipping it",
     "amp": "mixed precision: 'auto' (bf16/fp16 on CUDA, off on CPU), 'bf16', 'fp16', 'off'",
-    "channels_last": "NHWC convolutions: 'auto' (CUDA with AMP), 'on', 'off'",
+    "channels_last": "NHWC convolutions: 'auto' (CUDA with AMP; CPU inference), 'on', 'off'",
     "dataset.name": "a registered dataset (affinitynet datasets list): demo, msrc21, voc12, folder (your photos), ...",
     "dataset.root": "dataset directory",
     "dataset.protocol": "msrc21: 'object' (14 classes + background) or 'standard21'",

@@ -44,11 +44,15 @@ def amp_dtype(device: torch.device, amp: str | bool | None = "auto") -> torch.dt
 
 
 def use_channels_last(device: torch.device, channels_last: str | bool | None = "auto",
-                      dtype: torch.dtype | None = None) -> bool:
+                      dtype: torch.dtype | None = None, training: bool = False) -> bool:
     """Whether convolutions should run on NHWC tensors. ``"auto"``: on CUDA under mixed
     precision, where cuDNN's tensor-core kernels are NHWC and NCHW costs a transpose per conv;
-    never on a CPU (its NCHW kernels are the tuned ones for this project's dilated convs)."""
+    on a CPU for inference, where oneDNN's NHWC forward pass was 1.2x (CAM network) to 1.8x
+    (segmentation network) faster, but not for training, where it was slower for two of the four
+    networks (``benchmarks/stage_throughput.py``)."""
     if channels_last is None or channels_last == "auto":
+        if device.type == "cpu":
+            return not training
         return device.type == "cuda" and dtype is not None
     if isinstance(channels_last, bool):
         return channels_last

@@ -99,9 +99,12 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     """
     from .errors import InputError
     from .io import load_image, save_label_png, save_rgb_png
+    from .precision import for_inference
     from .training import resolve_device
 
-    model, meta = model_from_checkpoint(checkpoint, resolve_device(device))
+    device = resolve_device(device)
+    model, meta = model_from_checkpoint(checkpoint, device)
+    model = for_inference(model, device)
     files, missing = find_images(inputs)
     out = Path(out_dir)
     skipped: list[str] = []

@@ -163,7 +163,7 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
     per_rank_batch = _per_rank_batch(section, desc)
     dtype = amp_dtype(device, section.get("amp", "auto") if amp is None else amp)
     nhwc = use_channels_last(device, section.get("channels_last", "auto") if channels_last is None
-                             else channels_last, dtype)
+                             else channels_last, dtype, training=True)
     model.to(device)
     if nhwc:
         model.to(memory_format=torch.channels_last)

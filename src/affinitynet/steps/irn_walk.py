@@ -16,6 +16,7 @@ from ..inter_pixel import path_max_affinities
 from ..io import load_npz, save_rgb_png
 from ..irnet import STRIDE, predict
 from ..networks import load_network
+from ..precision import for_inference
 from ..pipeline import Stage, StageRun, map_images, stage
 from ..pseudo_labels import label_maps, refined_rows, save_refined
 from . import label_images, setup, table1
@@ -33,7 +34,8 @@ def start(config: dict[str, Any], name: str, force: bool):
     job = StageRun(config, name, force)
     data = label_images(config)
     job.skipped.extend(data.skipped)
-    return device, job, data, load_network("irn", config, device, data.num_classes, data.class_names)
+    model = load_network("irn", config, device, data.num_classes, data.class_names)
+    return device, job, data, for_inference(model, device, config["amp"], config["channels_last"])
 
 
 def relations(model, image: np.ndarray, radius: int, device: torch.device):
