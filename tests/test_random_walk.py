@@ -143,6 +143,24 @@ def test_matches_dense_various_t(t):
     assert_rel_close(random_walk(cams, feats, radius=5, beta=8.0, t=t), expected)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("maps", [1, 3, 4, 5])
+def test_thread_probe_and_padded_maps_stay_exact(threads, maps):
+    """t = 100 with two threads times its first products with two threads and with one before
+    going on (``_propagate``); maps are padded with zero maps to a multiple of 4 and dropped."""
+    cams, feats = _inputs(maps, 5, 9, 13, seed=maps, scale=0.3)
+    expected = dense_random_walk(cams, dense_affinity_from_features(feats, 5), 8.0, 100)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = random_walk(cams, feats, radius=5, beta=8.0, t=100)
+        assert torch.get_num_threads() == threads   # the probe gives the process its threads back
+    finally:
+        torch.set_num_threads(before)
+    assert actual.shape == cams.shape
+    assert_rel_close(actual, expected)
+
+
 @pytest.mark.parametrize("radius", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("h,w", [(6, 11), (12, 5), (1, 9), (3, 2), (1, 1)])
 def test_matches_dense_radii_and_grids(radius, h, w):
