@@ -2,7 +2,8 @@
 convolution whose CPU backward pass costs what its forward pass does.
 
 The same function is computed as with ``bn(conv(x))``; only the rounding of float32 differs
-(about 1e-7 relative, checked in ``tests/test_conv_bn.py``). Both are for speed on the CPU, where
+(``tests/test_conv_bn.py`` checks values and gradients against the separate modules, and the
+backward pass against finite differences). Both are for speed on the CPU, where
 ``benchmarks/stage_throughput.py`` found the time of the MobileNetV2 networks going to:
 
 - the BatchNorms: in eval mode (the paper's frozen BatchNorm, ``freeze_batchnorm``) each is the
@@ -37,7 +38,7 @@ def separate_modules():
         _FUSED.pop()
 
 
-def folded(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor | None]:
+def folded(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight and bias of ``conv`` followed by ``bn`` in eval mode: ``bn(conv(x))`` is the
     convolution of ``x`` with them. Differentiable in ``conv``'s and ``bn``'s parameters."""
     scale = bn.running_var.add(bn.eps).rsqrt()
