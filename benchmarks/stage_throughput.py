@@ -11,8 +11,10 @@ BatchNorm and each convolution as its own torch module and kernel: the code befo
 ``backbones/conv_bn.py``), ``current`` (the pipeline's settings: float32, contiguous tensors,
 the process's threads, frozen BatchNorm folded into the convolutions, the depthwise backward
 pass of ``conv_bn.py``), and each change on top of ``current``: ``channels_last`` (the memory
-layout), ``bf16`` (CPU autocast to bfloat16; where the CPU has native bf16), ``threads1`` (one thread, as each of the benchmark's two processes runs),
-``compile`` (``torch.compile``; its compile time is printed apart and not counted in the rate).
+layout), ``bf16`` (CPU autocast to bfloat16; where the CPU has native bf16), ``threads1`` (one
+thread, as each of the benchmark's two processes runs), ``compile`` (``torch.compile``; its
+compile time is printed apart and not counted in the rate). ``OMP_NUM_THREADS=1`` runs them all
+on one thread.
 Rounds interleave the candidates so that a swing in the machine's speed hits all of them; each
 rate is the best round's. Random weights (speed does not depend on their values) and random
 images of the config's crop size.
