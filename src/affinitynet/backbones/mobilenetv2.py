@@ -94,8 +94,9 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
-        for layer in self.conv[:-2]:
-            out = layer(out)
+        # Indexing, not slicing: a slice of a Sequential builds a new module at every forward.
+        for index in range(len(self.conv) - 2):
+            out = self.conv[index](out)
         out = conv_bn(out, self.conv[-2], self.conv[-1])
         return x + out if self.use_residual else out
 
