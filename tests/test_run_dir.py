@@ -195,3 +195,27 @@ def test_the_same_dataset_spelled_another_way_is_not_a_new_input(mine, reference
     other = load_config(mine / "config.yaml")
     other["dataset"]["root"] = str(data_root.parent)
     assert not hash_matches(stage_hash(config, "train_cam"), other, "train_cam")
+
+
+def test_each_training_stage_records_its_last_epoch(reference):
+    """Every training stage's marker (``steps.train_stage``) holds its epochs and the last epoch's
+    logged means, the ones its ``log.csv`` ends with; the segmentation network also its seed."""
+    import csv
+
+    from affinitynet.io import read_json
+
+    ref_run, _ = reference
+    config = load_config(ref_run / "config.yaml")
+    for name, parts in (("train_cam", ["loss"]), ("train_affinity", ["loss"]),
+                        ("train_seg", ["loss", "pixel_accuracy"])):
+        marker = read_json(ref_run / name / "_stage.json")
+        with open(ref_run / name / "log.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert marker["epochs"] == len(rows) == int(rows[-1]["epoch"]) == config[
+            {"train_cam": "cam", "train_affinity": "affinity", "train_seg": "segmentation"}[name]]["epochs"]
+        for part in parts:
+            assert marker[f"final_{part}"] == pytest.approx(float(rows[-1][part]), rel=1e-5), (name, part)
+        assert set(rows[-1]) - {"epoch"} == {key[len("final_"):] for key in marker if key.startswith("final_")}
+        assert marker["images"] > 0
+    assert read_json(ref_run / "train_seg" / "_stage.json")["seed"] == config["seed"]
+    assert "seed" not in read_json(ref_run / "train_cam" / "_stage.json")

@@ -100,24 +100,39 @@ def table1(config: dict[str, Any], data, labelled) -> dict[str, Any]:
     return {title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()}
 
 
-def train_network(config: dict[str, Any], stage, device: torch.device, model, section: dict[str, Any],
-                  train_set, step, meta: dict[str, Any], desc: str, seed: int | None = None):
-    """The shared loop (``training.train``) as every training stage calls it: backbone at the base
-    learning rate, new layers at ``new_layer_lr_mult`` times it, BatchNorm frozen (the paper's
-    setting); the stage's image count and skipped inputs recorded."""
+def train_stage(config: dict[str, Any], force: bool, name: str, kind: str, make_train_set, step,
+                seed: int | None = None, check=None) -> dict[str, Any]:
+    """What every training stage's ``run`` does: network ``kind`` (its config section has the same
+    name) trained by the shared loop (``training.train``) on the training split, the backbone at
+    the base learning rate and the new layers at ``new_layer_lr_mult`` times it, BatchNorm frozen
+    (the paper's setting). ``make_train_set(data, backbone)`` gives the stage's augmented images;
+    ``check(data)`` refuses the inputs before the network is built. ``seed`` replaces the run's
+    seed and is recorded. The marker holds the epochs, the images trained on (a bad image is not
+    one), and the last epoch's means as ``final_loss`` and ``final_<part>``."""
     from ..backbones import freeze_batchnorm
+    from ..networks import build_network, network_meta
+    from ..pipeline import StageRun
     from ..training import train
 
+    device = setup(config, seed)
+    job = StageRun(config, name, force)
+    data = dataset(config, "train_split")
+    job.skipped.extend(data.skipped)
+    if check is not None:
+        check(data)
+    model = build_network(kind, config, data.num_classes)
+    section = config[kind]
+    train_set = make_train_set(data, model.backbone)
     result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
                                         (model.new_parameters(), section["new_layer_lr_mult"])],
-                   dataset=train_set, step=step, section=section, out_dir=stage.dir,
-                   seed=config["seed"] if seed is None else seed,
-                   device=device, meta=meta, desc=desc, num_workers=config["num_workers"],
-                   amp=config["amp"], channels_last=config["channels_last"], prepare=freeze_batchnorm,
-                   strict=config["strict"])
+                   dataset=train_set, step=step, section=section, out_dir=job.dir,
+                   seed=config["seed"] if seed is None else seed, device=device,
+                   meta=network_meta(kind, config, data.class_names, model.backbone), desc=kind,
+                   num_workers=config["num_workers"], amp=config["amp"], channels_last=config["channels_last"],
+                   prepare=freeze_batchnorm, strict=config["strict"])
     skipped = sorted(set(result.skipped))
-    # The images trained on, as the per-image stages count them: a bad image is not one.
-    stage.images = len(train_set) - len(skipped) if distributed.is_main() else 0
-    stage.skipped.extend(skipped)
-    return result
-
+    job.images = len(train_set) - len(skipped) if distributed.is_main() else 0
+    job.skipped.extend(skipped)
+    last = result.history[-1] if result.history else {}
+    return job.finish(epochs=result.epochs, **({} if seed is None else {"seed": seed}),
+                      **{f"final_{key}": value for key, value in last.items() if key != "epoch"})

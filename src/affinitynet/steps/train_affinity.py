@@ -15,10 +15,9 @@ from ..affinity import (
     pair_labels,
 )
 from ..io import load_label_png
-from ..networks import build_network, network_meta
-from ..pipeline import Stage, StageRun, stage, training_keys
+from ..pipeline import Stage, stage, training_keys
 from ..training import ImageTrainSet
-from . import dataset, setup, train_network
+from . import train_stage
 
 
 class AffinityTrainSet(ImageTrainSet):
@@ -51,19 +50,12 @@ def make_step(radius: int, distance: str):
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    device = setup(config)
-    job = StageRun(config, "train_affinity", force)
-    data = dataset(config, "train_split")
-    job.skipped.extend(data.skipped)
-    model = build_network("affinity", config, data.num_classes)
     section = config["affinity"]
-    backbone = model.backbone
-    meta = network_meta("affinity", config, data.class_names, backbone)
-    train_set = AffinityTrainSet(data, stage("confident_regions").output("labels", config), section,
-                                 backbone.mean, backbone.std, backbone.output_stride, config["seed"])
-    result = train_network(config, job, device, model, section, train_set,
-                           make_step(section["radius"], section["distance"]), meta, "affinity")
-    return job.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)
+    labels = stage("confident_regions").output("labels", config)
+    return train_stage(config, force, "train_affinity", "affinity",
+                       lambda data, backbone: AffinityTrainSet(data, labels, section, backbone.mean, backbone.std,
+                                                               backbone.output_stride, config["seed"]),
+                       make_step(section["radius"], section["distance"]))
 
 
 STAGE = Stage("train_affinity", "train-affinity", "train AffinityNet on the affinity labels (3.2.2, Eq. 7-10)",

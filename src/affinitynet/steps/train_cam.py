@@ -6,10 +6,9 @@ from typing import Any
 import torch.nn.functional as F
 
 from .. import transforms
-from ..networks import build_network, network_meta
-from ..pipeline import Stage, StageRun, training_keys
+from ..pipeline import Stage, training_keys
 from ..training import ImageTrainSet
-from . import dataset, setup, train_network
+from . import train_stage
 
 
 class CAMTrainSet(ImageTrainSet):
@@ -37,18 +36,10 @@ def classification_step(model, batch):
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    device = setup(config)
-    job = StageRun(config, "train_cam", force)
-    data = dataset(config, "train_split")
-    job.skipped.extend(data.skipped)
-    model = build_network("cam", config, data.num_classes)
     section = config["cam"]
-    backbone = model.backbone
-    meta = network_meta("cam", config, data.class_names, backbone)
-    result = train_network(config, job, device, model, section,
-                           CAMTrainSet(data, section, backbone.mean, backbone.std, config["seed"]),
-                           classification_step, meta, "cam")
-    return job.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)
+    return train_stage(config, force, "train_cam", "cam",
+                       lambda data, backbone: CAMTrainSet(data, section, backbone.mean, backbone.std, config["seed"]),
+                       classification_step)
 
 
 STAGE = Stage("train_cam", "train-cam", "train the CAM network (paper 3.1, 4.2)",

@@ -7,9 +7,8 @@ from typing import Any
 
 from ..affinity import pair_labels
 from ..irnet import STRIDE, irn_loss
-from ..networks import build_network, network_meta
-from ..pipeline import Stage, StageRun, stage, training_keys
-from . import dataset, setup, train_network
+from ..pipeline import Stage, stage, training_keys
+from . import train_stage
 from .train_affinity import AffinityTrainSet
 
 
@@ -24,19 +23,13 @@ def make_step(radius: int):
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    device = setup(config)
-    job = StageRun(config, "train_irn", force)
-    data = dataset(config, "train_split")
-    job.skipped.extend(data.skipped)
-    model = build_network("irn", config, data.num_classes)
     section = config["irn"]
-    backbone = model.backbone
-    meta = network_meta("irn", config, data.class_names, backbone)
+    labels = stage("confident_regions").output("labels", config)
     # The confident regions' flips and crops of AffinityNet's training, labels on IRN's grid.
-    train_set = AffinityTrainSet(data, stage("confident_regions").output("labels", config), section,
-                                 backbone.mean, backbone.std, STRIDE, config["seed"])
-    result = train_network(config, job, device, model, section, train_set, make_step(section["radius"]), meta, "irn")
-    return job.finish(epochs=result.epochs, final_loss=result.history[-1].get("loss") if result.history else None)
+    return train_stage(config, force, "train_irn", "irn",
+                       lambda data, backbone: AffinityTrainSet(data, labels, section, backbone.mean, backbone.std,
+                                                               STRIDE, config["seed"]),
+                       make_step(section["radius"]))
 
 
 STAGE = Stage("train_irn", "train-irn", "train IRNet's boundary and displacement branches (IRN 3.2-3.3)",

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from .. import transforms
 from ..errors import InputError, TrainingError
 from ..io import IGNORE_INDEX, load_label_png
-from ..networks import build_network, network_meta
-from ..pipeline import Stage, StageRun, label_stage, training_keys
+from ..pipeline import Stage, label_stage, training_keys
 from ..training import ImageTrainSet
-from . import dataset, setup, train_network
+from . import train_stage
 
 
 class SegTrainSet(ImageTrainSet):
@@ -102,21 +101,10 @@ def segmentation_step(model, batch):
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     section = config["segmentation"]
     seed = config["seed"] if section["seed"] is None else section["seed"]
-    device = setup(config, seed)
-    job = StageRun(config, "train_seg", force)
-    data = dataset(config, "train_split")
-    job.skipped.extend(data.skipped)
-    check_labels_exist(config, data)
-    model = build_network("segmentation", config, data.num_classes)
-    backbone = model.backbone
-    # Everything predict() needs, so a model.pt alone segments images (affinitynet predict).
-    meta = network_meta("segmentation", config, data.class_names, backbone)
-    result = train_network(config, job, device, model, section,
-                           SegTrainSet(data, section, backbone.mean, backbone.std, seed, label_loader(config, data)),
-                           segmentation_step, meta, "segmentation", seed)
-    last = result.history[-1] if result.history else {}
-    return job.finish(epochs=result.epochs, seed=seed, final_loss=last.get("loss"),
-                      final_pixel_accuracy=last.get("pixel_accuracy"))
+    return train_stage(config, force, "train_seg", "segmentation",
+                       lambda data, backbone: SegTrainSet(data, section, backbone.mean, backbone.std, seed,
+                                                          label_loader(config, data)),
+                       segmentation_step, seed=seed, check=lambda data: check_labels_exist(config, data))
 
 
 def upstream(config: dict[str, Any]) -> tuple[str, ...]:
