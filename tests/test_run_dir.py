@@ -206,13 +206,12 @@ def test_each_training_stage_records_its_last_epoch(reference):
 
     ref_run, _ = reference
     config = load_config(ref_run / "config.yaml")
-    for name, parts in (("train_cam", ["loss"]), ("train_affinity", ["loss"]),
-                        ("train_seg", ["loss", "pixel_accuracy"])):
+    for name, section, parts in (("train_cam", "cam", ["loss"]), ("train_affinity", "affinity", ["loss"]),
+                                 ("train_seg", "segmentation", ["loss", "pixel_accuracy"])):
         marker = read_json(ref_run / name / "_stage.json")
         with open(ref_run / name / "log.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
-        assert marker["epochs"] == len(rows) == int(rows[-1]["epoch"]) == config[
-            {"train_cam": "cam", "train_affinity": "affinity", "train_seg": "segmentation"}[name]]["epochs"]
+        assert marker["epochs"] == len(rows) == int(rows[-1]["epoch"]) == config[section]["epochs"]
         for part in parts:
             assert marker[f"final_{part}"] == pytest.approx(float(rows[-1][part]), rel=1e-5), (name, part)
         assert set(rows[-1]) - {"epoch"} == {key[len("final_"):] for key in marker if key.startswith("final_")}
