@@ -100,22 +100,23 @@ def table1(config: dict[str, Any], data, labelled) -> dict[str, Any]:
     return {title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()}
 
 
-def train_stage(config: dict[str, Any], force: bool, name: str, kind: str, make_train_set, step,
+def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, step,
                 seed: int | None = None, check=None) -> dict[str, Any]:
     """What every training stage's ``run`` does: network ``kind`` (its config section has the same
-    name) trained by the shared loop (``training.train``) on the training split, the backbone at
-    the base learning rate and the new layers at ``new_layer_lr_mult`` times it, BatchNorm frozen
-    (the paper's setting). ``make_train_set(data, backbone)`` gives the stage's augmented images;
-    ``check(data)`` refuses the inputs before the network is built. ``seed`` replaces the run's
-    seed and is recorded. The marker holds the epochs, the images trained on (a bad image is not
-    one), and the last epoch's means as ``final_loss`` and ``final_<part>``."""
+    name; ``networks.NETWORKS`` names the stage that trains it) trained by the shared loop
+    (``training.train``) on the training split, the backbone at the base learning rate and the new
+    layers at ``new_layer_lr_mult`` times it, BatchNorm frozen (the paper's setting).
+    ``make_train_set(data, backbone)`` gives the stage's augmented images; ``check(data)`` refuses
+    the inputs before the network is built. ``seed`` replaces the run's seed and is recorded. The
+    marker holds the epochs, the images trained on (a bad image is not one), and the last epoch's
+    means as ``final_loss`` and ``final_<part>``."""
     from ..backbones import freeze_batchnorm
-    from ..networks import build_network, network_meta
+    from ..networks import NETWORKS, build_network, network_meta
     from ..pipeline import StageRun
     from ..training import train
 
     device = setup(config, seed)
-    job = StageRun(config, name, force)
+    job = StageRun(config, NETWORKS[kind].stage, force)
     data = dataset(config, "train_split")
     job.skipped.extend(data.skipped)
     if check is not None:

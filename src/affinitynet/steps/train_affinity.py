@@ -52,7 +52,7 @@ def make_step(radius: int, distance: str):
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     section = config["affinity"]
     labels = stage("confident_regions").output("labels", config)
-    return train_stage(config, force, "train_affinity", "affinity",
+    return train_stage(config, force, "affinity",
                        lambda data, backbone: AffinityTrainSet(data, labels, section, backbone.mean, backbone.std,
                                                                backbone.output_stride, config["seed"]),
                        make_step(section["radius"], section["distance"]))

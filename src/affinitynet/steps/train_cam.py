@@ -37,7 +37,7 @@ def classification_step(model, batch):
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     section = config["cam"]
-    return train_stage(config, force, "train_cam", "cam",
+    return train_stage(config, force, "cam",
                        lambda data, backbone: CAMTrainSet(data, section, backbone.mean, backbone.std, config["seed"]),
                        classification_step)
 

@@ -26,7 +26,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     section = config["irn"]
     labels = stage("confident_regions").output("labels", config)
     # The confident regions' flips and crops of AffinityNet's training, labels on IRN's grid.
-    return train_stage(config, force, "train_irn", "irn",
+    return train_stage(config, force, "irn",
                        lambda data, backbone: AffinityTrainSet(data, labels, section, backbone.mean, backbone.std,
                                                                STRIDE, config["seed"]),
                        make_step(section["radius"]))

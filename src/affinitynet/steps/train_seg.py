@@ -101,7 +101,7 @@ def segmentation_step(model, batch):
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     section = config["segmentation"]
     seed = config["seed"] if section["seed"] is None else section["seed"]
-    return train_stage(config, force, "train_seg", "segmentation",
+    return train_stage(config, force, "segmentation",
                        lambda data, backbone: SegTrainSet(data, section, backbone.mean, backbone.std, seed,
                                                           label_loader(config, data)),
                        segmentation_step, seed=seed, check=lambda data: check_labels_exist(config, data))
