@@ -2,7 +2,8 @@
 image and its mirror in one forward pass (as the pipeline runs them) or in two, and in NCHW or
 channels-last (NHWC) memory layout, side by side in one run.
 
-    python benchmarks/inference_threads.py [--config msrc21] [--rounds 3] [--images 2]
+    python benchmarks/inference_threads.py [--config msrc21] [--rounds 3] [--images 2] [--threads 1 2 4]
+                                           [key=value ...]   # e.g. backbone.name=efficientnet_lite2
 
 Each case does what the stage does per image after loading it: ``infer-cam``'s multi-scale +
 flip CAMs of two classes (``cam.infer_cams`` with the config's ``cam.scales``), and ``predict``'s
@@ -15,6 +16,7 @@ machine's cores (all threads, mirror batched, NHWC).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 
@@ -49,7 +51,7 @@ class OneAtATime(nn.Module):
         return torch.cat([self.model.cams(image[None]) for image in batch])
 
 
-def cases(config: dict, cores: int) -> dict[str, tuple[int, object]]:
+def cases(config: dict, cores: int, thread_counts: list[int]) -> dict[str, tuple[int, object]]:
     """name -> (threads, one image's work)."""
     torch.manual_seed(0)
     cam_net = build_network("cam", config, NUM_CLASSES, pretrained=False).eval()
@@ -71,8 +73,10 @@ def cases(config: dict, cores: int) -> dict[str, tuple[int, object]]:
     for stage, net, work, methods in (("infer-cam", cam_net, cam_work, ("cams",)),
                                       ("predict", seg_net, seg_work, ())):
         for layout, setting in layouts.items():
-            model = for_inference(net, cpu, "off", setting, methods=methods)
-            for threads in sorted({1, 2, 4, cores}):
+            # A copy per layout: converting a module to channels-last is in place, and a
+            # convolution with channels-last weights runs NHWC whatever its input's layout.
+            model = for_inference(copy.deepcopy(net), cpu, "off", setting, methods=methods)
+            for threads in sorted({*thread_counts, cores}):
                 out[f"{stage:9s} {threads} threads, mirror batched, {layout}"] = (threads, work(model))
             out[f"{stage:9s} {cores} threads, mirror apart,   {layout}"] = (cores, work(OneAtATime(model)))
     return out
@@ -83,10 +87,13 @@ def main() -> int:
     parser.add_argument("--config", default="msrc21")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=2, help="images timed per case and round")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4],
+                        help="thread counts timed besides all cores")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. backbone.name=efficientnet_lite2")
     args = parser.parse_args()
     cores = torch.get_num_threads()
-    config = load_config(args.config, check=False)
-    table = cases(config, cores)
+    config = load_config(args.config, args.overrides, check=False)
+    table = cases(config, cores, args.threads)
     best = dict.fromkeys(table, float("inf"))
     with torch.no_grad():
         for _ in range(args.rounds):
@@ -98,8 +105,8 @@ def main() -> int:
                     work()
                 best[name] = min(best[name], (time.perf_counter() - started) / args.images)
     torch.set_num_threads(cores)
-    print(f"torch {torch.__version__}, {cores} cores, config {args.config}: cam.scales {config['cam']['scales']}, "
-          f"segmentation.scales {config['segmentation']['scales']}, each with its mirror, {WIDTH}x{HEIGHT} images")
+    print(f"torch {torch.__version__}, {cores} cores, config {args.config}, {config['backbone']['name']}: "
+          f"cam.scales {config['cam']['scales']}, segmentation.scales {config['segmentation']['scales']}, each with its mirror, {WIDTH}x{HEIGHT} images")
     for stage in ("infer-cam", "predict"):
         reference = best[f"{stage:9s} {cores} threads, mirror batched, NHWC"]
         for name, seconds in best.items():

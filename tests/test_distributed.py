@@ -285,7 +285,9 @@ def test_amp_settings_and_inference_wrapper():
     assert amp_dtype(cpu, "auto") is None and amp_dtype(cpu, "off") is None and amp_dtype(cpu, False) is None
     assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "fp16") == torch.float16
     assert not use_channels_last(cpu, "auto", torch.bfloat16, training=True) and use_channels_last(cpu, "on")
-    assert use_channels_last(cpu, "auto") and not use_channels_last(cpu, "off")   # CPU inference: NHWC
+    # CPU inference: NHWC where the backbone says its NHWC forward pass is the faster one.
+    assert use_channels_last(cpu, "auto", cpu_nhwc=True) and not use_channels_last(cpu, "auto")
+    assert not use_channels_last(cpu, "off", cpu_nhwc=True) and use_channels_last(cpu, "on")
     with pytest.raises(Exception, match="amp"):
         amp_dtype(cpu, "fp8")
     model = _Tiny().eval()
@@ -300,6 +302,25 @@ def test_amp_settings_and_inference_wrapper():
     torch.testing.assert_close(low, full, atol=0.1, rtol=0.05)
     assert wrapped.classifier is wrapped.module.classifier   # other attributes read through
     assert next(wrapped.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name,nhwc", [("mobilenetv2", True), ("efficientnet_lite0", False)])
+def test_cpu_inference_layout_is_the_backbones_measured_one(name, nhwc):
+    from affinitynet.backbones import create_backbone
+    from affinitynet.cam import CAMNet
+
+    torch.manual_seed(0)
+    model = CAMNet(create_backbone(name, pretrained=False), 3).eval()
+    image = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        expected = model.cams(image)
+    wrapped = for_inference(model, torch.device("cpu"), "auto", "auto", methods=("cams",))
+    assert isinstance(wrapped, AmpModule) == nhwc
+    assert next(model.parameters()).is_contiguous(memory_format=torch.channels_last) == nhwc
+    with torch.no_grad():
+        maps = wrapped.cams(image)
+    assert maps.is_contiguous()
+    torch.testing.assert_close(maps, expected, atol=1e-4, rtol=1e-4)
 
 
 class _RankSkips(_Blobs):

@@ -44,15 +44,16 @@ def amp_dtype(device: torch.device, amp: str | bool | None = "auto") -> torch.dt
 
 
 def use_channels_last(device: torch.device, channels_last: str | bool | None = "auto",
-                      dtype: torch.dtype | None = None, training: bool = False) -> bool:
+                      dtype: torch.dtype | None = None, training: bool = False, cpu_nhwc: bool = False) -> bool:
     """Whether convolutions should run on NHWC tensors. ``"auto"``: on CUDA under mixed
     precision, where cuDNN's tensor-core kernels are NHWC and NCHW costs a transpose per conv;
-    on a CPU for inference, where oneDNN's NHWC forward pass was 1.2x (CAM network) to 1.8x
-    (segmentation network) faster, but not for training, where it was slower for two of the four
-    networks (``benchmarks/stage_throughput.py``)."""
+    on a CPU for inference only where the backbone's NHWC forward pass was measured faster
+    (``cpu_nhwc``, the backbone's ``cpu_channels_last``: MobileNetV2's was 1.2x to 1.8x,
+    EfficientNet-Lite's 5x5 depthwise convolutions ran 2.2x slower); never for training on a CPU,
+    where it was slower for two of the four networks (``benchmarks/stage_throughput.py``)."""
     if channels_last is None or channels_last == "auto":
         if device.type == "cpu":
-            return not training
+            return cpu_nhwc and not training
         return device.type == "cuda" and dtype is not None
     if isinstance(channels_last, bool):
         return channels_last
@@ -140,7 +141,8 @@ def for_inference(model: nn.Module, device: torch.device, amp: str | bool | None
     ``model.cams(batch)`` then runs in bfloat16 on a GPU and returns float32 maps.
     """
     dtype = amp_dtype(device, amp)
-    nhwc = use_channels_last(device, channels_last, dtype)
+    nhwc = use_channels_last(device, channels_last, dtype,
+                             cpu_nhwc=getattr(getattr(model, "backbone", None), "cpu_channels_last", False))
     model = model.to(device).eval()
     if nhwc:
         model = model.to(memory_format=torch.channels_last)

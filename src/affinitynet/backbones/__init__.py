@@ -9,6 +9,9 @@ the last map is at ``output_stride``. AffinityNet uses the last three levels. At
 - ``output_stride``: int
 - ``mean``, ``std``: the RGB normalisation (0..1 scale) its ImageNet weights expect
 - ``name``: registry name
+- ``cpu_channels_last`` (optional, default False): whether its forward pass on a CPU is faster
+  in NHWC than in NCHW, as measured (``benchmarks/inference_threads.py``); inference on a CPU
+  then runs NHWC under ``channels_last: auto``
 
 ``pretrained`` is ``True`` (the weights the backbone ships with offline, where it has any),
 ``False`` (random initialisation) or a path to a state dict file supplied by the user.
