@@ -106,7 +106,8 @@ def main() -> int:
                 best[name] = min(best[name], (time.perf_counter() - started) / args.images)
     torch.set_num_threads(cores)
     print(f"torch {torch.__version__}, {cores} cores, config {args.config}, {config['backbone']['name']}: "
-          f"cam.scales {config['cam']['scales']}, segmentation.scales {config['segmentation']['scales']}, each with its mirror, {WIDTH}x{HEIGHT} images")
+          f"cam.scales {config['cam']['scales']}, segmentation.scales {config['segmentation']['scales']}, "
+          f"each with its mirror, {WIDTH}x{HEIGHT} images")
     for stage in ("infer-cam", "predict"):
         reference = best[f"{stage:9s} {cores} threads, mirror batched, NHWC"]
         for name, seconds in best.items():
