@@ -48,9 +48,10 @@ def use_channels_last(device: torch.device, channels_last: str | bool | None = "
     """Whether convolutions should run on NHWC tensors. ``"auto"``: on CUDA under mixed
     precision, where cuDNN's tensor-core kernels are NHWC and NCHW costs a transpose per conv;
     on a CPU for inference only where the backbone's NHWC forward pass was measured faster
-    (``cpu_nhwc``, the backbone's ``cpu_channels_last``: MobileNetV2's was 1.2x to 1.8x,
-    EfficientNet-Lite's 5x5 depthwise convolutions ran 2.2x slower); never for training on a CPU,
-    where it was slower for two of the four networks (``benchmarks/stage_throughput.py``)."""
+    (``cpu_nhwc``, the backbone's ``cpu_channels_last``: MobileNetV2's NHWC infer-cam and predict
+    ran 1.10x and 1.43x faster, EfficientNet-Lite2's NCHW ones 1.74x and 1.40x,
+    ``benchmarks/inference_threads.py``); never for training on a CPU, where NHWC was slower for
+    two of the four networks (``benchmarks/stage_throughput.py``)."""
     if channels_last is None or channels_last == "auto":
         if device.type == "cpu":
             return cpu_nhwc and not training
