@@ -34,14 +34,12 @@ from affinitynet.config import builtin_config_path
 
 def command(run_dir: Path, data: Path, args: argparse.Namespace, stage: str, threads: int, nproc: int,
             force: bool) -> list[str]:
-    launcher = [sys.executable, "-m", "affinitynet"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "affinitynet"]
-    return launcher + [
-        stage, "--config", str(builtin_config_path("demo")), *(["--force"] if force else []),
-        f"dataset.root={data}", f"run_dir={run_dir}", f"threads={threads}", "backbone.name=mobilenetv2",
-        f"dataset.demo_size={args.size}", f"dataset.demo_train={args.images}", "dataset.demo_val=4",
-        f"cam.crop_size={args.size}", f"cam.resize_long=[{args.size - 16},{args.size + 16}]",
-        "cam.batch_size=8", "cam.epochs=1"]
+    return [sys.executable, "-m", "affinitynet", stage, "--config", str(builtin_config_path("demo")),
+            f"--procs={nproc}", *(["--force"] if force else []),
+            f"dataset.root={data}", f"run_dir={run_dir}", f"threads={threads}", "backbone.name=mobilenetv2",
+            f"dataset.demo_size={args.size}", f"dataset.demo_train={args.images}", "dataset.demo_val=4",
+            f"cam.crop_size={args.size}", f"cam.resize_long=[{args.size - 16},{args.size + 16}]",
+            "cam.batch_size=8", "cam.epochs=1"]
 
 
 def run(cmd: list[str], cwd: Path, threads: int) -> float:

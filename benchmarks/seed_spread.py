@@ -9,8 +9,8 @@ paper's Tables 1, 2 and 5.
 
 ``benchmarks/msrc21.py`` is this on MSRC-21. The CAM network and the upper bound's first training
 (and its evaluation) do not depend on each other and run side by side as two single-threaded
-processes; every later stage runs as ``--procs`` single-threaded processes under
-torch.distributed (on a 2-core machine both are faster than one process with two threads),
+processes; every later stage runs as ``--procs`` single-threaded processes (``affinitynet run --procs``,
+under torch.distributed; on a 2-core machine both are faster than one process with two threads),
 starting when the CAM network is done, beside what is left of the bound.
 Everything is resumable: run the command again after an interruption.
 """
@@ -33,10 +33,7 @@ from affinitynet.pipeline import MARKER, ancestors, stage
 
 
 def affinitynet(*args: str, procs: int = 1) -> list[str]:
-    if procs == 1:
-        return [sys.executable, "-m", "affinitynet", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-            "-m", "affinitynet", *args]
+    return [sys.executable, "-m", "affinitynet", *args, f"--procs={procs}"]
 
 
 def link_stages(source: Path, target: Path, shared: list[str]) -> None:

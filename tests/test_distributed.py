@@ -83,8 +83,10 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(second[name], first[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def _stage_summary(run_dir: Path, stage: str) -> dict:
+def _stage_summary(run_dir: Path, stage: str, processes: int = 1) -> dict:
+    """The stage's record without how it was run (checked here: ``processes`` of one thread)."""
     summary = json.loads((run_dir / stage / "_stage.json").read_text())
+    assert (summary.pop("processes"), summary.pop("threads")) == (processes, 1), stage
     summary.pop("seconds")
     return summary
 
@@ -103,7 +105,7 @@ def test_cam_epoch_two_processes_gives_single_process_weights(workspace, referen
     double = load_checkpoint(run_dir / "train_cam" / "model.pt")["history"]
     assert [row["epoch"] for row in double] == [1]
     assert double[0]["loss"] == pytest.approx(single[0]["loss"], abs=1e-5)
-    summary = _stage_summary(run_dir, "train_cam")
+    summary = _stage_summary(run_dir, "train_cam", processes=2)
     assert summary["complete"] and summary["images"] == 16
 
 
@@ -140,7 +142,7 @@ def test_sharded_cam_inference_and_random_walk_write_identical_files(workspace, 
     for stage in ("train_cam", "confident_regions", "train_affinity"):
         shutil.copytree(reference / stage, run_dir / stage)
     affinitynet(workspace, run_dir, "infer-cam", nproc=2)
-    affinitynet(workspace, run_dir, "random-walk", nproc=2)
+    affinitynet(workspace, run_dir, "random-walk", "--procs", "2")   # torchrun started by affinitynet itself
     for folder in ("infer_cam/cams", "infer_cam/labels", "random_walk/affinities", "random_walk/boundaries",
                    "random_walk/rw_labels", "random_walk/pseudo_labels"):
         single, double = _files(reference / folder), _files(run_dir / folder)
@@ -149,8 +151,21 @@ def test_sharded_cam_inference_and_random_walk_write_identical_files(workspace, 
         assert not different, f"{folder}: {different} differ from the single-process files"
     # Scores computed on two ranks (all-reduced confusion matrices) are the single-process ones.
     for stage in ("infer_cam", "random_walk"):
-        assert _stage_summary(run_dir, stage) == _stage_summary(reference, stage)
-    assert _stage_summary(run_dir, "infer_cam")["cam"]["num_images"] == 16
+        assert _stage_summary(run_dir, stage, processes=2) == _stage_summary(reference, stage)
+    assert _stage_summary(run_dir, "infer_cam", processes=2)["cam"]["num_images"] == 16
+
+
+def test_procs_error_is_one_line_and_its_exit_code(workspace):
+    """``--procs 2`` on a stage whose inputs are missing: the processes' error once, its exit
+    code, none of torchrun's report, and nothing written."""
+    run_dir = workspace / "procs_error"
+    done = affinitynet(workspace, run_dir, "random-walk", "--procs", "2", expect=2)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == ["affinitynet: error: stage 'random_walk' needs the outputs of 'infer_cam', which are missing "
+                     "or were made with other settings: run `affinitynet infer-cam` (or `affinitynet run`) first"]
+    assert not (run_dir / "random_walk").exists()
+    refused = affinitynet(workspace, run_dir, "random-walk", "--procs", "0", expect=2)
+    assert "argument --procs: 0 is not a positive number" in refused.stderr
 
 
 def _free_port() -> int:

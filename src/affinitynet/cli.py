@@ -34,6 +34,20 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. random_walk.beta=10 cam.epochs=5")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def _add_procs_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--procs", type=_positive_int, default=1, metavar="N",
+                        help="run as N processes on this machine (torch.distributed.run), one thread each unless "
+                             "`threads` says otherwise; on a CPU, N = the number of cores is the fastest (README, "
+                             "Speed); the results are one process's")
+
+
 def _config_from_args(args: argparse.Namespace, check: bool = True) -> dict[str, Any]:
     """Defaults <- the base config <- the dataset options and ``key=value`` overrides.
 
@@ -256,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="append", nargs="?", const=_ALL, metavar="STAGE",
                      help="re-run this stage (name, repeatable); alone: re-run every stage, replacing "
                           "the outputs of another dataset if the run directory holds them")
+    _add_procs_option(run)
     run.set_defaults(func=cmd_run)
 
     for spec in stages():
@@ -264,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--force", action="store_true",
                          help="discard this stage's outputs and redo it (also when the run directory holds "
                               "another dataset's outputs: those are then all marked for redoing)")
+        _add_procs_option(sub)
         sub.set_defaults(func=cmd_stage, stage_name=spec.name)
 
     from .released import KINDS
@@ -366,6 +382,15 @@ def _one_line(error: Exception) -> str:
     return " ".join(lines[:1] + ["; ".join(lines[1:])] if len(lines) > 1 else lines)
 
 
+def _report(line: str, shared: bool = False) -> None:
+    """The line that ends a command, on stderr. Under torchrun an error that every process meets
+    alike (``shared``) is printed by rank 0 alone."""
+    from . import distributed
+
+    if not shared or distributed.is_main():
+        print(f"affinitynet: {line}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
@@ -383,26 +408,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *moved]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .errors import AffinityNetError
+    if getattr(args, "procs", 1) > 1:
+        from . import distributed
+
+        if not distributed.launched():   # the processes it starts see WORLD_SIZE and run the command
+            return distributed.launch(args.procs, sys.argv[1:] if argv is None else list(argv))
+    from .errors import AffinityNetError, InputError
 
     try:
         return args.func(args)
     except AffinityNetError as error:
-        print(f"affinitynet: error: {_one_line(error)}", file=sys.stderr)
+        # Every process reads the same config, run directory and weight files; an input file's
+        # error may be one process's own (its share of the images).
+        _report(f"error: {_one_line(error)}", shared=not isinstance(error, InputError))
         return EXIT_BAD_INPUT
     except RuntimeError as error:
         if args.verbose:
             raise
-        text = str(error).splitlines()[0] if str(error) else repr(error)
-        print(f"affinitynet: error: {text}", file=sys.stderr)
+        _report(f"error: {str(error).splitlines()[0] if str(error) else repr(error)}")
         return 1
     except OSError as error:  # read-only or full output directory, permissions, ...
         if args.verbose:
             raise
-        print(f"affinitynet: error: {_os_error_line(error)}", file=sys.stderr)
+        _report(f"error: {_os_error_line(error)}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("affinitynet: interrupted; finished outputs are kept and a re-run resumes", file=sys.stderr)
+        _report("interrupted; finished outputs are kept and a re-run resumes", shared=True)
         return 130
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import sys
 from typing import Sequence, TypeVar
 
 import torch
@@ -110,3 +111,37 @@ def all_gather_objects(obj: T) -> list[T]:
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def launch(procs: int, argv: Sequence[str]) -> int:
+    """``affinitynet <argv>`` as ``procs`` processes on this machine (``--procs``): what
+    ``torch.distributed.run --standalone --nproc_per_node=procs -m affinitynet <argv>`` starts,
+    each process with one thread unless ``OMP_NUM_THREADS`` or the config's ``threads`` says
+    otherwise. On a CPU, single-threaded processes, one per core, beat one process with a thread
+    per core (README, Speed); the results are the single process's (tests/test_distributed.py).
+
+    Returns the exit code of the first process that failed, which has printed its own error
+    line; torchrun's report of the failure is not repeated. A process killed by a signal (out
+    of memory) prints nothing, so that is said here."""
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    arguments = torchrun.parse_args(["--standalone", f"--nproc_per_node={procs}", "-m", "affinitynet", *argv])
+    # The launcher's log lines about a failed process repeat that process's own error line.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(arguments)
+    except ChildFailedError as error:
+        process, failure = error.get_first_failure()
+        if failure.exitcode > 0:
+            return failure.exitcode
+        print(f"affinitynet: error: process {process} of {procs} was stopped by {failure.signal_name()} "
+              "(out of memory? try fewer --procs); finished outputs are kept and a re-run resumes", file=sys.stderr)
+        return 1
+    except SignalException as stop:   # Ctrl-C: the processes have said so, and the launcher stopped them
+        return 128 + int(stop.sigval)
+    return 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import torch
 from tqdm import tqdm
 
 from . import distributed
@@ -475,8 +476,10 @@ class StageRun:
         images = sum(item[0] for item in gathered)
         reused = sum(item[1] for item in gathered)
         skipped = [line for item in gathered for line in item[2]]
+        # How the seconds were spent: timings mean nothing without the processes and threads.
         summary = {"stage": self.name, "hash": self.hash, "complete": True,
-                   "seconds": round(time.time() - self.started, 2), "images": images,
+                   "seconds": round(time.time() - self.started, 2), "processes": distributed.world_size(),
+                   "threads": torch.get_num_threads(), "images": images,
                    "reused": reused, "skipped": skipped, **self.extra, **stage_inputs(self.config, self.name)}
         if distributed.is_main():
             write_json(self.dir / MARKER, summary)
