@@ -10,8 +10,9 @@ paper's Tables 1, 2 and 5.
 ``benchmarks/msrc21.py`` is this on MSRC-21. The CAM network and the upper bound's first training
 (and its evaluation) do not depend on each other and run side by side as two single-threaded
 processes; every later stage runs as ``--procs`` single-threaded processes (``affinitynet run --procs``,
-under torch.distributed; on a 2-core machine both are faster than one process with two threads),
-starting when the CAM network is done, beside what is left of the bound.
+under torch.distributed; on a 2-core machine the per-image stages are faster so than one process
+with two threads, and on the demo the trainings ran 0.89-0.97x: README, Speed), starting when the
+CAM network is done, beside what is left of the bound.
 Everything is resumable: run the command again after an interruption.
 """
 from __future__ import annotations

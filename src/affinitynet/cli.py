@@ -44,8 +44,8 @@ def _positive_int(text: str) -> int:
 def _add_procs_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--procs", type=_positive_int, default=1, metavar="N",
                         help="run as N processes on this machine (torch.distributed.run), one thread each unless "
-                             "`threads` says otherwise: on a CPU the per-image stages run faster so, the trainings "
-                             "do not (README, Speed)")
+                             "`threads` says otherwise; on a CPU this speeds up the per-image stages but not the "
+                             "trainings (README, Speed)")
 
 
 def _config_from_args(args: argparse.Namespace, check: bool = True) -> dict[str, Any]:
