@@ -9,10 +9,11 @@ paper's Tables 1, 2 and 5.
 
 ``benchmarks/msrc21.py`` is this on MSRC-21. The CAM network and the upper bound's first training
 (and its evaluation) do not depend on each other and run side by side as two single-threaded
-processes; every later stage runs as ``--procs`` single-threaded processes (``affinitynet run --procs``,
-under torch.distributed; on a 2-core machine the per-image stages are faster so than one process
-with two threads, and on the demo the trainings ran 0.89-0.97x: README, Speed), starting when the
-CAM network is done, beside what is left of the bound.
+processes; the later stages run as ``affinitynet run --procs`` (each training in one process with
+every core, every other stage as ``--procs`` single-threaded processes under torch.distributed: on
+a 2-core machine the per-image stages are faster so than one process with two threads, and on the
+demo the trainings ran 0.89-0.97x: README, Speed), starting when the CAM network is done, beside
+what is left of the bound.
 Everything is resumable: run the command again after an interruption.
 """
 from __future__ import annotations
@@ -87,16 +88,18 @@ def main(argv: list[str] | None = None, config: str | None = None, root: str | N
     weak_dir, bound_dir = Path(run_dir), Path(run_dir + "_gt")
     started = time.time()
     bound_args = (*common, "--run-dir", str(bound_dir), "segmentation.supervision=gt")
+    beside_each_other = "threads=1"   # the CAM network and the bound, one core each
     # The bound's evaluation follows its training on one core while the CAM network trains on the
     # other. The later stages start as soon as the CAM network is done, not when the bound is:
     # the bound's training and evaluation ran 5 minutes longer than the CAM network's training
     # with MobileNetV2 and 17 with EfficientNet-Lite2 (MSRC-21), and waiting for them left a core
     # idle for that long.
     bound: list[bool] = []
-    beside = threading.Thread(target=lambda: bound.append(run_all([affinitynet("train-seg", *bound_args),
-                                                                   affinitynet("infer-seg", *bound_args)])))
+    beside = threading.Thread(target=lambda: bound.append(run_all([
+        affinitynet("train-seg", *bound_args, beside_each_other),
+        affinitynet("infer-seg", *bound_args, beside_each_other)])))
     beside.start()
-    cam = subprocess.run(affinitynet("train-cam", *common, "--run-dir", str(weak_dir)))
+    cam = subprocess.run(affinitynet("train-cam", *common, "--run-dir", str(weak_dir), beside_each_other))
     pipeline = cam.returncode == 0 and run_all([affinitynet("run", *common, "--run-dir", str(weak_dir),
                                                             procs=args.procs)])
     beside.join()
@@ -114,8 +117,7 @@ def main(argv: list[str] | None = None, config: str | None = None, root: str | N
         link_stages(weak_dir, weak_k, shared)
         seeded = (*common, f"segmentation.seed={seed}")
         if not run_all([affinitynet("run", *seeded, "--run-dir", str(weak_k), procs=args.procs),
-                        affinitynet("train-seg", *seeded, "--run-dir", str(bound_k), "segmentation.supervision=gt",
-                                    procs=args.procs),
+                        affinitynet("train-seg", *seeded, "--run-dir", str(bound_k), "segmentation.supervision=gt"),
                         affinitynet("infer-seg", *seeded, "--run-dir", str(bound_k), "segmentation.supervision=gt",
                                     procs=args.procs)]):
             return 1

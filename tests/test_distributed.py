@@ -155,6 +155,22 @@ def test_sharded_cam_inference_and_random_walk_write_identical_files(workspace, 
     assert _stage_summary(run_dir, "infer_cam", processes=2)["cam"]["num_images"] == 16
 
 
+def test_run_procs_trains_in_one_process_and_runs_the_rest_as_processes(workspace, reference):
+    """``run --procs 2`` on a CPU: each training in one process (the reference's weights), every
+    other stage as two processes (the reference's files), each stage's record saying how it ran."""
+    run_dir = workspace / "run_procs"
+    affinitynet(workspace, run_dir, "run", "--procs", "2", "segmentation.crop_size=64", "segmentation.batch_size=4",
+                "segmentation.epochs=1", "segmentation.scales=[1.0]")
+    for stage in ("train_cam", "train_affinity"):
+        _assert_same_weights(reference / stage / "model.pt", run_dir / stage / "model.pt")
+    for folder in ("infer_cam/cams", "confident_regions/labels", "random_walk/pseudo_labels"):
+        assert _files(run_dir / folder) == _files(reference / folder), folder
+    ran = {path.parent.name: (summary["processes"], summary["threads"])
+           for path in run_dir.glob("*/_stage.json") for summary in [json.loads(path.read_text())]}
+    assert ran == {"train_cam": (1, 1), "infer_cam": (2, 1), "confident_regions": (2, 1), "train_affinity": (1, 1),
+                   "random_walk": (2, 1), "train_seg": (1, 1), "infer_seg": (2, 1), "evaluate_run": (2, 1)}
+
+
 def test_procs_error_is_one_line_and_its_exit_code(workspace):
     """``--procs 2`` on a stage whose inputs are missing: the processes' error once, its exit
     code, none of torchrun's report, and nothing written."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import signal
 import sys
 from typing import Sequence, TypeVar
 
@@ -131,10 +132,15 @@ def launch(procs: int, argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     arguments = torchrun.parse_args(["--standalone", f"--nproc_per_node={procs}", "-m", "affinitynet", *argv])
     # The launcher's log lines about a failed process repeat that process's own error line.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = threads or "1"   # for the processes; this one may go on training
+    # The launcher turns these signals into its own exception and leaves its handlers installed;
+    # this process may go on (``run --procs``), where Ctrl-C must stay a KeyboardInterrupt.
+    handled = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name)]
+    handlers = {number: signal.getsignal(number) for number in handled}
     try:
         torchrun.run(arguments)
     except ChildFailedError as error:
@@ -146,4 +152,9 @@ def launch(procs: int, argv: Sequence[str]) -> int:
         return 1
     except SignalException as stop:   # Ctrl-C: the processes have said so, and the launcher stopped them
         return 128 + int(stop.sigval)
+    finally:
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
     return 0

@@ -528,11 +528,12 @@ def run_stage(config: dict[str, Any], name: str, force: bool = False) -> dict[st
     return stage(name).run(config, force=force)
 
 
-def run_all(config: dict[str, Any], force: Iterable[str] = ()) -> None:
+def run_all(config: dict[str, Any], force: Iterable[str] = (),
+            runner: Callable[[dict[str, Any], str, bool], Any] | None = None) -> None:
     """Every stage of the config's graph (:func:`stages`) in order, skipping those whose outputs
     are complete and current, and those whose every reader is complete and current: nothing would
     read their outputs (after ``import-weights psa-aff``, ``confident_regions`` feeds only the
-    imported AffinityNet)."""
+    imported AffinityNet). ``runner(config, name, force)`` runs a stage (default :func:`run_stage`)."""
     forced = set(force)
     for spec in stages(config):
         waiting = readers(config, spec.name)
@@ -541,7 +542,7 @@ def run_all(config: dict[str, Any], force: Iterable[str] = ()) -> None:
             if distributed.is_main():
                 print(f"[{spec.name}] not needed ({', '.join(waiting)} up to date), skipped")
             continue
-        run_stage(config, spec.name, force=spec.name in forced)
+        (runner or run_stage)(config, spec.name, spec.name in forced)
 
 
 def preflight(config: dict[str, Any], replace: bool = False, announce: bool = False):
