@@ -136,35 +136,25 @@ def test_resume_with_two_processes_continues_a_single_process_run(workspace):
     assert [row["epoch"] for row in load_checkpoint(resumed / "train_cam" / "model.pt")["history"]] == [1, 2]
 
 
-def test_sharded_cam_inference_and_random_walk_write_identical_files(workspace, reference):
-    run_dir = workspace / "ddp_infer"
-    run_dir.mkdir()
-    for stage in ("train_cam", "confident_regions", "train_affinity"):
-        shutil.copytree(reference / stage, run_dir / stage)
-    affinitynet(workspace, run_dir, "infer-cam", nproc=2)
-    affinitynet(workspace, run_dir, "random-walk", "--procs", "2")   # torchrun started by affinitynet itself
-    for folder in ("infer_cam/cams", "infer_cam/labels", "random_walk/affinities", "random_walk/boundaries",
-                   "random_walk/rw_labels", "random_walk/pseudo_labels"):
-        single, double = _files(reference / folder), _files(run_dir / folder)
-        assert len(single) == 16 and single.keys() == double.keys(), folder
-        different = [name for name in single if single[name] != double[name]]
-        assert not different, f"{folder}: {different} differ from the single-process files"
-    # Scores computed on two ranks (all-reduced confusion matrices) are the single-process ones.
-    for stage in ("infer_cam", "random_walk"):
-        assert _stage_summary(run_dir, stage, processes=2) == _stage_summary(reference, stage)
-    assert _stage_summary(run_dir, "infer_cam", processes=2)["cam"]["num_images"] == 16
-
-
-def test_run_procs_trains_in_one_process_and_runs_the_rest_as_processes(workspace, reference):
-    """``run --procs 2`` on a CPU: each training in one process (the reference's weights), every
-    other stage as two processes (the reference's files), each stage's record saying how it ran."""
+def test_run_procs_trains_in_one_process_and_shards_the_rest_into_identical_files(workspace, reference):
+    """``run --procs 2`` on a CPU: each training in one process (the reference's weights); every
+    other stage as two processes (torchrun started by affinitynet), which write byte for byte the
+    single-process files and record the single-process scores (all-reduced confusion matrices);
+    each stage's record says how it ran."""
     run_dir = workspace / "run_procs"
     affinitynet(workspace, run_dir, "run", "--procs", "2", "segmentation.crop_size=64", "segmentation.batch_size=4",
                 "segmentation.epochs=1", "segmentation.scales=[1.0]")
     for stage in ("train_cam", "train_affinity"):
         _assert_same_weights(reference / stage / "model.pt", run_dir / stage / "model.pt")
-    for folder in ("infer_cam/cams", "confident_regions/labels", "random_walk/pseudo_labels"):
-        assert _files(run_dir / folder) == _files(reference / folder), folder
+    for folder in ("infer_cam/cams", "infer_cam/labels", "confident_regions/labels", "random_walk/affinities",
+                   "random_walk/boundaries", "random_walk/rw_labels", "random_walk/pseudo_labels"):
+        single, double = _files(reference / folder), _files(run_dir / folder)
+        assert len(single) == 16 and single.keys() == double.keys(), folder
+        different = [name for name in single if single[name] != double[name]]
+        assert not different, f"{folder}: {different} differ from the single-process files"
+    for stage in ("infer_cam", "confident_regions", "random_walk"):
+        assert _stage_summary(run_dir, stage, processes=2) == _stage_summary(reference, stage)
+    assert _stage_summary(run_dir, "infer_cam", processes=2)["cam"]["num_images"] == 16
     ran = {path.parent.name: (summary["processes"], summary["threads"])
            for path in run_dir.glob("*/_stage.json") for summary in [json.loads(path.read_text())]}
     assert ran == {"train_cam": (1, 1), "infer_cam": (2, 1), "confident_regions": (2, 1), "train_affinity": (1, 1),

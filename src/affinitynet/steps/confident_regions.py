@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from .. import distributed
 from ..affinity import NEUTRAL, confident_regions
 from ..crf import CRFParams
 from ..io import load_npz, save_label_png
@@ -33,8 +36,10 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
 
     map_images(job, data.samples, lambda s: [out_dir / f"{s.id}.png"], work, "confident-regions",
                config["strict"])
-    share = counts["confident"] / counts["pixels"] if counts["pixels"] else None
-    if share is not None:
+    # Each process counted its share of the images.
+    confident, pixels = distributed.all_reduce_sum(torch.tensor([counts["confident"], counts["pixels"]])).tolist()
+    share = confident / pixels if pixels else None
+    if share is not None and distributed.is_main():
         print(f"[confident_regions] confident pixels: {100 * share:.1f}% (neutral {100 * (1 - share):.1f}%)")
     return job.finish(confident_share=share)
 
