@@ -119,9 +119,9 @@ def launch(procs: int, argv: Sequence[str]) -> int:
     ``torch.distributed.run --standalone --nproc_per_node=procs -m affinitynet <argv>`` starts,
     each process with one thread unless ``OMP_NUM_THREADS`` or the config's ``threads`` says
     otherwise. On a 2-core CPU, against one process with two threads, the per-image stages ran
-    1.06-1.83x as fast this way and the trainings 0.89-0.97x (README, Speed). Per-image stages write the files
-    one process writes; a training gives one process's weights up to float rounding
-    (tests/test_distributed.py), which grows over a whole training.
+    1.06-1.83x as fast this way and the trainings 0.89-0.97x (README, Speed). Per-image stages
+    write the files one process writes; a training gives one process's weights up to float
+    rounding (tests/test_distributed.py), which grows over a whole training.
 
     Returns the exit code of the first process that failed, which has printed its own error
     line; torchrun's report of the failure is not repeated. A process killed by a signal (out
