@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from affinitynet.backbones import freeze_batchnorm
-from affinitynet.backbones.conv_bn import DepthwiseConvolution, conv_bn, convolve, separable_conv
+from affinitynet.backbones.conv_bn import DepthwiseConvolution, conv_bn, convolve
 from affinitynet.backbones.efficientnet_lite import MBConv
 from affinitynet.backbones.mobilenetv2 import ConvBNReLU6, InvertedResidual
 
@@ -80,26 +80,6 @@ def test_depthwise_matches_native_convolution(dilation):
     reference = F.conv2d(x, conv.weight, None, 1, dilation, dilation, 16)
     torch.testing.assert_close(out, reference)
     for a, b in zip(gradients(out, [x, conv.weight]), gradients(reference, [x, conv.weight])):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("dilation", [1, 12])
-def test_separable_conv_is_the_3x3_conv_with_the_factored_kernel(dilation):
-    """depthwise D then 1x1 P (with bias b) is the full 3x3 convolution with W[o, i] = P[o, i] D[i]
-    and bias b, same-padded at any dilation; in training the depthwise half takes the CPU backward
-    pass of :class:`DepthwiseConvolution`, with the gradients of the full convolution's autograd."""
-    torch.manual_seed(0)
-    layer = separable_conv(6, 5, dilation, bias=True)
-    depthwise, pointwise = layer
-    x = torch.randn(2, 6, 15, 11, requires_grad=True)
-    out = layer(x)
-    assert type(out.grad_fn.next_functions[0][0]).__name__ == "DepthwiseConvolutionBackward"
-    full = pointwise.weight[:, :, :, :] * depthwise.weight.view(1, 6, 3, 3)
-    reference = F.conv2d(x, full, pointwise.bias, 1, dilation, dilation)
-    assert out.shape == reference.shape == (2, 5, 15, 11)
-    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
-    params = [x, depthwise.weight, pointwise.weight, pointwise.bias]
-    for a, b in zip(gradients(out, params), gradients(reference, params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

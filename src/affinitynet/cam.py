@@ -8,12 +8,6 @@ Heads (``head=``, config key ``cam.head``), i.e. what f_cam of Eq. 1 is:
 
 - ``"conv"`` (default, Section 4.2): the 3x3 convolution with ``head_channels`` channels and a ReLU
   on the backbone's last map.
-- ``"separable"``: the same 3x3 convolution with ``head_channels`` channels, factored as MobileNet
-  factors its own: a depthwise 3x3 on each input channel, then a 1x1 onto ``head_channels``, no
-  nonlinearity between (Xception's separable convolution), then the ReLU. On MobileNetV2's 1280
-  channels the full convolution is 72% of the CAM network's FLOPs; the factored one has 1/9 of
-  them (``benchmarks/stage_throughput.py``; README, Speed). It learns another function, so it is
-  a choice a config makes (the MSRC-21 config does), not a drop-in for the default.
 - ``"psa"``: the authors' released AffinityNet code (``res38_cls.pth``): no adaptation layer, the
   1x1 classifier (its ``fc8``) reads the backbone's 4096 channels directly, with channel dropout
   0.5 on them during training only (its ``dropout7``); CAM = ReLU(conv(features, fc8)).
@@ -31,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones.conv_bn import separable_conv
 from .multiscale import multiscale_maps
 from .registry import Registry
 
@@ -49,11 +42,6 @@ def conv_head(in_channels: int, head_channels: int) -> tuple[nn.Module, int]:
     head = nn.Sequential(nn.Conv2d(in_channels, head_channels, 3, padding=1, bias=False), nn.ReLU(inplace=True))
     nn.init.kaiming_normal_(head[0].weight, nonlinearity="relu")
     return head, head_channels
-
-
-@register_head("separable", description="the 3x3 conv factored depthwise + 1x1 (MobileNet's way), then a ReLU")
-def separable_head(in_channels: int, head_channels: int) -> tuple[nn.Module, int]:
-    return nn.Sequential(*separable_conv(in_channels, head_channels), nn.ReLU(inplace=True)), head_channels
 
 
 # The released layouts have no parameters in f_cam: the state dict is the backbone's and the

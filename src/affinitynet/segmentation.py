@@ -6,9 +6,6 @@ Heads (``head=``):
 - ``"resnet38"`` ("Ours-ResNet38", 4.2 and A.1, following Wu et al. [38]): two 3x3 atrous
   convolutions with dilation 12 on top of the backbone, 512 channels then one channel per class,
   a ReLU between them, and bilinear upsampling of the logits to the input size.
-- ``"separable"``: ``resnet38`` with its first atrous convolution factored as in the CAM network's
-  ``separable`` head (``cam.py``): a depthwise 3x3 with dilation 12, then a 1x1 onto 512 channels.
-  On MobileNetV2's 1280 channels that convolution dominates the network's FLOPs.
 - ``"deeplab_largefov"`` ("Ours-DeepLab" of Table 2): DeepLab-LargeFOV's fc6 (3x3, dilation 12,
   1024 channels) and fc7 (1x1, 1024 channels) belong to the ``vgg16`` backbone, so only its fc8
   is left for the head: a 1x1 classifier, followed by the same bilinear upsampling. It runs on any
@@ -29,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones.conv_bn import separable_conv
 from .multiscale import multiscale_maps
 from .registry import Registry
 
@@ -59,18 +55,6 @@ def resnet38_head(in_channels: int, num_classes: int, head_channels: int, dilati
     nn.init.kaiming_normal_(head[1].weight, nonlinearity="relu")
     nn.init.zeros_(head[1].bias)
     return head
-
-
-@register_head("separable", description="resnet38's head, its first atrous convolution factored depthwise + 1x1")
-def separable_head(in_channels: int, num_classes: int, head_channels: int, dilation: int,
-                   dropout: float) -> nn.Sequential:
-    return nn.Sequential(
-        _dropout(dropout),
-        *separable_conv(in_channels, head_channels, dilation, bias=True),
-        nn.ReLU(inplace=True),
-        _dropout(dropout),
-        nn.Conv2d(head_channels, num_classes, 3, padding=dilation, dilation=dilation),
-    )
 
 
 @register_head("deeplab_largefov", description="DeepLab-LargeFOV's fc8: a 1x1 classifier (fc6, fc7 are vgg16's)")

@@ -73,30 +73,6 @@ def convolve(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch
     return conv._conv_forward(x, weight, bias)
 
 
-class DepthwiseConv2d(nn.Conv2d):
-    """A stride-1 depthwise convolution, "same"-padded (``padding = dilation * (k - 1) / 2``),
-    whose CPU training goes through :class:`DepthwiseConvolution`. The depthwise half of a
-    separable convolution, in the heads that factor Section 4.2's 3x3 convolution."""
-
-    def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1, bias: bool = False):
-        super().__init__(channels, channels, kernel_size, padding=dilation * (kernel_size - 1) // 2,
-                         dilation=dilation, groups=channels, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return convolve(self, x, self.weight, self.bias)
-
-
-def separable_conv(in_channels: int, out_channels: int, dilation: int = 1, bias: bool = False) -> nn.Sequential:
-    """A 3x3 convolution factored as a depthwise 3x3 and a 1x1 (no nonlinearity between), each
-    initialised to keep the variance of its input (the 1x1 for the ReLU after it)."""
-    depthwise, pointwise = DepthwiseConv2d(in_channels, 3, dilation), nn.Conv2d(in_channels, out_channels, 1, bias=bias)
-    nn.init.kaiming_normal_(depthwise.weight, nonlinearity="linear")
-    nn.init.kaiming_normal_(pointwise.weight, nonlinearity="relu")
-    if bias:
-        nn.init.zeros_(pointwise.bias)
-    return nn.Sequential(depthwise, pointwise)
-
-
 def _depthwise_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     kernel, padding, dilation = conv.kernel_size, conv.padding, conv.dilation
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
