@@ -9,7 +9,7 @@ import torch
 from .. import distributed
 from ..affinity import NEUTRAL, confident_regions
 from ..crf import CRFParams
-from ..io import load_npz, save_label_png
+from ..io import load_label_png, load_npz, save_label_png
 from ..pipeline import Stage, StageRun, map_images, stage
 from . import dataset, setup
 
@@ -23,21 +23,25 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     out_dir = STAGE.output("labels", config)
     section = config["affinity"]
     crf_params = CRFParams.from_config(config["crf"])
-    counts = {"confident": 0, "pixels": 0}
 
     def work(sample):
         image = data.load_image(sample)
         stored = load_npz(cam_dir / f"{sample.id}.npz")
         labels = confident_regions(image, stored["cams"].astype("float32"), stored["classes"].tolist(),
                                    section["alpha_low"], section["alpha_high"], crf_params)
-        counts["confident"] += int((labels != NEUTRAL).sum())
-        counts["pixels"] += labels.size
         save_label_png(out_dir / f"{sample.id}.png", labels)
 
     map_images(job, data.samples, lambda s: [out_dir / f"{s.id}.png"], work, "confident-regions",
                config["strict"])
-    # Each process counted its share of the images.
-    confident, pixels = distributed.all_reduce_sum(torch.tensor([counts["confident"], counts["pixels"]])).tolist()
+    # Counted over the written maps, so that a resumed stage's share covers the images an earlier
+    # run labelled too; each process counts its shard.
+    counts = torch.zeros(2, dtype=torch.long)
+    for sample in distributed.shard(data.samples):
+        path = out_dir / f"{sample.id}.png"
+        if path.exists():
+            labels = load_label_png(path)
+            counts += torch.tensor([int((labels != NEUTRAL).sum()), labels.size])
+    confident, pixels = distributed.all_reduce_sum(counts).tolist()
     share = confident / pixels if pixels else None
     if share is not None and distributed.is_main():
         print(f"[confident_regions] confident pixels: {100 * share:.1f}% (neutral {100 * (1 - share):.1f}%)")
