@@ -106,38 +106,9 @@ def _forced_stages(args: argparse.Namespace) -> tuple[set[str], bool]:
 _ALL = "__all__"
 
 
-class _ProcessesFailed(Exception):
-    """A stage run by ``--procs`` processes failed; they have said why. ``args[0]``: the exit code."""
-
-
-def _per_image_stages_in_processes(procs: int):
-    """``run --procs N`` on a CPU: each training stage in this process, with the config's threads,
-    and every other stage (per image: inference, the CRF, the walk, scoring) as N single-threaded
-    processes. On a 2-core CPU the trainings ran 0.89-0.97x as processes and the per-image stages
-    1.06-1.83x (README, Speed); a training in one process also keeps one process's float
-    roundings, so the figures are those of a run without ``--procs``."""
-    from . import distributed
-    from .networks import NETWORKS
-    from .pipeline import CONFIG_FILE, is_complete, record_run, run_stage, stage
-
-    trainings = {network.stage for network in NETWORKS.values()}
-
-    def runner(config: dict[str, Any], name: str, force: bool) -> None:
-        if name in trainings or (not force and is_complete(config, name)):
-            run_stage(config, name, force=force)
-            return
-        record_run(config)   # the processes read this run's resolved config
-        code = distributed.launch(procs, [stage(name).command, "--config", str(Path(config["run_dir"]) / CONFIG_FILE),
-                                          *(["--force"] if force else [])])
-        if code:
-            raise _ProcessesFailed(code)
-
-    return runner
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from . import distributed
-    from .pipeline import preflight, run_all, run_summary
+    from .pipeline import ProcessesFailed, preflight, processes_runner, run_all, run_summary
     from .training import resolve_device
 
     config = _config_from_args(args)
@@ -145,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.procs > 1 and not distributed.launched():
         if resolve_device(config["device"]).type != "cpu":   # on GPUs the trainings are data parallel too
             return distributed.launch(args.procs, args.argv)
-        runner = _per_image_stages_in_processes(args.procs)
+        runner = processes_runner(args.procs)
     forced, every = _forced_stages(args)
     preflight(config, replace=every, announce=True)
     # Under torchrun every rank runs this; one of them speaks.
@@ -154,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"outputs in {config['run_dir']}")
     try:
         run_all(config, force=forced, runner=runner)
-    except _ProcessesFailed as failed:
+    except ProcessesFailed as failed:
         return failed.args[0]
     line = run_summary(config)
     if line and distributed.is_main():
