@@ -192,3 +192,22 @@ def test_every_config_key_is_explained(capsys):
     assert any(row.startswith("random_walk.beta") and "8.0" in row and "Hadamard power" in row for row in rows)
     code, out, err = tiny.cli(["config", "show", "--config", "folder"], capsys)
     assert re.search(r"^random_walk\.t +=\s+auto ", out, re.M)
+
+
+def test_run_procs_on_gpus_leaves_the_auto_settings_to_its_processes(tmp_path, monkeypatch, capsys):
+    """On GPUs ``run --procs N`` launches the whole command; the processes resolve and print the
+    ``auto`` keys, so the launching process does not print them first."""
+    import torch
+
+    from affinitynet import distributed, training
+
+    root = photos(tmp_path / "p", [f"{i}.jpg" for i in range(3)])
+    (root / "tags.csv").write_text("".join(f"{i}.jpg,cat\n" for i in range(3)))
+    launched = []
+    monkeypatch.setattr(training, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(distributed, "launch", lambda procs, argv: launched.append((procs, list(argv))) or 0)
+    args = ["run", "--dataset", "folder", "--root", str(root), "dataset.labels_file=tags.csv",
+            "--run-dir", str(tmp_path / "run"), "--procs", "2"]
+    code, out, err = tiny.cli(args, capsys)
+    assert code == 0, err
+    assert launched == [(2, args)] and "auto settings" not in out and out.strip() == ""

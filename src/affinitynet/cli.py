@@ -111,12 +111,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import ProcessesFailed, preflight, processes_runner, run_all, run_summary
     from .training import resolve_device
 
-    config = _config_from_args(args)
     runner = None
     if args.procs > 1 and not distributed.launched():
-        if resolve_device(config["device"]).type != "cpu":   # on GPUs the trainings are data parallel too
+        # On GPUs the trainings are data parallel too: the whole command runs as the processes,
+        # which resolve the ``auto`` keys and say so themselves (unchecked here, so said once).
+        if resolve_device(_config_from_args(args, check=False)["device"]).type != "cpu":
             return distributed.launch(args.procs, args.argv)
         runner = processes_runner(args.procs)
+    config = _config_from_args(args)
     forced, every = _forced_stages(args)
     preflight(config, replace=every, announce=True)
     # Under torchrun every rank runs this; one of them speaks.
