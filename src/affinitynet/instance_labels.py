@@ -46,20 +46,15 @@ def instance_seeds(cams: np.ndarray, classes: Sequence[int], instance_ids: np.nd
     and each instance (``instance_ids`` (h, w), 1..N, 0 for no instance), the map restricted to
     the instance's cells, kept when it is not all zero. A class that no instance's cells see is
     one seed of its own, its whole map. Returns (seeds (S, h, w), the class of each seed)."""
-    seeds, owners = [], []
-    count = int(instance_ids.max()) if instance_ids.size else 0
-    for cam, label in zip(np.asarray(cams, dtype=np.float32), classes):
-        found = False
-        for index in range(1, count + 1):
-            seed = np.where(instance_ids == index, cam, 0.0).astype(np.float32)
-            if seed.max() > 0:
-                seeds.append(seed)
-                owners.append(int(label))
-                found = True
-        if not found:
-            seeds.append(cam)
-            owners.append(int(label))
     h, w = instance_ids.shape
+    count = int(instance_ids.max()) if instance_ids.size else 0
+    cells = instance_ids[None] == np.arange(1, count + 1).reshape(-1, 1, 1)    # (N, h, w)
+    seeds, owners = [], []
+    for cam, label in zip(np.asarray(cams, dtype=np.float32), classes):
+        restricted = np.where(cells, cam, np.float32(0))
+        kept = restricted[restricted.reshape(count, h * w).max(axis=1, initial=0) > 0]
+        seeds.extend(kept if len(kept) else [cam])
+        owners.extend([int(label)] * max(len(kept), 1))
     return (np.stack(seeds) if seeds else np.zeros((0, h, w), np.float32)), owners
 
 
