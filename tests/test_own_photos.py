@@ -211,3 +211,8 @@ def test_run_procs_on_gpus_leaves_the_auto_settings_to_its_processes(tmp_path, m
     code, out, err = tiny.cli(args, capsys)
     assert code == 0, err
     assert launched == [(2, args)] and "auto settings" not in out and out.strip() == ""
+    # A config that does not load is refused before any launch, in the config's own words.
+    code, out, err = tiny.cli([*args, "device=gpu"], capsys)
+    assert code == 2 and launched == [(2, args)]
+    assert err.strip().splitlines() == ["affinitynet: error: config key 'device' must be 'auto', 'cpu', 'cuda' or "
+                                        "'cuda:N', got 'gpu'"]

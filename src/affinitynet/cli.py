@@ -48,12 +48,13 @@ def _add_procs_option(parser: argparse.ArgumentParser) -> None:
                              "so) and runs every other stage as the N processes (README, Speed)")
 
 
-def _config_from_args(args: argparse.Namespace, check: bool = True) -> dict[str, Any]:
+def _config_from_args(args: argparse.Namespace, check: bool = True, resolve: bool = True) -> dict[str, Any]:
     """Defaults <- the base config <- the dataset options and ``key=value`` overrides.
 
     The base config is ``--config`` when given; else the saved ``config.yaml`` of the run
     directory named by ``--run-dir`` (a run describes itself, so a later command needs no dataset
-    options); else the built-in config named after ``--dataset``; else the demo."""
+    options); else the built-in config named after ``--dataset``; else the demo. A checked config
+    gets its ``auto`` keys resolved and said, unless ``resolve`` is false."""
     from .config import builtin_config_path, load_config
 
     overrides = list(args.overrides)
@@ -72,7 +73,7 @@ def _config_from_args(args: argparse.Namespace, check: bool = True) -> dict[str,
     elif base is None and args.dataset and builtin_config_path(args.dataset).is_file():
         base = args.dataset
     config = load_config(base, overrides, check=check)
-    if check:
+    if check and resolve:
         from . import distributed
         from .size_rules import resolve_auto
 
@@ -114,8 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = None
     if args.procs > 1 and not distributed.launched():
         # On GPUs the trainings are data parallel too: the whole command runs as the processes,
-        # which resolve the ``auto`` keys and say so themselves (unchecked here, so said once).
-        if resolve_device(_config_from_args(args, check=False)["device"]).type != "cpu":
+        # which resolve the ``auto`` keys and say so themselves (not here, so said once).
+        if resolve_device(_config_from_args(args, resolve=False)["device"]).type != "cpu":
             return distributed.launch(args.procs, args.argv)
         runner = processes_runner(args.procs)
     config = _config_from_args(args)
