@@ -74,13 +74,18 @@ def _config_from_args(args: argparse.Namespace, check: bool = True, resolve: boo
         base = args.dataset
     config = load_config(base, overrides, check=check)
     if check and resolve:
-        from . import distributed
-        from .size_rules import resolve_auto
-
-        for line in resolve_auto(config):
-            if distributed.is_main():
-                print(line)
+        _resolve_auto(config)
     return config
+
+
+def _resolve_auto(config: dict[str, Any]) -> None:
+    """The ``auto`` keys set from the training images (``size_rules``), and what was chosen said."""
+    from . import distributed
+    from .size_rules import resolve_auto
+
+    for line in resolve_auto(config):
+        if distributed.is_main():
+            print(line)
 
 
 def _forced_stages(args: argparse.Namespace) -> tuple[set[str], bool]:
@@ -112,14 +117,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import ProcessesFailed, preflight, processes_runner, run_all, run_summary
     from .training import resolve_device
 
+    config = _config_from_args(args, resolve=False)
     runner = None
     if args.procs > 1 and not distributed.launched():
         # On GPUs the trainings are data parallel too: the whole command runs as the processes,
         # which resolve the ``auto`` keys and say so themselves (not here, so said once).
-        if resolve_device(_config_from_args(args, resolve=False)["device"]).type != "cpu":
+        if resolve_device(config["device"]).type != "cpu":
             return distributed.launch(args.procs, args.argv)
         runner = processes_runner(args.procs)
-    config = _config_from_args(args)
+    _resolve_auto(config)
     forced, every = _forced_stages(args)
     preflight(config, replace=every, announce=True)
     # Under torchrun every rank runs this; one of them speaks.

@@ -24,23 +24,25 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     section = config["affinity"]
     crf_params = CRFParams.from_config(config["crf"])
 
+    counted: dict[str, tuple[int, int]] = {}   # confident and all pixels of each image's map
+
     def work(sample):
         image = data.load_image(sample)
         stored = load_npz(cam_dir / f"{sample.id}.npz")
         labels = confident_regions(image, stored["cams"].astype("float32"), stored["classes"].tolist(),
                                    section["alpha_low"], section["alpha_high"], crf_params)
         save_label_png(out_dir / f"{sample.id}.png", labels)
+        counted[sample.id] = (int((labels != NEUTRAL).sum()), labels.size)
 
     map_images(job, data.samples, lambda s: [out_dir / f"{s.id}.png"], work, "confident-regions",
                config["strict"])
-    # Counted over the written maps, so that a resumed stage's share covers the images an earlier
-    # run labelled too; each process counts its shard.
-    counts = torch.zeros(2, dtype=torch.long)
+    # A resumed stage's share covers the maps an earlier run wrote too; each process counts its shard.
     for sample in distributed.shard(data.samples):
         path = out_dir / f"{sample.id}.png"
-        if path.exists():
+        if sample.id not in counted and path.exists():
             labels = load_label_png(path)
-            counts += torch.tensor([int((labels != NEUTRAL).sum()), labels.size])
+            counted[sample.id] = (int((labels != NEUTRAL).sum()), labels.size)
+    counts = torch.tensor([sum(c for c, _ in counted.values()), sum(n for _, n in counted.values())])
     confident, pixels = distributed.all_reduce_sum(counts).tolist()
     share = confident / pixels if pixels else None
     if share is not None and distributed.is_main():
