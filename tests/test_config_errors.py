@@ -47,6 +47,10 @@ OVERRIDE_CASES = [
     (["cam.lr=-0.1"], "config key 'cam.lr' must be a number > 0, got -0.1"),
     (["cam.resize_long=[8,600]"], "config key 'cam.resize_long' must be 2 integers each >= 16, got [8, 600]"),
     (["backbone.output_stride=4"], "config key 'backbone.output_stride' must be 8 or 16, got 4"),
+    (["cam.train_output_stride=32"], "config key 'cam.train_output_stride' must be null, 8 or 16, got 32"),
+    (["backbone.output_stride=16", "segmentation.train_output_stride=8"],
+     "config key 'segmentation.train_output_stride' must be at least backbone.output_stride (16): a network "
+     "trained at a finer stride cannot run at a coarser one, got 8"),
     # layouts of the released networks
     (["cam.head=gap"], "config key 'cam.head' must be one of 'conv', 'irn', 'psa', got 'gap'"),
     (["affinity.channels=[64,128]"], "config key 'affinity.channels' must be 3 integers each >= 1, got [64, 128]"),

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "cam": {
         "head": "conv",                # the 3x3 conv of Section 4.2; "psa"/"irn": the released 1x1 classifier only
         "head_channels": 512,          # the 3x3 conv of Section 4.2
+        "train_output_stride": None,   # null: backbone.output_stride; 16: trained at 16, run at 8 (atrous)
         "crop_size": 448,
         "resize_long": [256, 512],     # random rescale of the long side (released code)
         "color_jitter": [0.3, 0.3, 0.3, 0.1],
@@ -135,6 +136,7 @@ DEFAULTS: dict[str, Any] = {
     "segmentation": {
         "head": "resnet38",            # two 3x3 atrous convs, dilation 12 (Section 4.2)
         "supervision": "pseudo",       # "pseudo" labels, or "gt" for the fully supervised bound
+        "train_output_stride": None,   # as cam.train_output_stride
         "seed": None,                  # null: the run's seed; another: the same labels, another training
         "crop_size": 448,
         "scale_range": [0.7, 1.3],
@@ -206,6 +208,7 @@ KEY_HELP: dict[str, str] = {
     "labels.method": "pseudo-label method whose labels train the segmentation network ('affinitynet': 3.2-3.4)",
     "cam.head_channels": "channels of the CAM network's 3x3 conv (Sec. 4.2)",
     "cam.head": "'conv' (3x3 conv + GAP + 1x1, Sec. 4.2), 'psa' (psa's 1x1 fc8 on the backbone) or 'irn'",
+    "cam.train_output_stride": "null (backbone.output_stride) or 16: trained at 16, the head dilated to run at 8",
     "affinity.channels": "AffinityNet's 1x1 conv widths on the last three levels (psa's: [64, 128, 256])",
     "backbone.atrous": "strides past the output stride become dilations; false: irn's undilated ResNet-50",
     "cam.resize_long": "random rescale range of the long side before cropping ('auto': from the image size)",
@@ -237,6 +240,7 @@ KEY_HELP: dict[str, str] = {
     "irn.t": "IRN: walk iterations",
     "irn.crf": "IRN: refinement of the walked labels: 'band', 'full' (the dCRF) or 'off', as random_walk.crf",
     "segmentation.head": "'resnet38' (two 3x3 atrous convs) or 'deeplab_largefov'",
+    "segmentation.train_output_stride": "null (backbone.output_stride) or 16: trained at 16, run at 8",
     "segmentation.supervision": "'pseudo' labels, or 'gt' for the fully supervised bound",
     "segmentation.seed": ("seed of the segmentation network's training (null: the run's 'seed'); another "
                           "value retrains the network alone on the same pseudo labels, for the seed spread"),
@@ -386,6 +390,7 @@ RULES: dict[str, Rule | _Registered] = {
     "backbone.output_stride": Rule("8 or 16", lambda v: v in (8, 16) and not isinstance(v, bool)),
     "backbone.atrous": _boolean(),
     "cam.head": _Registered(_cam_head_registry),
+    "cam.train_output_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
     "cam.method": _Registered(_cam_method_registry),
     "cam.eval_alpha": _number(1),
     "cam.eval_bg_threshold": _number(0, 1, optional=True),
@@ -408,6 +413,7 @@ RULES: dict[str, Rule | _Registered] = {
     "irn.t": _number(1, integer=True),
     "irn.crf": Rule("one of 'band', 'full', 'off'", lambda v: v in ("band", "full", "off")),
     "segmentation.head": _Registered(_segmentation_head_registry),
+    "segmentation.train_output_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
     "segmentation.supervision": _choice("pseudo", "gt"),
     "segmentation.seed": _number(0, integer=True, optional=True),
     "crf.iterations": _number(0, 1000, integer=True),
@@ -572,6 +578,15 @@ def validate(config: dict[str, Any]) -> None:
         if not rule.check(value):
             raise ConfigError(f"config key '{dotted}' must be {rule.describe}, got {value!r}")
     backbone = config["backbone"]
+    for section in ("cam", "segmentation"):
+        stride = config[section]["train_output_stride"]
+        if stride is not None and stride < backbone["output_stride"]:
+            raise ConfigError(f"config key '{section}.train_output_stride' must be at least backbone.output_stride "
+                              f"({backbone['output_stride']}): a network trained at a finer stride cannot run "
+                              f"at a coarser one, got {stride}")
+        if stride not in (None, backbone["output_stride"]) and not backbone["atrous"]:
+            raise ConfigError(f"config key '{section}.train_output_stride' needs backbone.atrous: true "
+                              f"(the network runs at a finer stride than it trained at by dilating)")
     if not backbone["atrous"]:
         from .backbones import supports_undilated
 

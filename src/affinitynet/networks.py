@@ -25,45 +25,75 @@ def imagenet_weights(config: dict[str, Any], pretrained: bool = True):
     return config["backbone"]["weights"] or True
 
 
-def _backbone(config: dict[str, Any], pretrained: bool):
+def train_output_stride(kind: str, config: dict[str, Any]) -> int:
+    """The output stride network ``kind`` is trained at: its section's ``train_output_stride``, or
+    ``backbone.output_stride``, the stride every network runs at in inference."""
+    stride = config.get(kind, {}).get("train_output_stride") if kind in TRAINED_COARSER else None
+    return int(stride or config["backbone"]["output_stride"])
+
+
+def dilate(head: nn.Module, factor: int) -> None:
+    """Multiply the dilation (and the padding with it) of every convolution wider than 1x1 in
+    ``head`` by ``factor``: a head trained on a map of stride s*factor then reads the map of stride
+    s at the spans in pixels it was trained at, as the backbone's layers past the output stride do
+    (atrous convolution, 4.1; DeepLab's training at stride 16 for inference at 8)."""
+    for module in head.modules():
+        if isinstance(module, nn.Conv2d) and max(module.kernel_size) > 1 and factor != 1:
+            module.dilation = tuple(d * factor for d in module.dilation)
+            module.padding = tuple(p * factor for p in module.padding)
+
+
+def _backbone(config: dict[str, Any], pretrained: bool, output_stride: int):
     from .backbones import create_backbone
 
     section = config["backbone"]
-    return create_backbone(section["name"], output_stride=section["output_stride"],
+    return create_backbone(section["name"], output_stride=output_stride,
                            pretrained=imagenet_weights(config, pretrained), atrous=section["atrous"])
 
 
-def _cam(config, num_classes, pretrained):
+def _cam(config, num_classes, pretrained, output_stride):
     from .cam import CAMNet
 
-    return CAMNet(_backbone(config, pretrained), num_classes - 1, config["cam"]["head_channels"], config["cam"]["head"])
+    model = CAMNet(_backbone(config, pretrained, output_stride), num_classes - 1, config["cam"]["head_channels"],
+                   config["cam"]["head"])
+    # Section 4.2's 3x3 convolution is on the map the network is trained on.
+    dilate(model.head, train_output_stride("cam", config) // output_stride)
+    return model
 
 
-def _affinity(config, num_classes, pretrained):
+def _affinity(config, num_classes, pretrained, output_stride):
     from .affinity import AffinityNet
 
     section = config["affinity"]
-    return AffinityNet(_backbone(config, pretrained), channels=section["channels"], radius=section["radius"],
-                       distance=section["distance"])
+    return AffinityNet(_backbone(config, pretrained, output_stride), channels=section["channels"],
+                       radius=section["radius"], distance=section["distance"])
 
 
-def _irn(config, num_classes, pretrained):
+def _irn(config, num_classes, pretrained, output_stride):
     from .irnet import IRNet
 
-    return IRNet(_backbone(config, pretrained))
+    return IRNet(_backbone(config, pretrained, output_stride))
 
 
-def _segmentation(config, num_classes, pretrained):
-    from .segmentation import SegmentationNet
+def _segmentation(config, num_classes, pretrained, output_stride):
+    from .segmentation import SEGMENTATION_DILATION, SegmentationNet
 
-    return SegmentationNet(_backbone(config, pretrained), num_classes, config["segmentation"]["head"])
+    # Section 4.2's dilation 12 is at backbone.output_stride (the paper's 8): trained at a coarser
+    # stride the head spans the same pixels.
+    trained_at = train_output_stride("segmentation", config)
+    dilation = SEGMENTATION_DILATION * config["backbone"]["output_stride"] // trained_at
+    model = SegmentationNet(_backbone(config, pretrained, output_stride), num_classes, config["segmentation"]["head"],
+                            dilation=dilation)
+    dilate(model.head, trained_at // output_stride)
+    return model
 
 
 @dataclass(frozen=True)
 class Network:
     kind: str                  # the ``kind`` of its model.pt's meta
     stage: str                 # the stage that trains it and holds its model.pt
-    build: Callable[[dict[str, Any], int, bool], nn.Module]   # (config, classes with background, pretrained)
+    build: Callable[[dict[str, Any], int, bool, int], nn.Module]   # (config, classes with background, pretrained,
+    #                                                                  output stride)
     # Meta entries beyond the common ones: (meta key, config key) of what shapes the weights.
     recorded: tuple[tuple[str, str], ...]
     # The recorded entries that must match the config for the weights to mean what they meant
@@ -72,22 +102,31 @@ class Network:
 
 
 NETWORKS: dict[str, Network] = {
-    "cam": Network("cam", "train_cam", _cam, (("head", "cam.head"), ("head_channels", "cam.head_channels")),
-                   ("head", "atrous")),
+    "cam": Network("cam", "train_cam", _cam, (("head", "cam.head"), ("head_channels", "cam.head_channels"),
+                                              ("train_output_stride", "cam.train_output_stride")),
+                   ("head", "atrous", "train_output_stride")),
     "affinity": Network("affinity", "train_affinity", _affinity,
                         (("channels", "affinity.channels"), ("radius", "affinity.radius"),
                          ("distance", "affinity.distance")), ("channels", "distance", "atrous")),
     "irn": Network("irn", "train_irn", _irn, (("radius", "irn.radius"),), ("atrous",)),
     "segmentation": Network("segmentation", "train_seg", _segmentation,
-                            (("head", "segmentation.head"), ("supervision", "segmentation.supervision")), ()),
+                            (("head", "segmentation.head"), ("supervision", "segmentation.supervision"),
+                             ("train_output_stride", "segmentation.train_output_stride")), ("train_output_stride",)),
 }
+# The networks whose section may set ``train_output_stride``. AffinityNet's and IRNet's pairs
+# (radius gamma of Eq. 4) are counted on the grid the walk reads, so they train at that stride.
+TRAINED_COARSER = ("cam", "segmentation")
 
 
-def build_network(kind: str, config: dict[str, Any], num_classes: int, pretrained: bool = True) -> nn.Module:
+def build_network(kind: str, config: dict[str, Any], num_classes: int, pretrained: bool = True,
+                  training: bool = False) -> nn.Module:
     """The ``kind`` network (``cam``, ``affinity``, ``segmentation``) for a dataset of
     ``num_classes`` classes, background included; ``pretrained=False`` skips the ImageNet
-    weights (they are about to be overwritten by a ``model.pt``)."""
-    return NETWORKS[kind].build(config, num_classes, pretrained)
+    weights (they are about to be overwritten by a ``model.pt``). ``training``: at the stride it
+    is trained at (:func:`train_output_stride`), else at ``backbone.output_stride``; the two have
+    the same weights."""
+    stride = train_output_stride(kind, config) if training else int(config["backbone"]["output_stride"])
+    return NETWORKS[kind].build(config, num_classes, pretrained, stride)
 
 
 def meta_config(meta: dict[str, Any]) -> dict[str, Any]:
@@ -106,15 +145,13 @@ def network_meta(kind: str, config: dict[str, Any], class_names, backbone) -> di
     """What ``model.pt`` records beside the weights: enough for ``predict`` to rebuild the
     segmentation network without a config, and for :func:`load_network` to refuse a file that
     does not fit."""
-    from .config import get
-
     meta: dict[str, Any] = {"kind": kind, "class_names": list(class_names)}
     if kind == "segmentation":
         meta["num_classes"] = len(class_names)
     meta.update({"backbone": config["backbone"]["name"], "output_stride": config["backbone"]["output_stride"],
                  "atrous": config["backbone"]["atrous"]})
     for key, config_key in NETWORKS[kind].recorded:
-        value = get(config, config_key)
+        value = _configured(kind, config, config_key)
         meta[key] = list(value) if isinstance(value, (list, tuple)) else value
     meta.update({"mean": list(backbone.mean), "std": list(backbone.std)})
     return meta
@@ -122,10 +159,15 @@ def network_meta(kind: str, config: dict[str, Any], class_names, backbone) -> di
 
 def layout(kind: str, config: dict[str, Any]) -> dict[str, tuple[str, Any]]:
     """The meta keys of ``kind`` that must match the config, with (config key, configured value)."""
+    config_keys = dict(NETWORKS[kind].recorded, atrous="backbone.atrous")
+    return {key: (config_keys[key], _configured(kind, config, config_keys[key])) for key in NETWORKS[kind].checked}
+
+
+def _configured(kind: str, config: dict[str, Any], config_key: str) -> Any:
+    """A recorded key's value; the training stride resolved (null: backbone.output_stride)."""
     from .config import get
 
-    config_keys = dict(NETWORKS[kind].recorded, atrous="backbone.atrous")
-    return {key: (config_keys[key], get(config, config_keys[key])) for key in NETWORKS[kind].checked}
+    return train_output_stride(kind, config) if config_key.endswith(".train_output_stride") else get(config, config_key)
 
 
 def load_checkpoint_meta(path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -36,6 +36,7 @@ register_head = HEADS.register
 CHECKPOINT_KIND = "segmentation"
 # What a segmentation model.pt's meta must hold so that inference needs no config.
 META_KEYS = ("class_names", "mean", "std", "backbone", "output_stride", "head", "num_classes")
+SEGMENTATION_DILATION = 12   # the head's dilation at output stride 8 (Section 4.2)
 
 
 def _dropout(rate: float) -> nn.Module:
@@ -72,7 +73,7 @@ class SegmentationNet(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, head: str = "resnet38",
-                 head_channels: int = 512, dilation: int = 12, dropout: float = 0.0):
+                 head_channels: int = 512, dilation: int = SEGMENTATION_DILATION, dropout: float = 0.0):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown segmentation head '{head}' (choose from {', '.join(HEADS.names())})")

@@ -121,7 +121,7 @@ def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, 
     job.skipped.extend(data.skipped)
     if check is not None:
         check(data)
-    model = build_network(kind, config, data.num_classes)
+    model = build_network(kind, config, data.num_classes, training=True)
     section = config[kind]
     train_set = make_train_set(data, model.backbone)
     result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
