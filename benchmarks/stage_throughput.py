@@ -4,13 +4,16 @@ MSRC-21 config, images/s forward and forward + backward + optimizer step, the FL
 peak, measured in the same run, for the current settings and for each candidate, side by side.
 
     python benchmarks/stage_throughput.py [--networks cam affinity segmentation irn]
-        [--candidates before current channels_last bf16 threads1 compile] [--rounds 3] [--steps 2]
+        [--candidates before current stride8 channels_last bf16 threads1 compile] [--rounds 3] [--steps 2]
 
 Candidates, each as a ratio to the first one named (``before`` by default): ``before`` (each
-BatchNorm and each convolution as its own torch module and kernel: the code before
-``backbones/conv_bn.py``), ``current`` (the pipeline's settings: float32, contiguous tensors,
-the process's threads, frozen BatchNorm folded into the convolutions, the depthwise backward
-pass of ``conv_bn.py``), and each change on top of ``current``: ``channels_last`` (the memory
+BatchNorm and each convolution as its own torch module and kernel, every network trained at
+``backbone.output_stride``: the code before ``backbones/conv_bn.py`` and before
+``train_output_stride``), ``current`` (the pipeline's settings: each network at the output stride
+its config trains it at, float32, contiguous tensors, the process's threads, frozen BatchNorm
+folded into the convolutions, the depthwise backward pass of ``conv_bn.py``), and each change on
+top of ``current``: ``stride8`` (the CAM and segmentation networks trained at
+``backbone.output_stride`` again), ``channels_last`` (the memory
 layout), ``bf16`` (CPU autocast to bfloat16; where the CPU has native bf16), ``threads1`` (one
 thread, as each of the benchmark's two processes runs), ``compile`` (``torch.compile``; its
 compile time is printed apart and not counted in the rate). ``OMP_NUM_THREADS=1`` runs them all
@@ -35,10 +38,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from affinitynet.backbones import freeze_batchnorm  # noqa: E402
 from affinitynet.backbones.conv_bn import separate_modules  # noqa: E402
 from affinitynet.config import load_config  # noqa: E402
-from affinitynet.networks import build_network  # noqa: E402
+from affinitynet.networks import TRAINED_COARSER, build_network  # noqa: E402
 
 NETWORKS = ("cam", "affinity", "segmentation", "irn")
-CANDIDATES = ("before", "current", "channels_last", "bf16", "threads1", "compile")
+CANDIDATES = ("before", "current", "stride8", "channels_last", "bf16", "threads1", "compile")
 SECTION = {"cam": "cam", "affinity": "affinity", "segmentation": "segmentation", "irn": "irn"}
 NUM_CLASSES = 15       # MSRC-21's object protocol: 14 classes + background
 
@@ -75,25 +78,33 @@ def scalar(output) -> torch.Tensor:
 
 
 class Case:
-    """One network under one candidate: the model, a batch of images and the two steps."""
+    """One network under one candidate: the model, a batch of images and the two steps: a
+    training step at the stride the network trains at, a forward pass at the stride it runs at in
+    inference (the same weights, see ``networks.train_output_stride``)."""
 
     def __init__(self, kind: str, candidate: str, config: dict, threads: int):
         section = config[SECTION[kind]]
         self.kind, self.candidate = kind, candidate
         self.threads = 1 if candidate == "threads1" else threads
         self.batch, crop = int(section["batch_size"]), int(section["crop_size"])
+        if candidate in ("before", "stride8"):
+            config = {**config, **{name: {**config[name], "train_output_stride": None}
+                                   for name in TRAINED_COARSER}}
         torch.manual_seed(0)
-        self.model = build_network(kind, config, NUM_CLASSES, pretrained=False)
+        self.model = build_network(kind, config, NUM_CLASSES, pretrained=False, training=True)
+        self.inference = build_network(kind, config, NUM_CLASSES, pretrained=False)
+        self.inference.load_state_dict(self.model.state_dict())
         self.images = torch.randn(self.batch, 3, crop, crop)
         if candidate == "channels_last":
             self.model = self.model.to(memory_format=torch.channels_last)
+            self.inference = self.inference.to(memory_format=torch.channels_last)
             self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.trained = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.trained, lr=1e-6, momentum=0.9)
-        self.runner = self.model
+        self.runner, self.forward_runner = self.model, self.inference
         self.compile_seconds = None
         if candidate == "compile":
-            self.runner = torch.compile(self.model)
+            self.runner, self.forward_runner = torch.compile(self.model), torch.compile(self.inference)
             started = time.perf_counter()
             self.train_step()
             self.forward_step()
@@ -119,14 +130,15 @@ class Case:
 
     def forward_step(self) -> float:
         torch.set_num_threads(self.threads)
-        self.model.eval()
+        self.inference.eval()
         started = time.perf_counter()
         with torch.no_grad(), self._autocast(), self._modules():
-            self.runner(self.images)
+            self.forward_runner(self.images)
         return time.perf_counter() - started
 
     def flops(self) -> tuple[int, int]:
-        """FLOPs of one forward pass and of one forward + backward pass of the batch."""
+        """FLOPs of one forward pass (in inference) and of one training forward + backward pass of
+        the batch."""
         self.model.train()
         freeze_batchnorm(self.model)
         with FlopCounterMode(display=False, custom_mapping=COUNTED) as counter:
@@ -134,14 +146,15 @@ class Case:
         both = counter.get_total_flops()
         self.model.zero_grad(set_to_none=True)
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=COUNTED) as counter:
-            self.model(self.images)
+            self.inference.eval()(self.images)
         return counter.get_total_flops(), both
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS)
-    parser.add_argument("--candidates", nargs="+", default=["before", "current", "channels_last", "bf16", "threads1"],
+    parser.add_argument("--candidates", nargs="+",
+                        default=["before", "current", "stride8", "channels_last", "bf16", "threads1"],
                         choices=CANDIDATES, help="the first is the one the others are compared with")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps of each kind per round")
@@ -157,7 +170,8 @@ def main() -> int:
     rows = []
     for kind in args.networks:
         cases = {c: Case(kind, c, config, threads) for c in candidates}
-        forward_flops, train_flops = cases[base].flops()
+        # A candidate at another output stride does other work: each is counted on its own.
+        flops = {c: case.flops() for c, case in cases.items()}
         best = {c: [float("inf"), float("inf")] for c in candidates}
         for _ in range(args.rounds):
             for name, case in cases.items():
@@ -165,7 +179,7 @@ def main() -> int:
                     best[name][0] = min(best[name][0], case.forward_step())
                     best[name][1] = min(best[name][1], case.train_step())
         for name, case in cases.items():
-            rows.append((kind, name, case, forward_flops, train_flops, *best[name], best[base]))
+            rows.append((kind, name, case, *flops[name], *best[name], best[base]))
     peak = max(peak_before, matmul_peak())
     print(f"float32 matmul peak (best of before and after): {peak / 1e9:.0f} GFLOP/s\n")
     header = (f"{'network':13s} {'candidate':14s} {'crop x batch':>12s} {'fwd img/s':>9s} {'x':>5s} "
@@ -179,9 +193,9 @@ def main() -> int:
               f"{train_flops / train / 1e9:13.1f} {train_flops / train / peak:7.2f}"
               + (f"   (compile {case.compile_seconds:.0f} s)" if case.compile_seconds else ""))
     print(f"\nx: the rate over {base}'s rate, measured in the same rounds. FLOPs per "
-          "image: " + ", ".join(f"{kind} {train / case.batch / 1e9:.1f} GFLOP to train, "
+          "image: " + ", ".join(f"{kind} ({name}) {train / case.batch / 1e9:.1f} GFLOP to train, "
                                f"{fwd / case.batch / 1e9:.1f} forward"
-                               for kind, name, case, fwd, train, *_ in rows if name == base))
+                               for kind, name, case, fwd, train, *_ in rows if name in (base, "current")))
     return 0
 
 
