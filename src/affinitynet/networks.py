@@ -37,8 +37,10 @@ def dilate(head: nn.Module, factor: int) -> None:
     ``head`` by ``factor``: a head trained on a map of stride s*factor then reads the map of stride
     s at the spans in pixels it was trained at, as the backbone's layers past the output stride do
     (atrous convolution, 4.1; DeepLab's training at stride 16 for inference at 8)."""
+    if factor == 1:
+        return
     for module in head.modules():
-        if isinstance(module, nn.Conv2d) and max(module.kernel_size) > 1 and factor != 1:
+        if isinstance(module, nn.Conv2d) and max(module.kernel_size) > 1:
             module.dilation = tuple(d * factor for d in module.dilation)
             module.padding = tuple(p * factor for p in module.padding)
 
@@ -78,14 +80,11 @@ def _irn(config, num_classes, pretrained, output_stride):
 def _segmentation(config, num_classes, pretrained, output_stride):
     from .segmentation import SEGMENTATION_DILATION, SegmentationNet
 
-    # Section 4.2's dilation 12 is at backbone.output_stride (the paper's 8): trained at a coarser
-    # stride the head spans the same pixels.
-    trained_at = train_output_stride("segmentation", config)
-    dilation = SEGMENTATION_DILATION * config["backbone"]["output_stride"] // trained_at
-    model = SegmentationNet(_backbone(config, pretrained, output_stride), num_classes, config["segmentation"]["head"],
-                            dilation=dilation)
-    dilate(model.head, trained_at // output_stride)
-    return model
+    # Section 4.2's dilation 12 is at backbone.output_stride (the paper's 8): at any other stride
+    # (training at a coarser one) the head spans the same pixels.
+    dilation = SEGMENTATION_DILATION * config["backbone"]["output_stride"] // output_stride
+    return SegmentationNet(_backbone(config, pretrained, output_stride), num_classes, config["segmentation"]["head"],
+                           dilation=dilation)
 
 
 @dataclass(frozen=True)
