@@ -51,6 +51,10 @@ OVERRIDE_CASES = [
     (["backbone.output_stride=16", "segmentation.train_output_stride=8"],
      "config key 'segmentation.train_output_stride' must be at least backbone.output_stride (16): a network "
      "trained at a finer stride cannot run at a coarser one, got 8"),
+    (["affinity.backbone_stride=4"], "config key 'affinity.backbone_stride' must be null, 8 or 16, got 4"),
+    (["backbone.output_stride=16", "affinity.backbone_stride=8"],
+     "config key 'affinity.backbone_stride' must be at least backbone.output_stride (16), the stride of the "
+     "walk's grid, got 8"),
     # layouts of the released networks
     (["cam.head=gap"], "config key 'cam.head' must be one of 'conv', 'irn', 'psa', got 'gap'"),
     (["affinity.channels=[64,128]"], "config key 'affinity.channels' must be 3 integers each >= 1, got [64, 128]"),

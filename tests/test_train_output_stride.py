@@ -78,3 +78,74 @@ def test_model_pt_records_the_training_stride_and_refuses_another(coarse, tmp_pa
     # A model.pt from before the option was trained at backbone.output_stride; it loads as before.
     del meta["train_output_stride"]
     check_meta(tmp_path / "model.pt", meta, layout=layout("segmentation", default))
+
+
+# --- AffinityNet's backbone at a coarser stride (affinity.backbone_stride) ------------------------
+
+def _affinity_config(stride):
+    return load_config("msrc21", [f"affinity.backbone_stride={stride}"], check=False)
+
+
+def test_affinitynet_with_a_coarser_backbone_gives_f_aff_on_the_walks_grid():
+    """f_aff at stride 16 is, by definition (affinity.AffinityNet), each of the last three levels
+    reduced, activated and bilinearly resized to the walk's grid (ceil(H / 8), ceil(W / 8)), then
+    concatenated and adapted: the same function in training and in the walk."""
+    torch.manual_seed(0)
+    model = build_network("affinity", _affinity_config(16), 6, pretrained=True, training=True).eval()
+    assert model.backbone.output_stride == 16 and model.output_stride == 8
+    walked = build_network("affinity", _affinity_config(16), 6, pretrained=False)
+    assert walked.backbone.output_stride == 16 and walked.output_stride == 8
+    images = torch.randn(2, 3, 99, 130)       # odd sizes: the grid rounds up, as the CAMs' does
+    with torch.no_grad():
+        features = model.features(images)
+        levels = model.backbone(images)[-3:]
+        assert [tuple(level.shape[-2:]) for level in levels] == [(13, 17), (7, 9), (7, 9)]
+        reduced = [torch.nn.functional.interpolate(model.act(conv(level)), size=(13, 17), mode="bilinear",
+                                                   align_corners=False)
+                   for conv, level in zip(model.reducers, levels)]
+        reference = model.act(model.adapt(torch.cat(reduced, dim=1)))
+    assert features.shape == (2, 896, 13, 17)
+    torch.testing.assert_close(features, reference)
+    # The default keeps the backbone on the walk's grid, with nothing resized.
+    default = build_network("affinity", _affinity_config("null"), 6, pretrained=False, training=True)
+    assert default.backbone.output_stride == 8 and default.output_stride == 8
+
+
+def test_affinity_model_pt_records_its_backbone_stride_and_refuses_another(tmp_path):
+    coarse, default = _affinity_config(16), _affinity_config("null")
+    model = build_network("affinity", coarse, len(CLASSES), pretrained=False, training=True)
+    meta = network_meta("affinity", coarse, CLASSES, model.backbone)
+    assert meta["backbone_stride"] == 16 and meta["output_stride"] == 8
+    assert network_meta("affinity", default, CLASSES, model.backbone)["backbone_stride"] == 8
+    check_meta(tmp_path / "model.pt", dict(meta), layout=layout("affinity", coarse))
+    with pytest.raises(TrainingError, match=r"made with affinity.backbone_stride=16 but the config has "
+                                            r"affinity.backbone_stride=8"):
+        check_meta(tmp_path / "model.pt", dict(meta), layout=layout("affinity", default))
+    # A model.pt from before the option ran its backbone on the walk's grid; it loads as before.
+    del meta["backbone_stride"]
+    check_meta(tmp_path / "model.pt", meta, layout=layout("affinity", default))
+
+
+def test_train_affinity_and_the_walk_with_the_backbone_at_16(tmp_path_factory, tmp_path, capsys):
+    import tiny_pipeline as tiny
+
+    from affinitynet.checkpoints import load_checkpoint
+    from affinitynet.io import load_npz
+
+    reference, data_root = tiny.reference_run(tmp_path_factory)
+    run = tiny.copy_stages(reference, tmp_path / "run", ["train_cam", "infer_cam", "confident_regions"])
+    coarse = "affinity.backbone_stride=16"
+    for command in ("train-affinity", "random-walk"):
+        code, _, err = tiny.cli(tiny.argv(command, run, data_root, coarse), capsys)
+        assert code == 0, err
+    assert load_checkpoint(run / "train_affinity" / "model.pt")["meta"]["backbone_stride"] == 16
+    # The affinities are on the walk's grid: 64 px images at stride 8, radius 5.
+    paths = sorted((run / "random_walk" / "affinities").glob("*.npz"))
+    assert len(paths) == 12            # the label split: the 12 training images
+    for path in paths:
+        stored = load_npz(path)
+        assert stored["affinities"].shape == (34, 8, 8) and int(stored["stride"]) == 8
+    # The walk under the default config does not take this AffinityNet for its own.
+    code, _, err = tiny.cli(tiny.argv("random-walk", run, data_root), capsys)
+    assert code == 2 and "needs the outputs of 'train_affinity', which are missing or were made with other " \
+                         "settings" in err, err

@@ -433,6 +433,13 @@ class AffinityNet(nn.Module):
     concatenated (896 channels) and adapted by one more 1x1 conv (``out_channels``, default the
     concatenated width) and activation, giving f_aff.
 
+    ``grid_stride``: the stride of f_aff's grid, on which the pairs of Eq. 4 and the walk's
+    transition matrix live; by default the backbone's output stride. A backbone run at a coarser
+    stride (16 for a grid of 8) has its deeper levels upsampled to the grid, as irn's edge branch
+    upsamples its stride-16 levels to stride 4: a quarter of the FLOPs past stride 8, while the
+    radius gamma keeps counting cells of the walk's grid. Training and the walk then see the same
+    function, unlike a network trained coarse and dilated for inference.
+
     ``activation`` is ELU by default, as in the released code: unlike ReLU it has no dead
     units and keeps negative values, so every channel of f_aff can contribute to the L1 distances
     of Eq. 3 and receive gradient from them.
@@ -443,7 +450,7 @@ class AffinityNet(nn.Module):
 
     def __init__(self, backbone: nn.Module, *, channels: Sequence[int] = (128, 256, 512),
                  out_channels: int | None = None, activation: str = "elu", radius: int = 5,
-                 distance: str = "mean"):
+                 distance: str = "mean", grid_stride: int | None = None):
         super().__init__()
         levels = tuple(int(c) for c in backbone.out_channels)
         channels = tuple(int(c) for c in channels)
@@ -455,7 +462,13 @@ class AffinityNet(nn.Module):
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        backbone_stride = int(getattr(backbone, "output_stride", 8))
+        grid_stride = backbone_stride if grid_stride is None else int(grid_stride)
+        if grid_stride > backbone_stride or backbone_stride % grid_stride:
+            raise ValueError(f"grid_stride must divide the backbone's output stride {backbone_stride}, "
+                             f"got {grid_stride}")
         self.backbone = backbone
+        self.grid_stride, self.backbone_stride = grid_stride, backbone_stride
         self.radius = int(radius)
         self.distance = distance
         self.reducers = nn.ModuleList(nn.Conv2d(c_in, c_out, kernel_size=1, bias=False)
@@ -469,12 +482,17 @@ class AffinityNet(nn.Module):
 
     @property
     def output_stride(self) -> int:
-        return int(getattr(self.backbone, "output_stride", 8))
+        """The stride of f_aff's grid (``grid_stride``)."""
+        return self.grid_stride
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """f_aff for images ``x`` (B, 3, H, W): (B, out_channels, h, w) on the deepest level's grid."""
+        """f_aff for images ``x`` (B, 3, H, W): (B, out_channels, h, w) on the deepest level's grid,
+        or, for a coarser backbone, on the grid (ceil(H / s), ceil(W / s)) of ``grid_stride`` s
+        that a padded conv net of that stride gives."""
         levels = list(self.backbone(x))[-3:]
-        size = levels[-1].shape[-2:]
+        stride = self.grid_stride
+        size = levels[-1].shape[-2:] if stride == self.backbone_stride else (-(-x.shape[-2] // stride),
+                                                                              -(-x.shape[-1] // stride))
         reduced = []
         for conv, level in zip(self.reducers, levels):
             y = self.act(conv(level))

@@ -93,6 +93,7 @@ DEFAULTS: dict[str, Any] = {
         "radius": 5,                   # gamma of Eq. 4
         "distance": "mean",            # "mean" over channels (released code) or "sum" (Eq. 3)
         "channels": [128, 256, 512],   # 1x1 reductions of the last three levels (4.2; psa: 64, 128, 256)
+        "backbone_stride": None,       # null: backbone.output_stride; 16: run at 16, f_aff upsampled to 8
         "crop_size": 448,
         "color_jitter": [0.3, 0.3, 0.3, 0.1],
         "batch_size": 8,
@@ -210,6 +211,8 @@ KEY_HELP: dict[str, str] = {
     "cam.head": "'conv' (3x3 conv + GAP + 1x1, Sec. 4.2), 'psa' (psa's 1x1 fc8 on the backbone) or 'irn'",
     "cam.train_output_stride": "null (backbone.output_stride) or 16: trained at 16, the head dilated to run at 8",
     "affinity.channels": "AffinityNet's 1x1 conv widths on the last three levels (psa's: [64, 128, 256])",
+    "affinity.backbone_stride": ("null (backbone.output_stride) or 16: AffinityNet's backbone runs at 16 in "
+                                 "training and walk, its levels upsampled to the walk's grid"),
     "backbone.atrous": "strides past the output stride become dilations; false: irn's undilated ResNet-50",
     "cam.resize_long": "random rescale range of the long side before cropping ('auto': from the image size)",
     "cam.method": "a registered CAM method: 'cam' (Eq. 1) or 'gradcam' (Grad-CAM)",
@@ -399,6 +402,7 @@ RULES: dict[str, Rule | _Registered] = {
     "affinity.radius": _number(1, 64, integer=True),
     "affinity.distance": _choice("mean", "sum"),
     "affinity.channels": _number_list(1, length=3, strict_low=False, integer=True),
+    "affinity.backbone_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
     "random_walk.alpha": _number(1),
     "random_walk.beta": _number(0, strict_low=True),
     "random_walk.t": _number(1, integer=True),
@@ -587,6 +591,10 @@ def validate(config: dict[str, Any]) -> None:
         if stride not in (None, backbone["output_stride"]) and not backbone["atrous"]:
             raise ConfigError(f"config key '{section}.train_output_stride' needs backbone.atrous: true "
                               f"(the network runs at a finer stride than it trained at by dilating)")
+    stride = config["affinity"]["backbone_stride"]
+    if stride is not None and stride < backbone["output_stride"]:
+        raise ConfigError(f"config key 'affinity.backbone_stride' must be at least backbone.output_stride "
+                          f"({backbone['output_stride']}), the stride of the walk's grid, got {stride}")
     if not backbone["atrous"]:
         from .backbones import supports_undilated
 

@@ -67,8 +67,10 @@ def _affinity(config, num_classes, pretrained, output_stride):
     from .affinity import AffinityNet
 
     section = config["affinity"]
-    return AffinityNet(_backbone(config, pretrained, output_stride), channels=section["channels"],
-                       radius=section["radius"], distance=section["distance"])
+    # The pairs stay on the walk's grid (output_stride); the backbone may run coarser.
+    return AffinityNet(_backbone(config, pretrained, section.get("backbone_stride") or output_stride),
+                       channels=section["channels"], radius=section["radius"], distance=section["distance"],
+                       grid_stride=output_stride)
 
 
 def _irn(config, num_classes, pretrained, output_stride):
@@ -106,14 +108,16 @@ NETWORKS: dict[str, Network] = {
                    ("head", "atrous", "train_output_stride")),
     "affinity": Network("affinity", "train_affinity", _affinity,
                         (("channels", "affinity.channels"), ("radius", "affinity.radius"),
-                         ("distance", "affinity.distance")), ("channels", "distance", "atrous")),
+                         ("distance", "affinity.distance"), ("backbone_stride", "affinity.backbone_stride")),
+                        ("channels", "distance", "atrous", "backbone_stride")),
     "irn": Network("irn", "train_irn", _irn, (("radius", "irn.radius"),), ("atrous",)),
     "segmentation": Network("segmentation", "train_seg", _segmentation,
                             (("head", "segmentation.head"), ("supervision", "segmentation.supervision"),
                              ("train_output_stride", "segmentation.train_output_stride")), ("train_output_stride",)),
 }
 # The networks whose section may set ``train_output_stride``. AffinityNet's and IRNet's pairs
-# (radius gamma of Eq. 4) are counted on the grid the walk reads, so they train at that stride.
+# (radius gamma of Eq. 4) are counted on the grid the walk reads, so they train at that stride
+# (AffinityNet's backbone may run coarser in training and walk alike: ``affinity.backbone_stride``).
 TRAINED_COARSER = ("cam", "segmentation")
 
 
@@ -163,10 +167,14 @@ def layout(kind: str, config: dict[str, Any]) -> dict[str, tuple[str, Any]]:
 
 
 def _configured(kind: str, config: dict[str, Any], config_key: str) -> Any:
-    """A recorded key's value; the training stride resolved (null: backbone.output_stride)."""
+    """A recorded key's value; the strides resolved (null: backbone.output_stride)."""
     from .config import get
 
-    return train_output_stride(kind, config) if config_key.endswith(".train_output_stride") else get(config, config_key)
+    if config_key.endswith(".train_output_stride"):
+        return train_output_stride(kind, config)
+    if config_key == "affinity.backbone_stride":
+        return int(get(config, config_key) or config["backbone"]["output_stride"])
+    return get(config, config_key)
 
 
 def load_checkpoint_meta(path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -53,12 +53,14 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     section = config["affinity"]
     labels = stage("confident_regions").output("labels", config)
     return train_stage(config, force, "affinity",
+                       # The labels go onto the walk's grid, whatever stride the backbone runs at.
                        lambda data, backbone: AffinityTrainSet(data, labels, section, backbone.mean, backbone.std,
-                                                               backbone.output_stride, config["seed"]),
+                                                               config["backbone"]["output_stride"], config["seed"]),
                        make_step(section["radius"], section["distance"]))
 
 
 STAGE = Stage("train_affinity", "train-affinity", "train AffinityNet on the affinity labels (3.2.2, Eq. 7-10)",
               keys=("seed", "backbone", "affinity.radius", "affinity.distance", "affinity.channels")
               + training_keys("affinity"),
-              upstream=("confident_regions",), outputs={"model": "model.pt", "log": "log.csv"}, run=run)
+              upstream=("confident_regions",), outputs={"model": "model.pt", "log": "log.csv"}, run=run,
+              optional_keys=("affinity.backbone_stride",))
