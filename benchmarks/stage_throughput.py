@@ -9,15 +9,15 @@ peak, measured in the same run, for the current settings and for each candidate,
 Candidates, each as a ratio to the first one named (``before`` by default): ``before`` (each
 BatchNorm and each convolution as its own torch module and kernel, every network trained at
 ``backbone.output_stride``: the code before ``backbones/conv_bn.py`` and before
-``train_output_stride``), ``current`` (the pipeline's settings: each network at the output stride
-its config trains it at, float32, contiguous tensors, the process's threads, frozen BatchNorm
-folded into the convolutions, the depthwise backward pass of ``conv_bn.py``), and each change on
-top of ``current``: ``stride8`` (the CAM and segmentation networks trained at
-``backbone.output_stride`` again), ``channels_last`` (the memory
-layout), ``bf16`` (CPU autocast to bfloat16; where the CPU has native bf16), ``threads1`` (one
-thread, as each of the benchmark's two processes runs), ``compile`` (``torch.compile``; its
-compile time is printed apart and not counted in the rate). ``OMP_NUM_THREADS=1`` runs them all
-on one thread.
+``train_output_stride`` and ``affinity.backbone_stride``), ``current`` (the pipeline's settings:
+each network at the output stride its config trains it at, float32, contiguous tensors, the
+process's threads, frozen BatchNorm folded into the convolutions, the depthwise backward pass of
+``conv_bn.py``), and each change on top of ``current``: ``stride8`` (every backbone at
+``backbone.output_stride`` again: the CAM and segmentation networks' ``train_output_stride`` and
+AffinityNet's ``backbone_stride`` null), ``channels_last`` (the memory layout), ``bf16`` (CPU
+autocast to bfloat16; where the CPU has native bf16), ``threads1`` (one thread, as each of the
+benchmark's two processes runs), ``compile`` (``torch.compile``; its compile time is printed
+apart and not counted in the rate). ``OMP_NUM_THREADS=1`` runs them all on one thread.
 Rounds interleave the candidates so that a swing in the machine's speed hits all of them; each
 rate is the best round's. Random weights (speed does not depend on their values) and random
 images of the config's crop size.
@@ -35,6 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from affinitynet.affinity import affinity_loss_from_distances, feature_distances, pair_labels  # noqa: E402
 from affinitynet.backbones import freeze_batchnorm  # noqa: E402
 from affinitynet.backbones.conv_bn import separate_modules  # noqa: E402
 from affinitynet.config import load_config  # noqa: E402
@@ -77,9 +78,23 @@ def scalar(output) -> torch.Tensor:
     return sum(part.float().mean() for part in parts)
 
 
+def affinity_loss(radius: int, distance: str, batch: int, crop: int, stride: int):
+    """AffinityNet's own loss (Eq. 7-10 on the pair distances of f_aff), on random labels of the
+    walk's grid: a third of its training step at backbone stride 16, so it is timed with it."""
+    generator = torch.Generator().manual_seed(0)
+    side = -(-crop // stride)
+    masks = pair_labels(torch.randint(0, 3, (batch, side, side), generator=generator), radius)
+
+    def loss(features: torch.Tensor) -> torch.Tensor:
+        distances = feature_distances(features, radius, distance)
+        return affinity_loss_from_distances(distances, masks["pos_fg"], masks["pos_bg"], masks["neg"])[0]
+    return loss
+
+
 class Case:
     """One network under one candidate: the model, a batch of images and the two steps: a
-    training step at the stride the network trains at, a forward pass at the stride it runs at in
+    training step at the stride the network trains at (AffinityNet's with its own loss, the others'
+    on the sum of their outputs: their losses are a few hundred values), a forward pass at the stride it runs at in
     inference (the same weights, see ``networks.train_output_stride``)."""
 
     def __init__(self, kind: str, candidate: str, config: dict, threads: int):
@@ -89,7 +104,8 @@ class Case:
         self.batch, crop = int(section["batch_size"]), int(section["crop_size"])
         if candidate in ("before", "stride8"):
             config = {**config, **{name: {**config[name], "train_output_stride": None}
-                                   for name in TRAINED_COARSER}}
+                                   for name in TRAINED_COARSER},
+                      "affinity": {**config["affinity"], "backbone_stride": None}}
         torch.manual_seed(0)
         self.model = build_network(kind, config, NUM_CLASSES, pretrained=False, training=True)
         self.inference = self.model
@@ -101,6 +117,10 @@ class Case:
             self.model = self.model.to(memory_format=torch.channels_last)
             self.inference = self.inference.to(memory_format=torch.channels_last)
             self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.loss = scalar
+        if kind == "affinity":
+            self.loss = affinity_loss(section["radius"], section["distance"], self.batch, crop,
+                                      config["backbone"]["output_stride"])
         self.trained = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.trained, lr=1e-6, momentum=0.9)
         self.runner, self.forward_runner = self.model, self.inference
@@ -125,7 +145,7 @@ class Case:
         freeze_batchnorm(self.model)
         started = time.perf_counter()
         with self._autocast(), self._modules():
-            loss = scalar(self.runner(self.images))
+            loss = self.loss(self.runner(self.images))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -145,7 +165,7 @@ class Case:
         self.model.train()
         freeze_batchnorm(self.model)
         with FlopCounterMode(display=False, custom_mapping=COUNTED) as counter:
-            scalar(self.model(self.images)).backward()
+            self.loss(self.model(self.images)).backward()
         both = counter.get_total_flops()
         self.model.zero_grad(set_to_none=True)
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=COUNTED) as counter:
