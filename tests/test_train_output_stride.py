@@ -1,7 +1,9 @@
 """Training at a coarser output stride than inference (``cam.train_output_stride``,
 ``segmentation.train_output_stride``): the network built for inference at stride 8 from the
 weights trained at 16 computes, on every other cell of its grid, exactly what the trained network
-computes (atrous convolution, 4.1), and its model.pt says which stride it was trained at."""
+computes (atrous convolution, 4.1), and its model.pt says which stride it was trained at. And
+AffinityNet's backbone at a coarser stride than the walk's grid (``affinity.backbone_stride``):
+f_aff on the walk's grid in training and walk alike."""
 from __future__ import annotations
 
 import pytest
@@ -61,30 +63,37 @@ def test_heads_keep_their_span_in_pixels(coarse):
     assert affinity.output_stride == 8
 
 
-def test_model_pt_records_the_training_stride_and_refuses_another(coarse, tmp_path):
+def test_predict_rebuilds_the_segmentation_network_at_stride_8_from_its_meta(coarse):
     model = build_network("segmentation", coarse, len(CLASSES), pretrained=False, training=True)
     meta = network_meta("segmentation", coarse, CLASSES, model.backbone)
-    assert meta["train_output_stride"] == 16 and meta["output_stride"] == 8
     # predict rebuilds it from the file alone, at stride 8 with the head dilated back.
     rebuilt = build_network("segmentation", meta_config(meta), len(CLASSES), pretrained=False)
     assert rebuilt.backbone.output_stride == 8 and _head_dilations(rebuilt) == [12, 12]
-    # null resolves to backbone.output_stride, in the meta and in the check.
-    default = _config("null")
-    assert network_meta("cam", default, CLASSES, model.backbone)["train_output_stride"] == 8
-    check_meta(tmp_path / "model.pt", dict(meta), layout=layout("segmentation", coarse))
-    with pytest.raises(TrainingError, match=r"made with segmentation.train_output_stride=16 but the config has "
-                                            r"segmentation.train_output_stride=8"):
-        check_meta(tmp_path / "model.pt", dict(meta), layout=layout("segmentation", default))
-    # A model.pt from before the option was trained at backbone.output_stride; it loads as before.
-    del meta["train_output_stride"]
-    check_meta(tmp_path / "model.pt", meta, layout=layout("segmentation", default))
 
-
-# --- AffinityNet's backbone at a coarser stride (affinity.backbone_stride) ------------------------
 
 def _affinity_config(stride):
     return load_config("msrc21", [f"affinity.backbone_stride={stride}"], check=False)
 
+
+@pytest.mark.parametrize("kind,key,make", [("cam", "train_output_stride", _config),
+                                           ("segmentation", "train_output_stride", _config),
+                                           ("affinity", "backbone_stride", _affinity_config)])
+def test_model_pt_records_its_stride_and_refuses_another(kind, key, make, tmp_path):
+    coarse, default = make(16), make("null")
+    model = build_network(kind, coarse, len(CLASSES), pretrained=False, training=True)
+    meta = network_meta(kind, coarse, CLASSES, model.backbone)
+    assert meta[key] == 16 and meta["output_stride"] == 8
+    # null resolves to backbone.output_stride, in the meta and in the check.
+    assert network_meta(kind, default, CLASSES, model.backbone)[key] == 8
+    check_meta(tmp_path / "model.pt", dict(meta), layout=layout(kind, coarse))
+    with pytest.raises(TrainingError, match=rf"made with {kind}.{key}=16 but the config has {kind}.{key}=8"):
+        check_meta(tmp_path / "model.pt", dict(meta), layout=layout(kind, default))
+    # A model.pt from before the option ran at backbone.output_stride; it loads as before.
+    del meta[key]
+    check_meta(tmp_path / "model.pt", meta, layout=layout(kind, default))
+
+
+# --- AffinityNet's backbone at a coarser stride (affinity.backbone_stride) ------------------------
 
 def test_affinitynet_with_a_coarser_backbone_gives_f_aff_on_the_walks_grid():
     """f_aff at stride 16 is, by definition (affinity.AffinityNet), each of the last three levels
@@ -109,21 +118,6 @@ def test_affinitynet_with_a_coarser_backbone_gives_f_aff_on_the_walks_grid():
     # The default keeps the backbone on the walk's grid, with nothing resized.
     default = build_network("affinity", _affinity_config("null"), 6, pretrained=False, training=True)
     assert default.backbone.output_stride == 8 and default.output_stride == 8
-
-
-def test_affinity_model_pt_records_its_backbone_stride_and_refuses_another(tmp_path):
-    coarse, default = _affinity_config(16), _affinity_config("null")
-    model = build_network("affinity", coarse, len(CLASSES), pretrained=False, training=True)
-    meta = network_meta("affinity", coarse, CLASSES, model.backbone)
-    assert meta["backbone_stride"] == 16 and meta["output_stride"] == 8
-    assert network_meta("affinity", default, CLASSES, model.backbone)["backbone_stride"] == 8
-    check_meta(tmp_path / "model.pt", dict(meta), layout=layout("affinity", coarse))
-    with pytest.raises(TrainingError, match=r"made with affinity.backbone_stride=16 but the config has "
-                                            r"affinity.backbone_stride=8"):
-        check_meta(tmp_path / "model.pt", dict(meta), layout=layout("affinity", default))
-    # A model.pt from before the option ran its backbone on the walk's grid; it loads as before.
-    del meta["backbone_stride"]
-    check_meta(tmp_path / "model.pt", meta, layout=layout("affinity", default))
 
 
 def test_train_affinity_and_the_walk_with_the_backbone_at_16(tmp_path_factory, tmp_path, capsys):
