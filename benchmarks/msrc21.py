@@ -8,7 +8,8 @@ Seed 0 runs the whole pipeline. Every further seed trains the segmentation netwo
 0's pseudo labels, and the bound again on the ground truth, so that the network's and the bound's
 val mIoU are given as mean +- std over the seeds: val has 59 images, and one training differs
 from the next by a few points. ``--seeds 1`` is seed 0 alone: the pipeline, with the bound trained
-beside it (the pipeline's own stages are the wait of a user, who has no bound to train). The procedure is ``benchmarks/seed_spread.py``'s.
+beside it (the pipeline's own stages are the wait of a user, who has no bound to train). The
+procedure is ``benchmarks/seed_spread.py``'s.
 
 Unpacks ../shared/datasets/msrc21-trainval.tar.xz into data/msrc21 if needed. Resumable: run the
 command again after an interruption.
