@@ -93,9 +93,10 @@ def affinity_loss(radius: int, distance: str, batch: int, crop: int, stride: int
 
 class Case:
     """One network under one candidate: the model, a batch of images and the two steps: a
-    training step at the stride the network trains at (AffinityNet's with its own loss, the others'
-    on the sum of their outputs: their losses are a few hundred values), a forward pass at the stride it runs at in
-    inference (the same weights, see ``networks.train_output_stride``)."""
+    training step at the stride the network trains at (AffinityNet's with its own loss, a third of
+    its step; the others' on the sum of their outputs, as their losses cost little beside the
+    network), a forward pass at the stride it runs at in inference (the same weights, see
+    ``networks.train_output_stride``)."""
 
     def __init__(self, kind: str, candidate: str, config: dict, threads: int):
         section = config[SECTION[kind]]

@@ -32,6 +32,12 @@ def train_output_stride(kind: str, config: dict[str, Any]) -> int:
     return int(stride or config["backbone"]["output_stride"])
 
 
+def affinity_backbone_stride(config: dict[str, Any]) -> int:
+    """The output stride AffinityNet's backbone runs at, in training and walk alike:
+    ``affinity.backbone_stride``, or ``backbone.output_stride``, the stride of the walk's grid."""
+    return int(config["affinity"].get("backbone_stride") or config["backbone"]["output_stride"])
+
+
 def dilate(head: nn.Module, factor: int) -> None:
     """Multiply the dilation (and the padding with it) of every convolution wider than 1x1 in
     ``head`` by ``factor``: a head trained on a map of stride s*factor then reads the map of stride
@@ -68,7 +74,7 @@ def _affinity(config, num_classes, pretrained, output_stride):
 
     section = config["affinity"]
     # The pairs stay on the walk's grid (output_stride); the backbone may run coarser.
-    return AffinityNet(_backbone(config, pretrained, section.get("backbone_stride") or output_stride),
+    return AffinityNet(_backbone(config, pretrained, affinity_backbone_stride(config)),
                        channels=section["channels"], radius=section["radius"], distance=section["distance"],
                        grid_stride=output_stride)
 
@@ -173,7 +179,7 @@ def _configured(kind: str, config: dict[str, Any], config_key: str) -> Any:
     if config_key.endswith(".train_output_stride"):
         return train_output_stride(kind, config)
     if config_key == "affinity.backbone_stride":
-        return int(get(config, config_key) or config["backbone"]["output_stride"])
+        return affinity_backbone_stride(config)
     return get(config, config_key)
 
 
