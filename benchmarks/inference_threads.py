@@ -1,9 +1,11 @@
 """Inference speed of ``infer-cam`` and ``predict`` (images/s) at 1, 2 and 4 threads, with the
 image and its mirror in one forward pass (as the pipeline runs them) or in two, and in NCHW or
-channels-last (NHWC) memory layout, side by side in one run.
+channels-last (NHWC) memory layout, and in float32 or under autocast (``--amp bf16``: on a CPU
+with native bf16), side by side in one run.
 
     python benchmarks/inference_threads.py [--config msrc21] [--rounds 3] [--images 2] [--threads 1 2 4]
-                                           [key=value ...]   # e.g. backbone.name=efficientnet_lite2
+                                           [--amp off bf16] [key=value ...]
+    # key=value: e.g. backbone.name=efficientnet_lite2
 
 Each case does what the stage does per image after loading it: ``infer-cam``'s multi-scale +
 flip CAMs of two classes (``cam.infer_cams`` with the config's ``cam.scales``), and ``predict``'s
@@ -28,7 +30,7 @@ from torch import nn  # noqa: E402
 from affinitynet.cam import infer_cams  # noqa: E402
 from affinitynet.config import load_config  # noqa: E402
 from affinitynet.networks import build_network  # noqa: E402
-from affinitynet.precision import for_inference  # noqa: E402
+from affinitynet.precision import AMP_CHOICES, for_inference  # noqa: E402
 from affinitynet.segmentation import predict_labels  # noqa: E402
 
 NUM_CLASSES = 15          # MSRC-21's object protocol: 14 classes + background
@@ -51,8 +53,9 @@ class OneAtATime(nn.Module):
         return torch.cat([self.model.cams(image[None]) for image in batch])
 
 
-def cases(config: dict, cores: int, thread_counts: list[int]) -> dict[str, tuple[int, object]]:
-    """name -> (threads, one image's work)."""
+def cases(config: dict, cores: int, thread_counts: list[int], amps: list[str]) -> dict[str, tuple[int, object]]:
+    """name -> (threads, one image's work). Every ``amps`` setting but ``off`` is timed on all
+    cores, mirror batched, in both layouts."""
     torch.manual_seed(0)
     cam_net = build_network("cam", config, NUM_CLASSES, pretrained=False).eval()
     seg_net = build_network("segmentation", config, NUM_CLASSES, pretrained=False).eval()
@@ -79,6 +82,10 @@ def cases(config: dict, cores: int, thread_counts: list[int]) -> dict[str, tuple
             for threads in sorted({*thread_counts, cores}):
                 out[f"{stage:9s} {threads} threads, mirror batched, {layout}"] = (threads, work(model))
             out[f"{stage:9s} {cores} threads, mirror apart,   {layout}"] = (cores, work(OneAtATime(model)))
+            for amp in amps:
+                if amp != "off":
+                    model = for_inference(copy.deepcopy(net), cpu, amp, setting, methods=methods)
+                    out[f"{stage:9s} {cores} threads, mirror batched, {layout}, amp={amp}"] = (cores, work(model))
     return out
 
 
@@ -89,11 +96,14 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2, help="images timed per case and round")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4],
                         help="thread counts timed besides all cores")
+    parser.add_argument("--amp", nargs="+", default=["off"], choices=AMP_CHOICES,
+                        help="autocast settings timed besides float32 (off), e.g. --amp off bf16 on a CPU "
+                             "with native bf16 (AMX or AVX512-BF16)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. backbone.name=efficientnet_lite2")
     args = parser.parse_args()
     cores = torch.get_num_threads()
     config = load_config(args.config, args.overrides, check=False)
-    table = cases(config, cores, args.threads)
+    table = cases(config, cores, args.threads, args.amp)
     best = dict.fromkeys(table, float("inf"))
     with torch.no_grad():
         for _ in range(args.rounds):
@@ -113,7 +123,8 @@ def main() -> int:
         for name, seconds in best.items():
             if name.startswith(stage):
                 print(f"  {name}  {1 / seconds:6.2f} images/s  x{reference / seconds:5.2f}")
-    print(f"x: the rate over the pipeline's settings ({cores} threads, mirror batched, NHWC) in the same rounds")
+    print(f"x: the rate over the pipeline's settings ({cores} threads, mirror batched, NHWC, float32) "
+          "in the same rounds")
     return 0
 
 

@@ -4,7 +4,8 @@ MSRC-21 config, images/s forward and forward + backward + optimizer step, the FL
 peak, measured in the same run, for the current settings and for each candidate, side by side.
 
     python benchmarks/stage_throughput.py [--networks cam affinity segmentation irn]
-        [--candidates before current stride8 channels_last bf16 threads1 compile] [--rounds 3] [--steps 2]
+        [--candidates before current stride8 channels_last bf16 bf16_channels_last threads1 compile]
+        [--rounds 3] [--steps 2]
 
 Candidates, each as a ratio to the first one named (``before`` by default): ``before`` (each
 BatchNorm and each convolution as its own torch module and kernel, every network trained at
@@ -15,11 +16,11 @@ process's threads, frozen BatchNorm folded into the convolutions, the depthwise 
 ``conv_bn.py``), and each change on top of ``current``: ``stride8`` (every backbone at
 ``backbone.output_stride`` again: the CAM and segmentation networks' ``train_output_stride`` and
 AffinityNet's ``backbone_stride`` null), ``channels_last`` (the memory layout), ``bf16`` (CPU
-autocast to bfloat16; where the CPU has native bf16), ``threads1`` (one thread, as each of the
-benchmark's two processes runs), ``compile`` (``torch.compile``; its compile time is printed
-apart and not counted in the rate). ``OMP_NUM_THREADS=1`` runs them all on one thread.
-Rounds interleave the candidates so that a swing in the machine's speed hits all of them; each
-rate is the best round's. Random weights (speed does not depend on their values) and random
+autocast to bfloat16, as ``amp=bf16``; where the CPU has native bf16), ``bf16_channels_last``
+(both), ``threads1`` (one thread, as each of the benchmark's two processes runs), ``compile``
+(``torch.compile``; its compile time is printed apart and not counted in the rate).
+``OMP_NUM_THREADS=1`` runs them all on one thread. Rounds interleave the candidates so that a
+swing in the machine's speed hits all of them; each rate is the best round's. Random weights (speed does not depend on their values) and random
 images of the config's crop size.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from affinitynet.config import load_config  # noqa: E402
 from affinitynet.networks import TRAINED_COARSER, build_network, train_output_stride  # noqa: E402
 
 NETWORKS = ("cam", "affinity", "segmentation", "irn")
-CANDIDATES = ("before", "current", "stride8", "channels_last", "bf16", "threads1", "compile")
+CANDIDATES = ("before", "current", "stride8", "channels_last", "bf16", "bf16_channels_last", "threads1", "compile")
 SECTION = {"cam": "cam", "affinity": "affinity", "segmentation": "segmentation", "irn": "irn"}
 NUM_CLASSES = 15       # MSRC-21's object protocol: 14 classes + background
 
@@ -114,7 +115,7 @@ class Case:
             self.inference = build_network(kind, config, NUM_CLASSES, pretrained=False)
             self.inference.load_state_dict(self.model.state_dict())
         self.images = torch.randn(self.batch, 3, crop, crop)
-        if candidate == "channels_last":
+        if candidate in ("channels_last", "bf16_channels_last"):
             self.model = self.model.to(memory_format=torch.channels_last)
             self.inference = self.inference.to(memory_format=torch.channels_last)
             self.images = self.images.contiguous(memory_format=torch.channels_last)
@@ -135,7 +136,7 @@ class Case:
             self.compile_seconds = time.perf_counter() - started
 
     def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.candidate == "bf16")
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.candidate in ("bf16", "bf16_channels_last"))
 
     def _modules(self):
         return separate_modules() if self.candidate == "before" else contextlib.nullcontext()
@@ -146,7 +147,9 @@ class Case:
         freeze_batchnorm(self.model)
         started = time.perf_counter()
         with self._autocast(), self._modules():
-            loss = self.loss(self.runner(self.images))
+            output = self.runner(self.images)
+        # As training.train: the network under autocast, its loss in float32 on float32 outputs.
+        loss = self.loss(output.float() if isinstance(output, torch.Tensor) else output)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -84,9 +84,11 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 def _stage_summary(run_dir: Path, stage: str, processes: int = 1) -> dict:
-    """The stage's record without how it was run (checked here: ``processes`` of one thread)."""
+    """The stage's record without how it was run (checked here: ``processes`` of one thread, in
+    float32: ``amp: auto`` on a CPU)."""
     summary = json.loads((run_dir / stage / "_stage.json").read_text())
     assert (summary.pop("processes"), summary.pop("threads")) == (processes, 1), stage
+    assert summary.pop("precision") == "float32", stage
     summary.pop("seconds")
     return summary
 
@@ -323,6 +325,21 @@ def test_amp_settings_and_inference_wrapper():
     torch.testing.assert_close(low, full, atol=0.1, rtol=0.05)
     assert wrapped.classifier is wrapped.module.classifier   # other attributes read through
     assert next(wrapped.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_amp_note_names_the_setting_that_fits_the_cpu(monkeypatch, native):
+    import affinitynet.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    float32, bf16 = precision.cpu_amp_note(cpu, "auto"), precision.cpu_amp_note(cpu, "bf16")
+    if native:
+        assert "amp=bf16" in float32 and "natively" in float32 and bf16 is None
+    else:
+        assert float32 is None and "amp=off is faster" in bf16
+    assert precision.cpu_amp_note(cpu, "off") == float32 and "\n" not in (float32 or bf16)
+    assert precision.cpu_amp_note(torch.device("cuda"), "off") is None
 
 
 @pytest.mark.parametrize("name,nhwc", [("mobilenetv2", True), ("efficientnet_lite0", False)])

@@ -115,6 +115,7 @@ _ALL = "__all__"
 def cmd_run(args: argparse.Namespace) -> int:
     from . import distributed
     from .pipeline import ProcessesFailed, preflight, processes_runner, run_all, run_summary
+    from .precision import cpu_amp_note
     from .training import resolve_device
 
     config = _config_from_args(args, resolve=False)
@@ -132,6 +133,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if distributed.is_main():
         print(f"affinitynet run: dataset {config['dataset']['name']}, backbone {config['backbone']['name']}, "
               f"outputs in {config['run_dir']}")
+        note = cpu_amp_note(resolve_device(config["device"]), config["amp"])
+        if note:
+            print(note)
     try:
         run_all(config, force=forced, runner=runner)
     except ProcessesFailed as failed:

@@ -419,6 +419,15 @@ def imported_kind(config: dict[str, Any], name: str) -> str | None:
     return imported.get("kind") if isinstance(imported, dict) else None
 
 
+def _precision(config: dict[str, Any]) -> str:
+    """The dtype the networks compute in under the config's ``amp`` on its device."""
+    from .precision import amp_dtype
+    from .training import resolve_device
+
+    dtype = amp_dtype(resolve_device(config["device"]), config["amp"])
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 class StageRun:
     """Bookkeeping of one stage: fresh or resumed directory, completion marker, summary line.
 
@@ -476,10 +485,11 @@ class StageRun:
         images = sum(item[0] for item in gathered)
         reused = sum(item[1] for item in gathered)
         skipped = [line for item in gathered for line in item[2]]
-        # How the seconds were spent: timings mean nothing without the processes and threads.
+        # How the seconds were spent: timings mean nothing without the processes, the threads and
+        # the precision the networks ran in.
         summary = {"stage": self.name, "hash": self.hash, "complete": True,
                    "seconds": round(time.time() - self.started, 2), "processes": distributed.world_size(),
-                   "threads": torch.get_num_threads(), "images": images,
+                   "threads": torch.get_num_threads(), "precision": _precision(self.config), "images": images,
                    "reused": reused, "skipped": skipped, **self.extra, **stage_inputs(self.config, self.name)}
         if distributed.is_main():
             write_json(self.dir / MARKER, summary)

@@ -43,6 +43,29 @@ def amp_dtype(device: torch.device, amp: str | bool | None = "auto") -> torch.dt
     raise TrainingError(f"amp is '{amp}': choose one of {', '.join(AMP_CHOICES)}")
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), where oneDNN's bf16
+    kernels outrun float32; elsewhere they fall back to reference kernels, 0.02-0.05x float32's
+    rate (README, "Speed")."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_amp_note(device: torch.device, amp: str | bool | None) -> str | None:
+    """One line for a run on a CPU whose ``amp`` setting and CPU disagree: float32 on a CPU with
+    native bfloat16, or bfloat16 on one without. None otherwise (and on a GPU)."""
+    if device.type != "cpu":
+        return None
+    dtype, native = amp_dtype(device, amp), cpu_native_bf16()
+    if dtype is None and native:
+        return ("amp: float32 on this CPU, which computes bfloat16 natively (AVX512-BF16 or AMX): amp=bf16 "
+                "runs the pipeline faster, with figures of its own (README, \"Speed\")")
+    if dtype == torch.bfloat16 and not native:
+        return ("amp: bf16 on a CPU without native bfloat16 (no AVX512-BF16, no AMX): its fallback kernels run "
+                "20-50x slower than float32; amp=off is faster here")
+    return None
+
+
 def use_channels_last(device: torch.device, channels_last: str | bool | None = "auto",
                       dtype: torch.dtype | None = None, training: bool = False, cpu_nhwc: bool = False) -> bool:
     """Whether convolutions should run on NHWC tensors. ``"auto"``: on CUDA under mixed
