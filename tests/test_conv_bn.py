@@ -83,23 +83,6 @@ def test_depthwise_matches_native_convolution(dilation):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_depthwise_under_cpu_autocast_runs_in_float32():
-    """amp=bf16: a bfloat16 input (the previous convolution's output under autocast) takes the
-    same backward pass, in float32: values and gradients are float32's on the bf16-rounded input."""
-    torch.manual_seed(0)
-    conv = nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16, bias=True)
-    x = torch.randn(2, 16, 12, 10).bfloat16().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = convolve(conv, x, conv.weight, conv.bias)
-    assert out.dtype == torch.float32
-    assert type(out.grad_fn).__name__ == "DepthwiseConvolutionBackward"
-    reference = F.conv2d(x.float(), conv.weight, conv.bias, 1, 2, 2, 16)
-    torch.testing.assert_close(out, reference)
-    inputs = [x, conv.weight, conv.bias]
-    for a, b in zip(gradients(out, inputs), gradients(reference, inputs)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
 def test_other_convolutions_keep_torch_kernels():
     strided = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
     dense = nn.Conv2d(8, 8, 3, padding=1, bias=False)

@@ -69,21 +69,16 @@ def convolve(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch
     ``bias``; a stride-1 depthwise one that needs gradients on the CPU goes through
     :class:`DepthwiseConvolution`."""
     if _depthwise_on_cpu(conv, x) and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        if x.dtype == torch.float32:
-            return DepthwiseConvolution.apply(x, weight, bias, conv.padding, conv.dilation)
-        # Under CPU autocast (amp=bf16) in float32 too: oneDNN's bfloat16 depthwise backward took
-        # as long as the 3x3 head's (52 ms for 960 channels at 14x14, dilated), and a depthwise
-        # convolution reads as much as it computes, so bfloat16 saves it little.
-        with torch.autocast("cpu", enabled=False):
-            return DepthwiseConvolution.apply(x.float(), weight.float(), None if bias is None else bias.float(),
-                                              conv.padding, conv.dilation)
+        return DepthwiseConvolution.apply(x, weight, bias, conv.padding, conv.dilation)
     return conv._conv_forward(x, weight, bias)
 
 
 def _depthwise_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    # float32 only: under CPU autocast (amp=bf16) oneDNN's bfloat16 depthwise backward pass was
+    # the faster one (this backward pass in float32 made a bf16 training step 0.86-0.90x as fast
+    # on a CPU with AMX).
     kernel, padding, dilation = conv.kernel_size, conv.padding, conv.dilation
-    return (x.device.type == "cpu" and x.dim() == 4
-            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")))
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and conv.groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1)
             and conv.padding_mode == "zeros" and not isinstance(padding, str)
             # "same" padding: the flipped kernel then needs the same padding for the input gradient
