@@ -20,8 +20,8 @@ autocast to bfloat16, as ``amp=bf16``; where the CPU has native bf16), ``bf16_ch
 (both), ``threads1`` (one thread, as each of the benchmark's two processes runs), ``compile``
 (``torch.compile``; its compile time is printed apart and not counted in the rate).
 ``OMP_NUM_THREADS=1`` runs them all on one thread. Rounds interleave the candidates so that a
-swing in the machine's speed hits all of them; each rate is the best round's. Random weights (speed does not depend on their values) and random
-images of the config's crop size.
+swing in the machine's speed hits all of them; each rate is the best round's. Random weights
+(speed does not depend on their values) and random images of the config's crop size.
 """
 from __future__ import annotations
 
