@@ -115,7 +115,7 @@ class Case:
             self.inference = build_network(kind, config, NUM_CLASSES, pretrained=False)
             self.inference.load_state_dict(self.model.state_dict())
         self.images = torch.randn(self.batch, 3, crop, crop)
-        if candidate in ("channels_last", "bf16_channels_last"):
+        if candidate.endswith("channels_last"):
             self.model = self.model.to(memory_format=torch.channels_last)
             self.inference = self.inference.to(memory_format=torch.channels_last)
             self.images = self.images.contiguous(memory_format=torch.channels_last)
@@ -136,7 +136,7 @@ class Case:
             self.compile_seconds = time.perf_counter() - started
 
     def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.candidate in ("bf16", "bf16_channels_last"))
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.candidate.startswith("bf16"))
 
     def _modules(self):
         return separate_modules() if self.candidate == "before" else contextlib.nullcontext()

@@ -27,6 +27,8 @@ from .config import dump, flatten, get, load_config, section_hash
 from .datasets import dataset_keys
 from .errors import ConfigError, InputError, StageError
 from .io import read_json, write_json, write_text
+from .precision import dtype_name
+from .training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -419,15 +421,6 @@ def imported_kind(config: dict[str, Any], name: str) -> str | None:
     return imported.get("kind") if isinstance(imported, dict) else None
 
 
-def _precision(config: dict[str, Any]) -> str:
-    """The dtype the networks compute in under the config's ``amp`` on its device."""
-    from .precision import amp_dtype
-    from .training import resolve_device
-
-    dtype = amp_dtype(resolve_device(config["device"]), config["amp"])
-    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
-
-
 class StageRun:
     """Bookkeeping of one stage: fresh or resumed directory, completion marker, summary line.
 
@@ -489,8 +482,10 @@ class StageRun:
         # the precision the networks ran in.
         summary = {"stage": self.name, "hash": self.hash, "complete": True,
                    "seconds": round(time.time() - self.started, 2), "processes": distributed.world_size(),
-                   "threads": torch.get_num_threads(), "precision": _precision(self.config), "images": images,
-                   "reused": reused, "skipped": skipped, **self.extra, **stage_inputs(self.config, self.name)}
+                   "threads": torch.get_num_threads(),
+                   "precision": dtype_name(resolve_device(self.config["device"]), self.config["amp"]),
+                   "images": images, "reused": reused, "skipped": skipped,
+                   **self.extra, **stage_inputs(self.config, self.name)}
         if distributed.is_main():
             write_json(self.dir / MARKER, summary)
             note = f", {reused} reused" if reused else ""

@@ -43,6 +43,13 @@ def amp_dtype(device: torch.device, amp: str | bool | None = "auto") -> torch.dt
     raise TrainingError(f"amp is '{amp}': choose one of {', '.join(AMP_CHOICES)}")
 
 
+def dtype_name(device: torch.device, amp: str | bool | None) -> str:
+    """The dtype the networks compute in under ``amp`` on ``device``: ``"float32"``, ``"bfloat16"``
+    or ``"float16"`` (a stage records it beside its seconds)."""
+    dtype = amp_dtype(device, amp)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def cpu_native_bf16() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), where oneDNN's bf16
     kernels outrun float32; elsewhere they fall back to reference kernels, 0.02-0.05x float32's
