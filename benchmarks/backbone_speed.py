@@ -15,10 +15,9 @@ a head to add its own cost. ImageNet top-1 of the weights for reference: MobileN
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import affinitynet  # noqa: E402,F401  (before torch: the pipeline's OpenMP spin count)
 
 import torch  # noqa: E402
 

@@ -7,10 +7,9 @@ measured in the same run (this machine's speed swings from minute to minute).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import affinitynet  # noqa: E402,F401  (before torch: the pipeline's OpenMP spin count)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

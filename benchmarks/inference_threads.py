@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import affinitynet  # noqa: E402,F401  (before torch: the pipeline's OpenMP spin count)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

@@ -28,10 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import affinitynet  # noqa: E402,F401  (before torch: the pipeline's OpenMP spin count)
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402

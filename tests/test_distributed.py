@@ -342,6 +342,20 @@ def test_cpu_amp_note_names_the_setting_that_fits_the_cpu(monkeypatch, native):
     assert precision.cpu_amp_note(torch.device("cuda"), "off") is None
 
 
+@pytest.mark.parametrize("setting,spins", [({}, "10000"), ({"GOMP_SPINCOUNT": "7"}, "7"),
+                                            ({"OMP_WAIT_POLICY": "PASSIVE"}, "0")])
+def test_openmp_spin_count_is_set_before_torch_loads_libgomp(setting, spins):
+    """The command's OpenMP threads spin 10000 times at a barrier, not libgomp's 300000, which
+    libgomp reads once when torch loads it; a user's own setting of either variable wins. libgomp
+    prints what it read under OMP_DISPLAY_ENV."""
+    env = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(setting, OMP_DISPLAY_ENV="VERBOSE")
+    done = subprocess.run([sys.executable, "-m", "affinitynet", "--help"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"GOMP_SPINCOUNT = '{spins}'" in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name,nhwc", [("mobilenetv2", True), ("efficientnet_lite0", False)])
 def test_cpu_inference_layout_is_the_backbones_measured_one(name, nhwc):
     from affinitynet.backbones import create_backbone

@@ -414,7 +414,6 @@ def _report(line: str, shared: bool = False) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     # Overrides may follow options (`run --force train_cam cam.epochs=2`); argparse's single
     # positional list would refuse those after the first option.
