@@ -342,6 +342,18 @@ def test_cpu_amp_note_names_the_setting_that_fits_the_cpu(monkeypatch, native):
     assert precision.cpu_amp_note(torch.device("cuda"), "off") is None
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_native_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
+    import affinitynet.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert precision.amp_dtype(cpu, "native") == (torch.bfloat16 if native else None)
+    assert precision.dtype_name(cpu, "native") == ("bfloat16" if native else "float32")
+    assert precision.cpu_amp_note(cpu, "native") is None   # never the setting that disagrees with the CPU
+    assert precision.amp_dtype(cpu, "auto") is None         # auto stays float32 on a CPU
+
+
 @pytest.mark.parametrize("setting,spins", [({}, "10000"), ({"GOMP_SPINCOUNT": "7"}, "7"),
                                             ({"OMP_WAIT_POLICY": "PASSIVE"}, "0")])
 def test_openmp_spin_count_is_set_before_torch_loads_libgomp(setting, spins):

@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "num_workers": 0,
     "threads": 0,
     "strict": False,
-    "amp": "auto",                     # mixed precision: auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16, off
+    "amp": "auto",                     # mixed precision: auto (bf16/fp16 on CUDA, off on CPU), native, bf16, fp16, off
     "channels_last": "auto",           # NHWC convolutions: auto (CUDA with AMP, CPU inference), on, off
     "dataset": {
         "name": "voc12",
@@ -187,7 +187,8 @@ KEY_HELP: dict[str, str] = {
     "num_workers": "data-loading processes per training process (0: load in the training process)",
     "threads": "torch threads per process (0: torch's default, all cores)",
     "strict": "stop at the first bad input instead of skipping it",
-    "amp": "mixed precision: 'auto' (bf16/fp16 on CUDA, off on CPU), 'bf16', 'fp16', 'off'",
+    "amp": ("mixed precision: 'auto' (bf16/fp16 on CUDA, off on CPU), 'native' (as auto on CUDA, bf16 on a CPU "
+            "with AVX512-BF16 or AMX), 'bf16', 'fp16', 'off'"),
     "channels_last": "NHWC convolutions: 'auto' (CUDA with AMP; CPU inference), 'on', 'off'",
     "dataset.name": "a registered dataset (affinitynet datasets list): demo, msrc21, voc12, folder (your photos), ...",
     "dataset.root": "dataset directory",
@@ -370,8 +371,8 @@ RULES: dict[str, Rule | _Registered] = {
     "threads": _number(0, 256, integer=True),
     "strict": _boolean(),
     # YAML reads on/off as booleans, which mean the same here.
-    "amp": Rule("one of 'auto', 'bf16', 'fp16', 'off' (or true/false)",
-                lambda v: isinstance(v, bool) or v in ("auto", "bf16", "fp16", "off")),
+    "amp": Rule("one of 'auto', 'native', 'bf16', 'fp16', 'off' (or true/false)",
+                lambda v: isinstance(v, bool) or v in ("auto", "native", "bf16", "fp16", "off")),
     "channels_last": Rule("one of 'auto', 'on', 'off' (or true/false)",
                           lambda v: isinstance(v, bool) or v in ("auto", "on", "off")),
     "dataset.name": _Registered(_dataset_registry),
