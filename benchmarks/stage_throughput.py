@@ -11,9 +11,10 @@ Candidates, each as a ratio to the first one named (``before`` by default): ``be
 BatchNorm and each convolution as its own torch module and kernel, every network trained at
 ``backbone.output_stride``: the code before ``backbones/conv_bn.py`` and before
 ``train_output_stride`` and ``affinity.backbone_stride``), ``current`` (the pipeline's settings:
-each network at the output stride its config trains it at, float32, contiguous tensors, the
-process's threads, frozen BatchNorm folded into the convolutions, the depthwise backward pass of
-``conv_bn.py``), and each change on top of ``current``: ``stride8`` (every backbone at
+each network at the output stride its config trains it at, float32 whatever the config's
+``amp`` (the ``bf16`` candidates time that), contiguous tensors, the process's threads, frozen
+BatchNorm folded into the convolutions, the depthwise backward pass of ``conv_bn.py``), and each
+change on top of ``current``: ``stride8`` (every backbone at
 ``backbone.output_stride`` again: the CAM and segmentation networks' ``train_output_stride`` and
 AffinityNet's ``backbone_stride`` null), ``channels_last`` (the memory layout), ``bf16`` (CPU
 autocast to bfloat16, as ``amp=bf16``; where the CPU has native bf16), ``bf16_channels_last``

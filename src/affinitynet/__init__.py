@@ -6,8 +6,7 @@ import os
 
 # libgomp reads its wait policy once, when torch loads it, so this must run before torch is
 # imported. Its default spins 300000 times at each barrier before sleeping: beside another busy
-# process a two-thread training then waits for a descheduled thread at every parallel region
-# (MSRC-21: AffinityNet's first epoch took 9 minutes beside the bound's training instead of 1).
+# process a two-thread training then waits for a descheduled thread at every parallel region.
 # 10000 spins cost nothing alone (a segmentation training step 0.49 s against 0.49) and ran
 # 4.3x faster beside a single-threaded training (1.19 s against 5.07); PASSIVE (no spin) cost
 # 0.83x alone (README, "Speed"). A user's own setting of either variable is kept.
