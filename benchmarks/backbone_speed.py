@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import affinitynet  # noqa: E402,F401  (before torch: the pipeline's OpenMP spin count)
+import affinitynet  # noqa: F401  (before torch: the pipeline's OpenMP spin count)
 
 import torch  # noqa: E402
 

@@ -21,7 +21,7 @@ import argparse
 import copy
 import time
 
-import affinitynet  # noqa: E402,F401  (before torch: the pipeline's OpenMP spin count)
+import affinitynet  # noqa: F401  (before torch: the pipeline's OpenMP spin count)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

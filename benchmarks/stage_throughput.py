@@ -31,7 +31,7 @@ import contextlib
 import math
 import time
 
-import affinitynet  # noqa: E402,F401  (before torch: the pipeline's OpenMP spin count)
+import affinitynet  # noqa: F401  (before torch: the pipeline's OpenMP spin count)
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402

@@ -328,7 +328,7 @@ def test_amp_settings_and_inference_wrapper():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_cpu_amp_note_names_the_setting_that_fits_the_cpu(monkeypatch, native):
+def test_cpu_amp_note_and_amp_native_follow_the_cpu(monkeypatch, native):
     import affinitynet.precision as precision
 
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: native)
@@ -340,17 +340,10 @@ def test_cpu_amp_note_names_the_setting_that_fits_the_cpu(monkeypatch, native):
         assert float32 is None and "amp=off is faster" in bf16
     assert precision.cpu_amp_note(cpu, "off") == float32 and "\n" not in (float32 or bf16)
     assert precision.cpu_amp_note(torch.device("cuda"), "off") is None
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_amp_native_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
-    import affinitynet.precision as precision
-
-    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: native)
-    cpu = torch.device("cpu")
+    # amp=native: bf16 only where the CPU computes it, so never the setting that disagrees with it.
     assert precision.amp_dtype(cpu, "native") == (torch.bfloat16 if native else None)
     assert precision.dtype_name(cpu, "native") == ("bfloat16" if native else "float32")
-    assert precision.cpu_amp_note(cpu, "native") is None   # never the setting that disagrees with the CPU
+    assert precision.cpu_amp_note(cpu, "native") is None
     assert precision.amp_dtype(cpu, "auto") is None         # auto stays float32 on a CPU
 
 
