@@ -92,6 +92,25 @@ def test_levels_and_output_stride(random_backbone, name, output_stride):
                                          math.ceil(width / output_stride))
 
 
+@pytest.mark.parametrize("name", [name for name in NAMES if 16 in SUPPORTED.get(name, (16,))])
+def test_a_backbone_built_at_16_put_at_the_geometry_of_8_is_the_build_at_8(random_backbone, name):
+    """Fine-tuning at 8 after training at 16 (``fine_tune_epochs``) moves the trained network's
+    strides, paddings and dilations in place: its weights then compute exactly what the build at
+    8 computes with them."""
+    from affinitynet.networks import geometry, set_geometry
+
+    fine = random_backbone(name, 8)
+    coarse = create_backbone(name, output_stride=16, pretrained=False).eval()
+    coarse.load_state_dict(fine.state_dict())
+    images = torch.randn(1, 3, *((33, 49) if name == "resnet38d" else (65, 97)))
+    with torch.inference_mode():
+        before = coarse(images)[-1]
+        set_geometry(coarse, geometry(fine))
+        after, expected = coarse(images)[-1], fine(images)[-1]
+    assert before.shape[-2:] != expected.shape[-2:] and coarse.output_stride == 8
+    assert torch.equal(after, expected)
+
+
 def test_unsupported_output_stride_is_refused():
     with pytest.raises(ValueError, match="output_stride"):
         create_backbone("vgg16", output_stride=16, pretrained=False)

@@ -48,6 +48,8 @@ OVERRIDE_CASES = [
     (["cam.resize_long=[8,600]"], "config key 'cam.resize_long' must be 2 integers each >= 16, got [8, 600]"),
     (["backbone.output_stride=4"], "config key 'backbone.output_stride' must be 8 or 16, got 4"),
     (["cam.train_output_stride=32"], "config key 'cam.train_output_stride' must be null, 8 or 16, got 32"),
+    (["segmentation.fine_tune_epochs=-1"],
+     "config key 'segmentation.fine_tune_epochs' must be an integer >= 0 and <= 10000, got -1"),
     (["backbone.output_stride=16", "segmentation.train_output_stride=8"],
      "config key 'segmentation.train_output_stride' must be at least backbone.output_stride (16): a network "
      "trained at a finer stride cannot run at a coarser one, got 8"),

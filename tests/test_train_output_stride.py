@@ -143,3 +143,72 @@ def test_train_affinity_and_the_walk_with_the_backbone_at_16(tmp_path_factory, t
     code, _, err = tiny.cli(tiny.argv("random-walk", run, data_root), capsys)
     assert code == 2 and "needs the outputs of 'train_affinity', which are missing or were made with other " \
                          "settings" in err, err
+
+
+# --- the last epochs at stride 8 (fine_tune_epochs) ------------------------------------------------
+
+def _fine_tuned(epochs):
+    return load_config("msrc21", ["segmentation.train_output_stride=16", f"segmentation.fine_tune_epochs={epochs}"],
+                       check=False)
+
+
+def test_fine_tune_epochs_put_the_last_epochs_at_the_stride_it_runs_at(coarse, capsys):
+    from affinitynet.networks import fine_tune_epochs
+    from affinitynet.steps import _fine_tuning
+
+    config = _fine_tuned(2)
+    assert config["segmentation"]["epochs"] == 8
+    torch.manual_seed(0)
+    model = build_network("segmentation", config, len(CLASSES), pretrained=True, training=True).eval()
+    run = build_network("segmentation", config, len(CLASSES), pretrained=False).eval()
+    run.load_state_dict(model.state_dict())
+    at_epoch = _fine_tuning("segmentation", config, len(CLASSES), model)
+    at_epoch(5)                        # the sixth of 8 epochs: still at 16
+    assert model.backbone.output_stride == 16 and _head_dilations(model) == [6, 6]
+    assert capsys.readouterr().out == ""
+    at_epoch(6)
+    assert model.backbone.output_stride == 8 and _head_dilations(model) == [12, 12]
+    assert capsys.readouterr().out == "segmentation: epochs 7-8 at output stride 8 (fine_tune_epochs)\n"
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(model(images), run(images))
+    # A run resumed after epoch 7 starts at index 7, at 8 from its first epoch.
+    resumed = build_network("segmentation", config, len(CLASSES), pretrained=False, training=True)
+    _fine_tuning("segmentation", config, len(CLASSES), resumed)(7)
+    assert resumed.backbone.output_stride == 8 and _head_dilations(resumed) == [12, 12]
+    # Nothing to do at one stride; at most every epoch; never for the networks on the walk's grid.
+    assert _fine_tuning("segmentation", _fine_tuned(0), len(CLASSES), model) is None
+    assert fine_tune_epochs("segmentation", load_config("msrc21", ["segmentation.train_output_stride=null",
+                                                                   "segmentation.fine_tune_epochs=2"],
+                                                        check=False)) == 0
+    assert fine_tune_epochs("segmentation", _fine_tuned(20)) == 8
+    assert fine_tune_epochs("affinity", _fine_tuned(2)) == 0
+
+
+def test_train_seg_fine_tuned_at_8_resumes_a_killed_run_exactly(tmp_path_factory, tmp_path, capsys):
+    import tiny_pipeline as tiny
+
+    from affinitynet.checkpoints import load_checkpoint
+
+    reference, data_root = tiny.reference_run(tmp_path_factory)
+    upstream = ["train_cam", "infer_cam", "confident_regions", "train_affinity", "random_walk"]
+    options = ("segmentation.train_output_stride=16", "segmentation.fine_tune_epochs=1")
+    whole = tiny.copy_stages(reference, tmp_path / "whole", upstream)
+    code, out, err = tiny.cli(tiny.argv("train-seg", whole, data_root, *options), capsys)
+    assert code == 0, err
+    assert "segmentation: epochs 2-2 at output stride 8 (fine_tune_epochs)" in out
+    # Killed in epoch 2 (at 8): the resumed run goes on at 8 from the epoch-1 checkpoint.
+    killed = tiny.copy_stages(reference, tmp_path / "killed", upstream)
+    args = tiny.argv("train-seg", killed, data_root, *options)
+    tiny.kill_at(args, {"kind": "optimizer_step", "count": tiny.STEPS_PER_EPOCH + 1}, tmp_path / "children")
+    code, out, err = tiny.cli(args, capsys)
+    assert code == 0, err
+    assert "segmentation: resuming at epoch 2/2" in out and "epochs 2-2 at output stride 8" in out
+    assert tiny.compare_runs(whole, killed, ["train_seg"])["differences"] == []
+    # Epoch 2 at 16 learns other weights: the stride did change for it.
+    plain = tiny.copy_stages(reference, tmp_path / "plain", upstream)
+    code, _, err = tiny.cli(tiny.argv("train-seg", plain, data_root, options[0]), capsys)
+    assert code == 0, err
+    trained = [load_checkpoint(run / "train_seg" / "model.pt")["model"] for run in (whole, plain)]
+    assert trained[0].keys() == trained[1].keys()
+    assert not all(torch.equal(trained[0][key], trained[1][key]) for key in trained[0])

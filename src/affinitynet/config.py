@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "head": "conv",                # the 3x3 conv of Section 4.2; "psa"/"irn": the released 1x1 classifier only
         "head_channels": 512,          # the 3x3 conv of Section 4.2
         "train_output_stride": None,   # null: backbone.output_stride; 16: trained at 16, run at 8 (atrous)
+        "fine_tune_epochs": 0,         # the last N epochs at backbone.output_stride (DeepLab's fine-tuning at 8)
         "crop_size": 448,
         "resize_long": [256, 512],     # random rescale of the long side (released code)
         "color_jitter": [0.3, 0.3, 0.3, 0.1],
@@ -138,6 +139,7 @@ DEFAULTS: dict[str, Any] = {
         "head": "resnet38",            # two 3x3 atrous convs, dilation 12 (Section 4.2)
         "supervision": "pseudo",       # "pseudo" labels, or "gt" for the fully supervised bound
         "train_output_stride": None,   # as cam.train_output_stride
+        "fine_tune_epochs": 0,         # as cam.fine_tune_epochs
         "seed": None,                  # null: the run's seed; another: the same labels, another training
         "crop_size": 448,
         "scale_range": [0.7, 1.3],
@@ -211,6 +213,8 @@ KEY_HELP: dict[str, str] = {
     "cam.head_channels": "channels of the CAM network's 3x3 conv (Sec. 4.2)",
     "cam.head": "'conv' (3x3 conv + GAP + 1x1, Sec. 4.2), 'psa' (psa's 1x1 fc8 on the backbone) or 'irn'",
     "cam.train_output_stride": "null (backbone.output_stride) or 16: trained at 16, the head dilated to run at 8",
+    "cam.fine_tune_epochs": ("with train_output_stride 16: the last N epochs train at backbone.output_stride, "
+                             "the stride the network runs at (DeepLab's fine-tuning at 8)"),
     "affinity.channels": "AffinityNet's 1x1 conv widths on the last three levels (psa's: [64, 128, 256])",
     "affinity.backbone_stride": ("null (backbone.output_stride) or 16: AffinityNet's backbone runs at 16 in "
                                  "training and walk, its levels upsampled to the walk's grid"),
@@ -245,6 +249,7 @@ KEY_HELP: dict[str, str] = {
     "irn.crf": "IRN: refinement of the walked labels: 'band', 'full' (the dCRF) or 'off', as random_walk.crf",
     "segmentation.head": "'resnet38' (two 3x3 atrous convs) or 'deeplab_largefov'",
     "segmentation.train_output_stride": "null (backbone.output_stride) or 16: trained at 16, run at 8",
+    "segmentation.fine_tune_epochs": "as cam.fine_tune_epochs",
     "segmentation.supervision": "'pseudo' labels, or 'gt' for the fully supervised bound",
     "segmentation.seed": ("seed of the segmentation network's training (null: the run's 'seed'); another "
                           "value retrains the network alone on the same pseudo labels, for the seed spread"),
@@ -395,6 +400,7 @@ RULES: dict[str, Rule | _Registered] = {
     "backbone.atrous": _boolean(),
     "cam.head": _Registered(_cam_head_registry),
     "cam.train_output_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
+    "cam.fine_tune_epochs": _number(0, 10_000, integer=True),
     "cam.method": _Registered(_cam_method_registry),
     "cam.eval_alpha": _number(1),
     "cam.eval_bg_threshold": _number(0, 1, optional=True),
@@ -419,6 +425,7 @@ RULES: dict[str, Rule | _Registered] = {
     "irn.crf": Rule("one of 'band', 'full', 'off'", lambda v: v in ("band", "full", "off")),
     "segmentation.head": _Registered(_segmentation_head_registry),
     "segmentation.train_output_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
+    "segmentation.fine_tune_epochs": _number(0, 10_000, integer=True),
     "segmentation.supervision": _choice("pseudo", "gt"),
     "segmentation.seed": _number(0, integer=True, optional=True),
     "crf.iterations": _number(0, 1000, integer=True),

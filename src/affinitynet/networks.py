@@ -32,6 +32,39 @@ def train_output_stride(kind: str, config: dict[str, Any]) -> int:
     return int(stride or config["backbone"]["output_stride"])
 
 
+def fine_tune_epochs(kind: str, config: dict[str, Any]) -> int:
+    """How many of network ``kind``'s last epochs train at ``backbone.output_stride``, the stride
+    it runs at, after the first ones at its coarser ``train_output_stride`` (DeepLab's fine-tuning
+    at 8 after training at 16): its section's ``fine_tune_epochs``, at most its ``epochs``; 0 when
+    it trains at ``backbone.output_stride`` throughout."""
+    if kind not in TRAINED_COARSER or train_output_stride(kind, config) == int(config["backbone"]["output_stride"]):
+        return 0
+    return min(int(config[kind].get("fine_tune_epochs") or 0), int(config[kind]["epochs"]))
+
+
+# What places a network's layers on its output stride (convolutions and pooling, a backbone's
+# ``output_stride``); the weights are the same at every stride.
+_GEOMETRY = ("stride", "padding", "dilation", "output_stride")
+
+
+def geometry(model: nn.Module) -> list[dict[str, Any]]:
+    """Each module's stride, padding, dilation and ``output_stride`` where it has them, in module
+    order: what :func:`set_geometry` gives another build of the same network."""
+    return [{name: getattr(module, name) for name in _GEOMETRY if hasattr(module, name)}
+            for module in model.modules()]
+
+
+def set_geometry(model: nn.Module, layers: list[dict[str, Any]]) -> None:
+    """Put ``model`` at the output stride of the build whose :func:`geometry` is ``layers``, in
+    place: the same parameters (and so the same optimizer state) compute that build's function."""
+    modules = list(model.modules())
+    if len(modules) != len(layers):
+        raise ValueError(f"the geometry has {len(layers)} modules, the network {len(modules)}")
+    for module, attributes in zip(modules, layers):
+        for name, value in attributes.items():
+            setattr(module, name, value)
+
+
 def affinity_backbone_stride(config: dict[str, Any]) -> int:
     """The output stride AffinityNet's backbone runs at, in training and walk alike:
     ``affinity.backbone_stride``, or ``backbone.output_stride``, the stride of the walk's grid."""

@@ -143,7 +143,7 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
           out_dir: Path, seed: int, device: torch.device, meta: dict[str, Any], desc: str,
           num_workers: int = 0, prepare: Callable[[nn.Module], None] | None = None,
           amp: str | bool | None = None, channels_last: str | bool | None = None,
-          strict: bool = False) -> TrainResult:
+          strict: bool = False, at_epoch: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model`` for ``section['epochs']`` epochs; resume from ``out_dir/checkpoint.pt``.
 
     ``step(model, batch)`` returns the loss and named parts for the log. ``prepare(model)`` is
@@ -156,7 +156,8 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
     else ``"auto"``): see :func:`precision.amp_dtype` and :func:`precision.use_channels_last`;
     the model's forward runs under autocast and ``step`` gets float32 outputs, so losses are
     computed in float32. Images that fail to load are skipped and returned in ``skipped``; with
-    ``strict`` the first one stops training (TrainingError naming the file).
+    ``strict`` the first one stops training (TrainingError naming the file). ``at_epoch(epoch)``
+    runs before each epoch (0-based), a resumed run's first included.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, final_path = out_dir / "checkpoint.pt", out_dir / "model.pt"
@@ -183,6 +184,8 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
         for epoch in range(start_epoch, section["epochs"]):
             sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
+            if at_epoch is not None:
+                at_epoch(epoch)
             means = loop.epoch(loader, epoch)
             history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **means,
                             "seconds": round(time.time() - started, 2)})

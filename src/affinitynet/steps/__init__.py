@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .. import distributed
 from ..datasets.base import SegmentationDataset
@@ -100,6 +101,28 @@ def table1(config: dict[str, Any], data, labelled) -> dict[str, Any]:
     return {title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()}
 
 
+def _fine_tuning(kind: str, config: dict[str, Any], num_classes: int, model):
+    """What the training loop calls before each epoch: from the first of the section's last
+    ``fine_tune_epochs`` on, ``model`` (built at its ``train_output_stride``) runs at
+    ``backbone.output_stride``, its inference stride; None when it trains at one stride."""
+    from ..networks import build_network, fine_tune_epochs, geometry, set_geometry
+
+    epochs = fine_tune_epochs(kind, config)
+    if not epochs:
+        return None
+    first = config[kind]["epochs"] - epochs
+    final = geometry(build_network(kind, config, num_classes, pretrained=False))
+
+    def at_epoch(epoch: int) -> None:
+        if epoch >= first:
+            if epoch == first and distributed.is_main():
+                tqdm.write(f"{kind}: epochs {first + 1}-{config[kind]['epochs']} at output stride "
+                           f"{config['backbone']['output_stride']} (fine_tune_epochs)")
+            set_geometry(model, final)
+
+    return at_epoch
+
+
 def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, step,
                 seed: int | None = None, check=None) -> dict[str, Any]:
     """What every training stage's ``run`` does: network ``kind`` (its config section has the same
@@ -130,7 +153,8 @@ def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, 
                    seed=config["seed"] if seed is None else seed, device=device,
                    meta=network_meta(kind, config, data.class_names, model.backbone), desc=kind,
                    num_workers=config["num_workers"], amp=config["amp"], channels_last=config["channels_last"],
-                   prepare=freeze_batchnorm, strict=config["strict"])
+                   prepare=freeze_batchnorm, strict=config["strict"],
+                   at_epoch=_fine_tuning(kind, config, data.num_classes, model))
     skipped = sorted(set(result.skipped))
     job.images = len(train_set) - len(skipped) if distributed.is_main() else 0
     job.skipped.extend(skipped)

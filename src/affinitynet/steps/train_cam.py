@@ -46,4 +46,4 @@ STAGE = Stage("train_cam", "train-cam", "train the CAM network (paper 3.1, 4.2)"
               keys=("seed", "backbone", "cam.head", "cam.head_channels", "cam.resize_long")
               + training_keys("cam"),
               upstream=(), outputs={"model": "model.pt", "log": "log.csv"}, run=run,
-              optional_keys=("cam.train_output_stride",))
+              optional_keys=("cam.train_output_stride", "cam.fine_tune_epochs"))

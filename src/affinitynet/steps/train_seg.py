@@ -117,4 +117,5 @@ STAGE = Stage("train_seg", "train-seg", "train the segmentation network on the p
               keys=("seed", "backbone", "segmentation.head", "segmentation.supervision", "segmentation.scale_range")
               + training_keys("segmentation"),
               upstream=upstream, outputs={"model": "model.pt", "log": "log.csv"}, run=run,
-              optional_keys=("segmentation.seed", "segmentation.train_output_stride"))
+              optional_keys=("segmentation.seed", "segmentation.train_output_stride",
+                             "segmentation.fine_tune_epochs"))
