@@ -147,42 +147,44 @@ def test_train_affinity_and_the_walk_with_the_backbone_at_16(tmp_path_factory, t
 
 # --- the last epochs at stride 8 (fine_tune_epochs) ------------------------------------------------
 
-def _fine_tuned(epochs):
-    return load_config("msrc21", ["segmentation.train_output_stride=16", f"segmentation.fine_tune_epochs={epochs}"],
+def _fine_tuned(epochs, kind="segmentation", stride=16):
+    return load_config("msrc21", [f"{kind}.train_output_stride={stride}", f"{kind}.fine_tune_epochs={epochs}"],
                        check=False)
 
 
-def test_fine_tune_epochs_put_the_last_epochs_at_the_stride_it_runs_at(coarse, capsys):
+@pytest.mark.parametrize("kind,outputs,coarse_heads,fine_heads", [
+    ("cam", lambda m, x: m.cams(x), [1], [2]),
+    ("segmentation", lambda m, x: m(x), [6, 6], [12, 12])])
+def test_fine_tune_epochs_put_the_last_epochs_at_the_stride_it_runs_at(kind, outputs, coarse_heads, fine_heads,
+                                                                        capsys):
     from affinitynet.networks import fine_tune_epochs
     from affinitynet.steps import _fine_tuning
 
-    config = _fine_tuned(2)
-    assert config["segmentation"]["epochs"] == 8
+    config = _fine_tuned(2, kind)
+    assert config[kind]["epochs"] == 8
     torch.manual_seed(0)
-    model = build_network("segmentation", config, len(CLASSES), pretrained=True, training=True).eval()
-    run = build_network("segmentation", config, len(CLASSES), pretrained=False).eval()
+    model = build_network(kind, config, len(CLASSES), pretrained=True, training=True).eval()
+    run = build_network(kind, config, len(CLASSES), pretrained=False).eval()
     run.load_state_dict(model.state_dict())
-    at_epoch = _fine_tuning("segmentation", config, len(CLASSES), model)
+    at_epoch = _fine_tuning(kind, config, len(CLASSES), model)
     at_epoch(5)                        # the sixth of 8 epochs: still at 16
-    assert model.backbone.output_stride == 16 and _head_dilations(model) == [6, 6]
+    assert model.backbone.output_stride == 16 and _head_dilations(model) == coarse_heads
     assert capsys.readouterr().out == ""
     at_epoch(6)
-    assert model.backbone.output_stride == 8 and _head_dilations(model) == [12, 12]
-    assert capsys.readouterr().out == "segmentation: epochs 7-8 at output stride 8 (fine_tune_epochs)\n"
+    assert model.backbone.output_stride == 8 and _head_dilations(model) == fine_heads
+    assert capsys.readouterr().out == f"{kind}: epochs 7-8 at output stride 8 (fine_tune_epochs)\n"
     images = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        assert torch.equal(model(images), run(images))
+        assert torch.equal(outputs(model, images), outputs(run, images))
     # A run resumed after epoch 7 starts at index 7, at 8 from its first epoch.
-    resumed = build_network("segmentation", config, len(CLASSES), pretrained=False, training=True)
-    _fine_tuning("segmentation", config, len(CLASSES), resumed)(7)
-    assert resumed.backbone.output_stride == 8 and _head_dilations(resumed) == [12, 12]
+    resumed = build_network(kind, config, len(CLASSES), pretrained=False, training=True)
+    _fine_tuning(kind, config, len(CLASSES), resumed)(7)
+    assert resumed.backbone.output_stride == 8 and _head_dilations(resumed) == fine_heads
     # Nothing to do at one stride; at most every epoch; never for the networks on the walk's grid.
-    assert _fine_tuning("segmentation", _fine_tuned(0), len(CLASSES), model) is None
-    assert fine_tune_epochs("segmentation", load_config("msrc21", ["segmentation.train_output_stride=null",
-                                                                   "segmentation.fine_tune_epochs=2"],
-                                                        check=False)) == 0
-    assert fine_tune_epochs("segmentation", _fine_tuned(20)) == 8
-    assert fine_tune_epochs("affinity", _fine_tuned(2)) == 0
+    assert _fine_tuning(kind, _fine_tuned(0, kind), len(CLASSES), model) is None
+    assert fine_tune_epochs(kind, _fine_tuned(2, kind, "null")) == 0
+    assert fine_tune_epochs(kind, _fine_tuned(20, kind)) == 8
+    assert fine_tune_epochs("affinity", config) == 0
 
 
 def test_train_seg_fine_tuned_at_8_resumes_a_killed_run_exactly(tmp_path_factory, tmp_path, capsys):
