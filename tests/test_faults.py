@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import tiny_pipeline as tiny
 
+from affinitynet import run_lock
 from affinitynet.checkpoints import load_checkpoint
 from affinitynet.errors import InputError
 from affinitynet.io import load_image
@@ -265,16 +266,28 @@ def read_only(directory: Path, monkeypatch):
             return tempfile.mkstemp(suffix, prefix, dir, text)
 
         monkeypatch.setattr(io_module, "tempfile", types.SimpleNamespace(mkstemp=mkstemp))
+        real_open = os.open
+
+        def open_refusing_new_files(path, flags, mode=0o777, *, dir_fd=None):
+            if flags & os.O_CREAT and (Path(path).parent == directory or directory in Path(path).parents):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, flags, mode, dir_fd=dir_fd)
+
+        monkeypatch.setattr(run_lock, "os", types.SimpleNamespace(**{**vars(os), "open": open_refusing_new_files}))
     try:
         yield simulated
     finally:
         os.chmod(directory, mode)
 
 
-@pytest.mark.parametrize("command", ["infer-cam", "predict"])
+@pytest.mark.parametrize("command", ["run", "infer-cam", "predict"])
 def test_read_only_output_directory_is_one_line_exit_2(reference, tmp_path, monkeypatch, capsys, command):
     ref_run, data_root = reference
-    if command == "infer-cam":
+    if command == "run":
+        out = tmp_path / "run"
+        out.mkdir()
+        args = tiny.argv("run", out, data_root)
+    elif command == "infer-cam":
         out = tiny.copy_stages(ref_run, tmp_path / "run", ["train_cam"])
         args = tiny.argv("infer-cam", out, data_root)
     else:
@@ -289,6 +302,8 @@ def test_read_only_output_directory_is_one_line_exit_2(reference, tmp_path, monk
     assert one_line_error(err) == (f"{out}: Permission denied (check the permissions of this path, "
                                    f"or write elsewhere with --run-dir or --out)")
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    if command == "run":                   # refused before any work: no stage started
+        assert "[train_cam]" not in stdout and "train-cam" not in stdout, stdout
 
 
 # --- batch stages and one bad image ----------------------------------------------------------------------

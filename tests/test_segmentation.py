@@ -15,7 +15,7 @@ from torch import nn
 
 from affinitynet import segmentation
 from affinitynet.backbones import (
-    _REGISTRY,
+    BACKBONES,
     create_backbone,
     freeze_batchnorm,
     register_backbone,
@@ -61,7 +61,7 @@ class TinyBackbone(nn.Module):
         return out
 
 
-if TINY not in _REGISTRY:
+if TINY not in BACKBONES:
     register_backbone(TINY)(lambda output_stride=8, pretrained=True: TinyBackbone(output_stride))
 
 CLASSES = ["background", "red", "blue"]

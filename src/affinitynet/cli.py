@@ -7,14 +7,21 @@ voc12) and any number of ``key=value`` overrides (``random_walk.beta=10``); the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
+import shlex
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from . import __version__
+from . import __version__, distributed
+from .errors import AffinityNetError, ConfigError, InputError
+from .run_lock import RunLock
 
 EXIT_BAD_INPUT = 2
 
@@ -32,6 +39,40 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. random_walk.beta=10 cam.epochs=5")
+
+
+def _add_writer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", action="store_true",
+                        help="if another command is writing into the run directory, wait for it to end "
+                             "(default: stop at once, saying which command it is)")
+
+
+@contextlib.contextmanager
+def _one_writer(config: dict[str, Any], args: argparse.Namespace) -> Iterator[None]:
+    """This command as the one writer of its run directory (``run_lock``), from after its
+    checks to its end. Under torchrun the job is one writer: rank 0 takes the lock, and every
+    rank follows its answer."""
+    from .training import resolve_device
+
+    device = resolve_device(config["device"])       # a device this machine lacks: refused before writing
+    lock = RunLock(config["run_dir"], shlex.join(["affinitynet", *args.argv]), wait=args.wait)
+    if not distributed.launched():
+        lock.acquire()
+    else:
+        distributed.init_from_env(device)
+        failure = None
+        if distributed.is_main():
+            try:
+                lock.acquire()
+            except Exception as error:   # every rank must hear it, or they would wait for rank 0 forever
+                failure = error
+        failure = distributed.all_gather_objects(failure)[0]
+        if failure is not None:
+            raise failure
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _positive_int(text: str) -> int:
@@ -80,7 +121,6 @@ def _config_from_args(args: argparse.Namespace, check: bool = True, resolve: boo
 
 def _resolve_auto(config: dict[str, Any]) -> None:
     """The ``auto`` keys set from the training images (``size_rules``), and what was chosen said."""
-    from . import distributed
     from .size_rules import resolve_auto
 
     for line in resolve_auto(config):
@@ -102,8 +142,6 @@ def _forced_stages(args: argparse.Namespace) -> tuple[set[str], bool]:
             continue
         name = value.replace("-", "_")
         if name not in known:
-            from .errors import ConfigError
-
             raise ConfigError(f"--force: unknown stage '{value}' (stages: {', '.join(known)})")
         names.add(name)
     return (set(known) if every else names), every
@@ -113,7 +151,6 @@ _ALL = "__all__"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import distributed
     from .pipeline import ProcessesFailed, preflight, processes_runner, run_all, run_summary
     from .precision import cpu_amp_note
     from .training import resolve_device
@@ -128,18 +165,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner = processes_runner(args.procs)
     _resolve_auto(config)
     forced, every = _forced_stages(args)
-    preflight(config, replace=every, announce=True)
-    # Under torchrun every rank runs this; one of them speaks.
-    if distributed.is_main():
-        print(f"affinitynet run: dataset {config['dataset']['name']}, backbone {config['backbone']['name']}, "
-              f"outputs in {config['run_dir']}")
-        note = cpu_amp_note(resolve_device(config["device"]), config["amp"])
-        if note:
-            print(note)
-    try:
-        run_all(config, force=forced, runner=runner)
-    except ProcessesFailed as failed:
-        return failed.args[0]
+    with _one_writer(config, args):
+        preflight(config, replace=every, announce=True)
+        # Under torchrun every rank runs this; one of them speaks.
+        if distributed.is_main():
+            print(f"affinitynet run: dataset {config['dataset']['name']}, backbone {config['backbone']['name']}, "
+                  f"outputs in {config['run_dir']}")
+            note = cpu_amp_note(resolve_device(config["device"]), config["amp"])
+            if note:
+                print(note)
+        try:
+            run_all(config, force=forced, runner=runner)
+        except ProcessesFailed as failed:
+            return failed.args[0]
     line = run_summary(config)
     if line and distributed.is_main():
         print(line)
@@ -150,26 +188,30 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from .pipeline import preflight, run_stage
 
     config = _config_from_args(args)
-    preflight(config, replace=args.force)
-    run_stage(config, args.stage_name, force=args.force)
+    with _one_writer(config, args):
+        preflight(config, replace=args.force, names=[args.stage_name])
+        run_stage(config, args.stage_name, force=args.force)
     return 0
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
-    from .config import save_resolved
+    from .config import check_keys, save_resolved
     from .pipeline import is_complete
     from .released import KINDS, apply_layout, import_weights, imported_kinds
 
     spec = KINDS[args.kind]
+    # Each key alone now; together once the file's layout is set (apply_layout).
     config = _config_from_args(args, check=False)
+    check_keys(config)
     others = {stage: kind for stage, kind in imported_kinds(config).items() if stage != spec.stage}
     changed = apply_layout(config, args.kind, args.overrides, keep=others.values())
     if changed:
         print(f"import-weights: {', '.join(changed)} (the network of {spec.repository}'s {spec.file}"
               + "".join(f" and of the imported {kind}" for kind in others.values()) + ")")
-    import_weights(args.kind, args.file, config)
-    run_dir = Path(config["run_dir"])
-    save_resolved(config, run_dir / "config.yaml")
+    with _one_writer(config, args):
+        import_weights(args.kind, args.file, config)
+        run_dir = Path(config["run_dir"])
+        save_resolved(config, run_dir / "config.yaml")
     for stage, kind in others.items():
         if not is_complete(config, stage):
             print(f"import-weights: the {kind} weights imported in {run_dir / stage} do not fit this config; "
@@ -268,7 +310,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
     config = _config_from_args(args)
-    run_sweep(config, which=args.grid)
+    with _one_writer(config, args):
+        run_sweep(config, which=args.grid)
     return 0
 
 
@@ -293,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="re-run this stage (name, repeatable); alone: re-run every stage, replacing "
                           "the outputs of another dataset if the run directory holds them")
     _add_procs_option(run)
+    _add_writer_options(run)
     run.set_defaults(func=cmd_run)
 
     for spec in stages():
@@ -302,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="discard this stage's outputs and redo it (also when the run directory holds "
                               "another dataset's outputs: those are then all marked for redoing)")
         _add_procs_option(sub)
+        _add_writer_options(sub)
         sub.set_defaults(func=cmd_stage, stage_name=spec.name)
 
     from .released import KINDS
@@ -316,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("kind", choices=sorted(KINDS), help="which released file")
     imported.add_argument("file", help="the released .pth file")
     _add_config_options(imported)
+    _add_writer_options(imported)
     imported.set_defaults(func=cmd_import_weights)
 
     evaluate = commands.add_parser("evaluate", help="score index PNGs against a split's ground truth (mIoU)",
@@ -370,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "the saved CAMs and affinities, and plot pseudo-label mIoU.")
     _add_config_options(sweep)
     sweep.add_argument("--grid", choices=["beta_t", "alpha", "both"], default="both")
+    _add_writer_options(sweep)
     sweep.set_defaults(func=cmd_sweep)
     return parser
 
@@ -407,8 +454,6 @@ def _one_line(error: Exception) -> str:
 def _report(line: str, shared: bool = False) -> None:
     """The line that ends a command, on stderr. Under torchrun an error that every process meets
     alike (``shared``) is printed by rank 0 alone."""
-    from . import distributed
-
     if not shared or distributed.is_main():
         print(f"affinitynet: {line}", file=sys.stderr)
 
@@ -431,12 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if getattr(args, "procs", 1) > 1 and args.func is not cmd_run:   # `run` chooses per stage
-        from . import distributed
-
         if not distributed.launched():   # the processes it starts see WORLD_SIZE and run the command
             return distributed.launch(args.procs, args.argv)
-    from .errors import AffinityNetError, InputError
-
     try:
         return args.func(args)
     except AffinityNetError as error:
@@ -444,11 +485,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # error may be one process's own (its share of the images).
         _report(f"error: {_one_line(error)}", shared=not isinstance(error, InputError))
         return EXIT_BAD_INPUT
-    except RuntimeError as error:
-        if args.verbose:
-            raise
-        _report(f"error: {str(error).splitlines()[0] if str(error) else repr(error)}")
-        return 1
     except OSError as error:  # read-only or full output directory, permissions, ...
         if args.verbose:
             raise
@@ -457,6 +493,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _report("interrupted; finished outputs are kept and a re-run resumes", shared=True)
         return 130
+    except Exception as error:   # not the user's mistake: a bug, or a library's failure
+        if args.verbose:
+            raise
+        _report(f"error: {_internal_error_line(error)}")
+        return 1
+
+
+def _internal_error_line(error: Exception) -> str:
+    """One line for an error that is not the user's, naming the file its traceback went to."""
+    first = str(error).splitlines()[0] if str(error) else ""
+    what = f"{error.__class__.__name__}: {first}" if first else error.__class__.__name__
+    name = f"affinitynet-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path = Path(tempfile.gettempdir()) / name
+    try:
+        path.write_text("".join(traceback.format_exception(error)), encoding="utf-8")
+    except OSError:
+        return f"{what} (the traceback could not be saved; run again with --verbose to see it)"
+    return f"{what} (the full traceback is in {path}; --verbose prints it)"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ files (``affinitynet/configs/*.yaml``) override what differs for their experimen
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -272,15 +273,29 @@ for _section, _what in (("cam", "CAM network"), ("affinity", "AffinityNet"), ("i
 class Rule:
     describe: str
     check: Callable[[Any], bool]
+    # The names a value is one of, for the "did you mean" of a misspelt one.
+    choices: Callable[[], Iterable[str]] | None = None
+
+
+def did_you_mean(value: Any, names: Iterable[str]) -> str:
+    """`` (did you mean 'mobilenetv2'?)`` for a string close to one of ``names``, else ``""``."""
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, list(names), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _bound(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _number(low: float | None = None, high: float | None = None, *, strict_low: bool = False,
             integer: bool = False, optional: bool = False) -> Rule:
     bounds = []
     if low is not None:
-        bounds.append(f"{'>' if strict_low else '>='} {low:g}")
+        bounds.append(f"{'>' if strict_low else '>='} {_bound(low)}")
     if high is not None:
-        bounds.append(f"<= {high:g}")
+        bounds.append(f"<= {_bound(high)}")
     describe = ("an integer" if integer else "a number") + (" " + " and ".join(bounds) if bounds else "")
     if optional:
         describe += " (or null)"
@@ -302,7 +317,8 @@ def _number(low: float | None = None, high: float | None = None, *, strict_low: 
 
 
 def _choice(*options: str) -> Rule:
-    return Rule("one of " + ", ".join(repr(o) for o in options), lambda v: v in options)
+    return Rule("one of " + ", ".join(repr(o) for o in options), lambda v: isinstance(v, str) and v in options,
+                lambda: options)
 
 
 class _Registered:
@@ -312,12 +328,15 @@ class _Registered:
     def __init__(self, registry: Callable[[], Any]):
         self._registry = registry
 
+    def choices(self) -> list[str]:
+        return list(self._registry().names())
+
     @property
     def describe(self) -> str:
-        return "one of " + ", ".join(repr(name) for name in self._registry().names())
+        return "one of " + ", ".join(repr(name) for name in self.choices())
 
     def check(self, value: Any) -> bool:
-        return isinstance(value, str) and value in self._registry()
+        return isinstance(value, str) and value in self.choices()
 
 
 def _dataset_registry():
@@ -344,31 +363,52 @@ def _segmentation_head_registry():
     return HEADS
 
 
+def _backbone_registry():
+    from .backbones import BACKBONES
+
+    return BACKBONES
+
+
+# Longer strings are no path or name a user meant; a NUL byte is no path the OS can open.
+_MAX_STRING = 4096
+
+
 def _string(optional: bool = False) -> Rule:
     return Rule("a string" + (" (or null)" if optional else ""),
-                lambda v: isinstance(v, str) and v != "" or (optional and v is None))
+                lambda v: (isinstance(v, str) and v != "" and len(v) <= _MAX_STRING and "\0" not in v)
+                or (optional and v is None))
+
+
+def _is_plain_name(value: Any) -> bool:
+    return (isinstance(value, str) and 0 < len(value) <= 255 and value not in (".", "..")
+            and not any(c in value for c in "/\\\0"))
+
+
+def _name() -> Rule:
+    """A split's name: a file name inside the dataset, never a path out of it."""
+    return Rule("a name without path separators", _is_plain_name)
 
 
 def _boolean() -> Rule:
     return Rule("true or false", lambda v: isinstance(v, bool))
 
 
-def _number_list(low: float = 0.0, length: int | None = None, strict_low: bool = True,
-                 integer: bool = False) -> Rule:
-    item = _number(low, strict_low=strict_low, integer=integer)
-    size = f"{length} " if length else "a non-empty list of "
+def _number_list(low: float = 0.0, high: float | None = None, length: int | None = None, strict_low: bool = True,
+                 integer: bool = False, max_length: int = 64) -> Rule:
+    item = _number(low, high, strict_low=strict_low, integer=integer)
+    size = f"{length} " if length else f"a list of 1 to {max_length} "
     describe = f"{size}{'integers' if integer else 'numbers'} each {item.describe.split(' ', 2)[-1]}"
 
     def check(value: Any) -> bool:
-        return (isinstance(value, list) and len(value) > 0 and (length is None or len(value) == length)
-                and all(item.check(v) for v in value))
+        return (isinstance(value, list) and 0 < len(value) <= (length or max_length)
+                and (length is None or len(value) == length) and all(item.check(v) for v in value))
 
     return Rule(describe, check)
 
 
 RULES: dict[str, Rule | _Registered] = {
     "run_dir": _string(),
-    "seed": _number(0, integer=True),
+    "seed": _number(0, 2**32 - 1, integer=True),   # numpy's seeds are 32-bit
     "device": Rule("'auto', 'cpu', 'cuda' or 'cuda:N'",
                    lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or
                                                      (v.startswith("cuda:") and v[5:].isdigit()))),
@@ -383,18 +423,18 @@ RULES: dict[str, Rule | _Registered] = {
     "dataset.name": _Registered(_dataset_registry),
     "dataset.root": _string(optional=True),
     "dataset.protocol": _choice("object", "standard21"),
-    "dataset.train_split": _string(),
-    "dataset.label_split": _string(),
-    "dataset.eval_split": _string(),
+    "dataset.train_split": _name(),
+    "dataset.label_split": _name(),
+    "dataset.eval_split": _name(),
     "dataset.labels_file": _string(optional=True),
     "dataset.classes_file": _string(optional=True),
     "dataset.demo_size": _number(32, 1024, integer=True),
     "dataset.demo_train": _number(1, 1_000_000, integer=True),
     "dataset.demo_val": _number(1, 1_000_000, integer=True),
-    "dataset.demo_seed": _number(0, integer=True),
+    "dataset.demo_seed": _number(0, 2**32 - 1, integer=True),
     "dataset.masks_dir": _string(optional=True),
     "dataset.max_skipped": _number(0, 1),
-    "backbone.name": _string(),
+    "backbone.name": _Registered(_backbone_registry),
     "backbone.weights": _string(optional=True),
     "backbone.output_stride": Rule("8 or 16", lambda v: v in (8, 16) and not isinstance(v, bool)),
     "backbone.atrous": _boolean(),
@@ -402,64 +442,64 @@ RULES: dict[str, Rule | _Registered] = {
     "cam.train_output_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
     "cam.fine_tune_epochs": _number(0, 10_000, integer=True),
     "cam.method": _Registered(_cam_method_registry),
-    "cam.eval_alpha": _number(1),
+    "cam.eval_alpha": _number(1, 1000),
     "cam.eval_bg_threshold": _number(0, 1, optional=True),
-    "affinity.alpha_low": _number(1),
-    "affinity.alpha_high": _number(1),
+    "affinity.alpha_low": _number(1, 1000),
+    "affinity.alpha_high": _number(1, 1000),
     "affinity.radius": _number(1, 64, integer=True),
     "affinity.distance": _choice("mean", "sum"),
-    "affinity.channels": _number_list(1, length=3, strict_low=False, integer=True),
+    "affinity.channels": _number_list(1, 8192, length=3, strict_low=False, integer=True),
     "affinity.backbone_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
-    "random_walk.alpha": _number(1),
-    "random_walk.beta": _number(0, strict_low=True),
-    "random_walk.t": _number(1, integer=True),
+    "random_walk.alpha": _number(1, 1000),
+    "random_walk.beta": _number(0, 1000, strict_low=True),
+    "random_walk.t": _number(1, 1_000_000, integer=True),
     "random_walk.radius": _number(1, 64, integer=True),
     "random_walk.scale": _number(0, 8, strict_low=True),
     # true and false: the older spellings of 'full' and 'off'.
     "random_walk.crf": Rule("one of 'band', 'full', 'off' (or true/false)",
                             lambda v: isinstance(v, bool) or v in ("band", "full", "off")),
     "irn.radius": _number(2, 16, integer=True),
-    "irn.alpha": _number(1),
-    "irn.beta": _number(0, strict_low=True),
-    "irn.t": _number(1, integer=True),
-    "irn.crf": Rule("one of 'band', 'full', 'off'", lambda v: v in ("band", "full", "off")),
+    "irn.alpha": _number(1, 1000),
+    "irn.beta": _number(0, 1000, strict_low=True),
+    "irn.t": _number(1, 1_000_000, integer=True),
+    "irn.crf": _choice("band", "full", "off"),
     "segmentation.head": _Registered(_segmentation_head_registry),
     "segmentation.train_output_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
     "segmentation.fine_tune_epochs": _number(0, 10_000, integer=True),
     "segmentation.supervision": _choice("pseudo", "gt"),
-    "segmentation.seed": _number(0, integer=True, optional=True),
+    "segmentation.seed": _number(0, 2**32 - 1, integer=True, optional=True),
     "crf.iterations": _number(0, 1000, integer=True),
     "report.gallery_size": _number(0, 1000, integer=True),
-    "sweep.betas": _number_list(0.0),
-    "sweep.ts": _number_list(1, strict_low=False, integer=True),
-    "sweep.alphas": _number_list(1, strict_low=False),
-    "sweep.max_images": _number(0, integer=True),
+    "sweep.betas": _number_list(0.0, 1000),
+    "sweep.ts": _number_list(1, 1_000_000, strict_low=False, integer=True),
+    "sweep.alphas": _number_list(1, 1000, strict_low=False),
+    "sweep.max_images": _number(0, 10**9, integer=True),
 }
 for _section in ("cam", "affinity", "irn", "segmentation"):
     RULES.update({
         f"{_section}.crop_size": _number(16, 4096, integer=True),
-        f"{_section}.color_jitter": _number_list(0.0, length=4, strict_low=False),
+        f"{_section}.color_jitter": _number_list(0.0, 10, length=4, strict_low=False),
         f"{_section}.batch_size": _number(1, 4096, integer=True),
         f"{_section}.epochs": _number(1, 10_000, integer=True),
         f"{_section}.optimizer": _choice("sgd", "adam"),
-        f"{_section}.lr": _number(0, strict_low=True),
+        f"{_section}.lr": _number(0, 10, strict_low=True),
         f"{_section}.momentum": _number(0, 1),
-        f"{_section}.weight_decay": _number(0),
-        f"{_section}.poly_power": _number(0),
-        f"{_section}.new_layer_lr_mult": _number(0, strict_low=True),
+        f"{_section}.weight_decay": _number(0, 1),
+        f"{_section}.poly_power": _number(0, 100),
+        f"{_section}.new_layer_lr_mult": _number(0, 1000, strict_low=True),
     })
 RULES.update({
     "cam.head_channels": _number(1, 8192, integer=True),
-    "cam.resize_long": _number_list(16, length=2, strict_low=False, integer=True),
-    "cam.scales": _number_list(0.0),
+    "cam.resize_long": _number_list(16, 8192, length=2, strict_low=False, integer=True),
+    "cam.scales": _number_list(0.0, 8, max_length=16),
     "cam.flip": _boolean(),
-    "segmentation.scale_range": _number_list(0.0, length=2),
-    "segmentation.scales": _number_list(0.0),
+    "segmentation.scale_range": _number_list(0.0, 8, length=2),
+    "segmentation.scales": _number_list(0.0, 8, max_length=16),
     "segmentation.flip": _boolean(),
     "segmentation.crf": _boolean(),
 })
 for _key in ("gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat"):
-    RULES[f"crf.{_key}"] = _number(0)
+    RULES[f"crf.{_key}"] = _number(0, 10_000)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -570,9 +610,18 @@ def _assign(config: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def validate(config: dict[str, Any]) -> None:
+    """Every key's rule, then the settings that are each allowed but not together."""
+    check_keys(config)
+    _check_combinations(config)
+
+
+def check_keys(config: dict[str, Any]) -> None:
+    """Every key's own rule (its type and range, or the names a registry holds)."""
     from .size_rules import AUTO, AUTO_KEYS
 
-    for dotted, value in flatten(config).items():
+    # The known keys, not the config's leaves: a mapping given as a key's value is no value.
+    for dotted in flatten(defaults()):
+        value = get(config, dotted)
         if value == AUTO and dotted in AUTO_KEYS:
             continue  # set from the images' size (size_rules.resolve_auto)
         rule = RULES.get(dotted)
@@ -585,11 +634,40 @@ def validate(config: dict[str, Any]) -> None:
             ok = isinstance(value, expected) or (expected is float and isinstance(value, int)
                                                  and not isinstance(value, bool))
             if not ok:
-                raise ConfigError(f"config key '{dotted}' must be {expected.__name__}, got {value!r}")
+                raise ConfigError(f"config key '{dotted}' must be {expected.__name__}, got {_shown(value)}")
             continue
         if not rule.check(value):
-            raise ConfigError(f"config key '{dotted}' must be {rule.describe}, got {value!r}")
+            hint = did_you_mean(value, rule.choices()) if rule.choices else ""
+            raise ConfigError(f"config key '{dotted}' must be {rule.describe}, got {_shown(value)}{hint}")
+
+
+def _shown(value: Any) -> str:
+    """A bad value in a one-line error: a huge list or string cut short, never a line break."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_combinations(config: dict[str, Any]) -> None:
+    """The settings that are each allowed but not together (what the stages would refuse later)."""
     backbone = config["backbone"]
+    from .backbones import output_strides
+
+    supported = output_strides(backbone["name"])
+    for key in ("backbone.output_stride", "cam.train_output_stride", "segmentation.train_output_stride",
+                "affinity.backbone_stride"):
+        stride = get(config, key)
+        if stride is not None and stride not in supported:
+            raise ConfigError(f"config key '{key}' must be a stride backbone '{backbone['name']}' supports "
+                              f"({' or '.join(map(str, supported))}), got {stride}")
+    for key in ("cam.resize_long", "segmentation.scale_range"):
+        value = get(config, key)
+        if isinstance(value, list) and value[0] > value[1]:
+            low, high = value
+            raise ConfigError(f"config key '{key}' must be [low, high] with low <= high, got {[low, high]}")
+    scale = config["random_walk"]["scale"]
+    if (backbone["output_stride"] / scale) % 1 or backbone["output_stride"] / scale < 1:
+        raise ConfigError(f"config key 'random_walk.scale' must divide the output stride "
+                          f"{backbone['output_stride']} into whole pixels (e.g. 1, 2, 4), got {scale}")
     for section in ("cam", "segmentation"):
         stride = config[section]["train_output_stride"]
         if stride is not None and stride < backbone["output_stride"]:
@@ -613,8 +691,9 @@ def validate(config: dict[str, Any]) -> None:
 
     methods = label_methods()
     if config["labels"]["method"] not in methods:
+        method = config["labels"]["method"]
         raise ConfigError(f"config key 'labels.method' must be one of {', '.join(map(repr, sorted(methods)))}, "
-                          f"got {config['labels']['method']!r}")
+                          f"got {_shown(method)}{did_you_mean(method, methods)}")
     dataset = _dataset_registry().get(config["dataset"]["name"])
     name, root = dataset.name, config["dataset"]["root"]
     needs_root = dataset.info.get("needs_root", True)

@@ -30,6 +30,10 @@ class StageError(AffinityNetError, RuntimeError):
     dataset's outputs); one line saying what to do."""
 
 
+class RunDirBusy(AffinityNetError):
+    """Another command writes into the run directory; one line naming it (``run_lock``)."""
+
+
 class TrainingError(AffinityNetError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says what was kept."""
 

@@ -28,7 +28,7 @@ from .datasets import dataset_keys
 from .errors import ConfigError, InputError, StageError
 from .io import read_json, write_json, write_text
 from .precision import dtype_name
-from .training import resolve_device
+from .training import batch_per_process, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +517,7 @@ def map_images(run: StageRun, items: Sequence[Any], outputs: Callable[[Any], Ite
             run.skipped.append(str(error))
             tqdm.write(f"skipped: {error}")
     if not distributed.is_distributed() and items and run.images + run.reused == 0:
-        raise RuntimeError(f"{desc}: every one of {len(items)} inputs failed; first: {run.skipped[0]}")
+        raise StageError(f"{desc}: every one of {len(items)} inputs failed; first: {run.skipped[0]}")
 
 
 def run_stage(config: dict[str, Any], name: str, force: bool = False) -> dict[str, Any] | None:
@@ -578,13 +578,21 @@ def processes_runner(procs: int) -> Callable[[dict[str, Any], str, bool], None]:
     return runner
 
 
-def preflight(config: dict[str, Any], replace: bool = False, announce: bool = False):
-    """The checks before a command runs stages, none of which writes: the training split is read
-    (a skipped share above ``dataset.max_skipped`` stops here), and the run directory must hold
-    this dataset's outputs or none (:func:`check_run_dir`). With ``announce`` the class list, its
-    image counts and the dataset's warnings are printed. Returns the training split."""
+def preflight(config: dict[str, Any], replace: bool = False, announce: bool = False,
+              names: Iterable[str] | None = None):
+    """The checks before a command runs stages ``names`` (default: the config's graph), none of
+    which writes: under torchrun each training's batch splits evenly over the processes; the
+    training split is read (a skipped share above ``dataset.max_skipped`` stops here), and the run
+    directory must hold this dataset's outputs or none (:func:`check_run_dir`). With ``announce``
+    the class list, its image counts and the dataset's warnings are printed. Returns the training
+    split."""
     from .datasets import check_skipped_share, describe_classes
+    from .networks import NETWORKS
 
+    names = {spec.name for spec in stages(config)} if names is None else set(names)
+    for network in NETWORKS.values():
+        if network.stage in names:
+            batch_per_process(config[network.kind], network.kind, int(os.environ.get("WORLD_SIZE", "1")))
     check_run_dir(config, replace=replace)      # before the dataset is read (a demo is generated)
     data = _training_split(config)
     if announce and distributed.is_main():

@@ -1,10 +1,7 @@
-"""Registries of named parts (timm's ``register_model`` / ``create_model``): datasets, CAM and
-segmentation heads, CAM methods. A part registers itself with a decorator in the module that
-defines it; the config's rules, the CLI's choices and the builders ask the registry, so adding a
-part touches its own file (and its test).
-
-The backbones keep their own registry (``backbones.register_backbone``), which predates this one
-and works the same way.
+"""Registries of named parts (timm's ``register_model`` / ``create_model``): backbones, datasets,
+CAM and segmentation heads, CAM methods. A part registers itself with a decorator in the module
+that defines it; the config's rules, the CLI's choices and the builders ask the registry, so adding
+a part touches its own file (and its test).
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .cam import background_map, labels_from_scores
+from .errors import StageError
 from .io import load_npz, write_json
 from .metrics import ConfusionMatrix
 from .pipeline import is_complete, stage
@@ -44,11 +45,11 @@ def run_sweep(config: dict[str, Any], which: str = "both") -> dict[str, Any]:
     setup(config)
     for needed in ("infer_cam", "random_walk"):
         if not is_complete(config, needed):
-            raise RuntimeError(f"sweep needs the finished '{needed}' stage of {config['run_dir']} "
+            raise StageError(f"sweep needs the finished '{needed}' stage of {config['run_dir']} "
                                f"(run `affinitynet run` with the same config first)")
     data = dataset(config, "label_split")
     if not data.has_masks:
-        raise RuntimeError(f"sweep scores against ground truth, and {data.name} '{data.split}' has none")
+        raise StageError(f"sweep scores against ground truth, and {data.name} '{data.split}' has none")
     section, grid_cfg = config["random_walk"], config["sweep"]
     betas = sorted(float(b) for b in grid_cfg["betas"])
     ts = sorted(int(t) for t in grid_cfg["ts"])

@@ -161,7 +161,7 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, final_path = out_dir / "checkpoint.pt", out_dir / "model.pt"
-    per_rank_batch = _per_rank_batch(section, desc)
+    per_rank_batch = batch_per_process(section, desc, distributed.world_size())
     dtype = amp_dtype(device, section.get("amp", "auto") if amp is None else amp)
     nhwc = use_channels_last(device, section.get("channels_last", "auto") if channels_last is None
                              else channels_last, dtype, training=True)
@@ -199,8 +199,9 @@ def train(*, model: nn.Module, groups: list[tuple[Iterable[nn.Parameter], float]
     return TrainResult(final_path, section["epochs"], time.time() - started, loop.skipped, history)
 
 
-def _per_rank_batch(section: dict[str, Any], desc: str) -> int:
-    world = distributed.world_size()
+def batch_per_process(section: dict[str, Any], desc: str, world: int) -> int:
+    """Each of ``world`` processes' share of a global batch of ``section``; a batch that does not
+    split evenly is refused (``pipeline.preflight`` asks before anything is written)."""
     if section["batch_size"] % world:
         raise TrainingError(f"config key '{desc}.batch_size' ({section['batch_size']}) must be divisible "
                             f"by the number of processes ({world})")

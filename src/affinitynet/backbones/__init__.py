@@ -21,46 +21,49 @@ strides past the output stride without dilating the later convolutions.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
 
-import torch
 from torch import nn
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+from ..registry import Registry
+from .weights import check_output_stride
+
+# Every module of this package is imported before the first lookup, so that its
+# ``@register_backbone`` decorators have run: a new backbone file is found without being listed.
+BACKBONES = Registry("backbone", package=__name__)
 
 
-def register_backbone(name: str):
-    def decorator(builder: Callable[..., nn.Module]):
-        if name in _REGISTRY:
-            raise ValueError(f"backbone '{name}' is registered twice")
-        _REGISTRY[name] = builder
-        return builder
-    return decorator
+def register_backbone(name: str, output_strides: tuple[int, ...] = (8, 16, 32)):
+    """Decorator on a builder ``(output_stride=8, pretrained=True[, atrous=True]) -> nn.Module``;
+    ``output_strides``: the strides it can stop downsampling at (the config refuses others)."""
+    return BACKBONES.register(name, output_strides=tuple(output_strides))
 
 
 def list_backbones() -> list[str]:
-    _import_all()
-    return sorted(_REGISTRY)
+    return BACKBONES.names()
+
+
+def output_strides(name: str) -> tuple[int, ...]:
+    """The output strides backbone ``name`` supports."""
+    return BACKBONES.get(name).info["output_strides"]
 
 
 def supports_undilated(name: str) -> bool:
     """Whether backbone ``name`` can drop its strides without dilating (``atrous=False``)."""
-    _import_all()
-    return name in _REGISTRY and "atrous" in inspect.signature(_REGISTRY[name]).parameters
+    return name in BACKBONES and "atrous" in inspect.signature(BACKBONES.get(name).builder).parameters
 
 
 def create_backbone(name: str, output_stride: int = 8, pretrained: bool | str = True,
                     atrous: bool = True) -> nn.Module:
-    _import_all()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(sorted(_REGISTRY))})")
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES.names())})")
+    check_output_stride(name, output_stride, output_strides(name))
     options = {}
     if not atrous:
         if not supports_undilated(name):
             raise ValueError(f"backbone '{name}' is always atrous past its output stride (atrous=False "
-                             f"is supported by: {', '.join(n for n in sorted(_REGISTRY) if supports_undilated(n))})")
+                             f"is supported by: {', '.join(n for n in BACKBONES.names() if supports_undilated(n))})")
         options["atrous"] = False
-    model = _REGISTRY[name](output_stride=output_stride, pretrained=pretrained, **options)
+    model = BACKBONES.get(name).builder(output_stride=output_stride, pretrained=pretrained, **options)
     model.name = name
     return model
 
@@ -75,18 +78,3 @@ def freeze_batchnorm(module: nn.Module) -> None:
             layer.eval()
             for parameter in layer.parameters():
                 parameter.requires_grad_(False)
-
-
-def _import_all() -> None:
-    # Importing the package's modules runs their @register_backbone decorators: a new backbone
-    # file is found without being listed here.
-    import importlib
-    import pkgutil
-
-    if not _IMPORTED:
-        _IMPORTED.append(True)
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
-_IMPORTED: list[bool] = []

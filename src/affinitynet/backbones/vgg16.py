@@ -44,6 +44,8 @@ from .weights import (IMAGENET_MEAN, IMAGENET_STD, StateDict, check_output_strid
 _BLOCKS = ((2, 64, 2, 1), (2, 128, 2, 1), (3, 256, 2, 1), (3, 512, 1, 1), (3, 512, 1, 2))
 # Index in ``features`` of the ReLU ending each returned level (conv2 .. conv5).
 _LEVEL_ENDS = (8, 15, 22, 29)
+# Its pool4 and pool5 never downsample (DeepLab-LargeFOV), so it stops at 8.
+OUTPUT_STRIDES = (8,)
 
 
 def decimate_torchvision_fc(state: StateDict) -> StateDict:
@@ -79,7 +81,7 @@ class VGG16LargeFOVBackbone(nn.Module):
 
     def __init__(self, output_stride: int = 8):
         super().__init__()
-        check_output_stride("vgg16", output_stride, (8,))
+        check_output_stride("vgg16", output_stride, OUTPUT_STRIDES)
         self.output_stride = output_stride
         layers: list[nn.Module] = []
         cin = 3
@@ -111,7 +113,7 @@ class VGG16LargeFOVBackbone(nn.Module):
         return levels
 
 
-@register_backbone("vgg16")
+@register_backbone("vgg16", output_strides=OUTPUT_STRIDES)
 def vgg16(output_stride: int = 8, pretrained: bool | str = True) -> VGG16LargeFOVBackbone:
     path = resolve_pretrained("vgg16", pretrained,
                               no_shipped_hint=" such as torchvision's vgg16-397923af.pth")
