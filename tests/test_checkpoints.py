@@ -23,11 +23,6 @@ OTHER_BACKBONE = "efficientnet_lite0"
 REFUSED = "refused: the file holds Python objects beyond tensors (unsafe to unpickle)"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return tiny.reference_run(tmp_path_factory)
-
-
 class RunsCode:
     """Unpickling this runs ``exec``: it would create ``marker``."""
 

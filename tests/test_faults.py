@@ -25,11 +25,6 @@ from affinitynet.io import load_image
 STEPS = tiny.STEPS_PER_EPOCH
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return tiny.reference_run(tmp_path_factory)
-
-
 def one_line_error(err: str) -> str:
     """The message of the one ``affinitynet: error:`` line, which ends stderr (progress bars
     may come before it)."""

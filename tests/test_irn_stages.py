@@ -7,17 +7,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 import tiny_pipeline as tiny
 from affinitynet import pipeline
 from affinitynet.io import load_label_png
 from test_stage_contract import loose_reads
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return tiny.reference_run(tmp_path_factory)
 
 
 def test_irn_runs_instead_of_affinitynet_and_its_labels_train_the_network(reference, tmp_path, monkeypatch):

@@ -55,11 +55,6 @@ def test_refinement_spellings():
     assert [refinement(v) for v in (True, False, "band", "full", "off")] == ["full", "off", "band", "full", "off"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return tiny.reference_run(tmp_path_factory)
-
-
 def _walk(tmp_path, reference, *extra):
     ref_dir, data_root = reference
     run_dir = tiny.copy_stages(ref_dir, tmp_path / "run", ("train_cam", "infer_cam", "confident_regions",

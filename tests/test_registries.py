@@ -110,11 +110,6 @@ CAM_COPY = pipeline.Stage("cam_copy", "cam-copy", "the CAM labels as pseudo labe
                           label_method="camcopy", label_rows=lambda config: [("CAM copy", "pseudo_labels")])
 
 
-@pytest.fixture
-def reference(tmp_path_factory):
-    return tiny.reference_run(tmp_path_factory)
-
-
 def test_a_label_method_is_a_stage_and_the_run_follows_the_config(reference, tmp_path, monkeypatch, capsys):
     """``labels.method`` picks the stage whose pseudo labels train the network: the graph that
     ``run`` executes drops AffinityNet's stages, and the network trains on the new labels."""

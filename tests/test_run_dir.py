@@ -18,11 +18,6 @@ import yaml
 from affinitynet.config import load_config, save_resolved
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return tiny.reference_run(tmp_path_factory)
-
-
 @pytest.fixture
 def mine(reference, tmp_path) -> Path:
     """A user's finished run: a copy of the reference whose saved config names the copy."""

@@ -190,11 +190,6 @@ def test_the_config_is_checked_before_the_lock(tmp_path, data_root, capsys):
         stop(holder)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return tiny.reference_run(tmp_path_factory)
-
-
 def test_readers_run_beside_a_writer(reference, tmp_path, capsys):
     ref_run, data_root = reference
     run_dir = tmp_path / "run"

@@ -71,11 +71,6 @@ def loose_reads(config: dict[str, Any], reads: dict[str, set[str]]) -> dict[str,
     return misses
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return tiny.reference_run(tmp_path_factory)
-
-
 def changed(value: Any) -> Any:
     """Another value of the same kind (the hash compares values, not their validity)."""
     if isinstance(value, bool):

@@ -8,11 +8,6 @@ import tiny_pipeline as tiny
 from affinitynet.io import read_json
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return tiny.reference_run(tmp_path_factory)
-
-
 def test_sweep_reproduces_the_runs_cam_rw_miou(reference, tmp_path):
     from affinitynet.sweep import run_sweep
 
