@@ -105,7 +105,7 @@ def test_load_config_gives_one_exact_line(overrides, message):
     assert str(caught.value) == message
 
 
-@pytest.mark.parametrize("command", ["run", "train-cam", "infer-cam", "random-walk"])
+@pytest.mark.parametrize("command", ["run", "infer-cam", "random-walk"])
 @pytest.mark.parametrize("overrides, message", OVERRIDE_CASES, ids=[_id(c) for c in OVERRIDE_CASES])
 def test_cli_prints_the_line_and_exits_2_before_writing(tmp_path, capsys, command, overrides, message):
     run_dir = tmp_path / "run"

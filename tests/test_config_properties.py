@@ -51,6 +51,8 @@ def wrong_values(key: str, default: object) -> list[str]:
         values += ["maybe", "2"]
     elif isinstance(default, (int, float)):
         values += ["abc", "'8'", "true"]
+    elif default == []:                                # a list of names (plugins): empty is its default
+        values = [v for v in values if v != "[]"] + ["abc", "[no/such/module]", "['']", "[1, 2]"]
     elif isinstance(default, list):
         values += ["abc", "[abc, def]", "[1, .nan]", "[.inf]"]
     elif isinstance(default, str) and key not in PATH_KEYS:

@@ -178,10 +178,10 @@ def test_procs_error_is_one_line_and_its_exit_code(workspace):
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_writing(workspace):
     run_dir = workspace / "uneven"
-    done = affinitynet(workspace, run_dir, "train-cam", "--procs", "3", expect=2)
+    done = affinitynet(workspace, run_dir, "train-cam", "--procs", "2", "cam.batch_size=3", expect=2)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines == ["affinitynet: error: config key 'cam.batch_size' (4) must be divisible by the number of "
-                     "processes (3)"]
+    assert lines == ["affinitynet: error: config key 'cam.batch_size' (3) must be divisible by the number of "
+                     "processes (2)"]
     assert not run_dir.exists()
 
 

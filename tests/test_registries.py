@@ -53,10 +53,10 @@ def test_a_registered_dataset_is_a_choice_of_the_config_and_the_cli_and_is_hashe
     assert main(["config", "show"]) == 0
     assert "dataset.copy_seed" in capsys.readouterr().out
     assert config["dataset"]["name"] == extra_dataset
-    # argparse's choices come from the registry too.
-    with pytest.raises(SystemExit):
-        main(["datasets", "list", "--dataset", "nonesuch"])
-    assert "demo_copy" in capsys.readouterr().err
+    # --dataset is checked as dataset.name is: one line naming the registry's names.
+    assert main(["datasets", "check", "--dataset", "nonesuch"]) == 2
+    err = capsys.readouterr().err
+    assert "'demo_copy'" in err and "got 'nonesuch'" in err and err.count("\n") == 1
 
 
 def test_an_unknown_dataset_is_one_line_naming_the_registered_ones():

@@ -4,6 +4,7 @@ holder killed by SIGKILL blocks no one; the processes of one job share its lock.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -21,14 +22,9 @@ from affinitynet.errors import RunDirBusy
 from affinitynet.run_lock import LOCK_NAME, TOKEN_ENV, RunLock, hold
 
 HOLDER_COMMAND = "affinitynet run --run-dir R (the holder)"
-# A process that takes the lock, says so, and holds it until killed or for `seconds`.
-HOLD = """
-import sys, time
-from affinitynet.run_lock import hold
-with hold(sys.argv[1], sys.argv[2]):
-    print("held", flush=True)
-    time.sleep(float(sys.argv[3]))
-"""
+# Holders and probes are forks of this process: separate processes with their own locks, started
+# without importing torch again.
+_FORK = multiprocessing.get_context("fork")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -41,18 +37,56 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_holder(run_dir: Path, seconds: float = 600.0) -> subprocess.Popen:
+def _hold(run_dir: str, seconds: float, ready) -> None:
+    os.environ.pop(TOKEN_ENV, None)
+    with hold(run_dir, HOLDER_COMMAND):
+        ready.send("held")
+        time.sleep(seconds)
+
+
+def start_holder(run_dir: Path, seconds: float = 600.0):
     """Another process holding ``run_dir``'s lock (returned once it holds it)."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), HOLDER_COMMAND, str(seconds)],
-                              stdout=subprocess.PIPE, text=True, env=_env())
-    assert holder.stdout.readline().strip() == "held"
+    ready, told = _FORK.Pipe()
+    holder = _FORK.Process(target=_hold, args=(str(run_dir), seconds, told), daemon=True)
+    holder.start()
+    assert ready.poll(60) and ready.recv() == "held"
     return holder
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.wait()
+def _probe(run_dir: str, token: str | None, answer) -> None:
+    """A process that tries the lock with ``token`` as its inherited AFFINITYNET_RUN_LOCK."""
+    os.environ.pop(TOKEN_ENV, None)
+    if token is not None:
+        os.environ[TOKEN_ENV] = token
+    lock = RunLock(run_dir, "affinitynet infer-cam (a child)")
+    try:
+        lock.acquire()
+    except RunDirBusy as error:
+        answer.send(f"refused: {error}")
+        return
+    answer.send("inherited" if lock.inherited else "locked")
+    lock.release()
+
+
+def probe(run_dir: Path, token: str | None) -> str:
+    answer, told = _FORK.Pipe()
+    process = _FORK.Process(target=_probe, args=(str(run_dir), token, told))
+    process.start()
+    process.join(60)
+    assert answer.poll(1)
+    return answer.recv()
+
+
+def stop(process) -> None:
+    """End a holder (a fork) or a command (a subprocess) if it still runs."""
+    if isinstance(process, subprocess.Popen):
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    else:
+        if process.is_alive():
+            process.kill()
+        process.join()
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -119,7 +153,8 @@ def test_wait_queues_behind_the_holder_and_then_holds_the_new_file(tmp_path, cap
         with hold(run_dir, "affinitynet run --wait", wait=True):
             waited = time.monotonic() - started
             assert run_lock.holder(run_dir)["pid"] == os.getpid()
-        assert holder.wait(timeout=60) == 0
+        holder.join(60)
+        assert holder.exitcode == 0
         assert waited > 1.0                                 # the holder's 1.5 s, less its start
     finally:
         stop(holder)
@@ -131,17 +166,11 @@ def test_wait_queues_behind_the_holder_and_then_holds_the_new_file(tmp_path, cap
 
 def test_the_holders_children_share_its_lock_and_no_one_else_does(tmp_path):
     run_dir = tmp_path / "run"
-    probe = ("import sys\nfrom affinitynet.run_lock import RunLock\nlock = RunLock(sys.argv[1], 'child')\n"
-             "lock.acquire()\nprint('inherited' if lock.inherited else 'locked')\n")
     with hold(run_dir, "affinitynet run --procs 2"):
         token = os.environ[TOKEN_ENV]
-        child = subprocess.run([sys.executable, "-c", probe, str(run_dir)], capture_output=True, text=True,
-                               env=_env(**{TOKEN_ENV: token}), timeout=60)
-        assert child.returncode == 0 and child.stdout.strip() == "inherited", child.stderr
-        for stranger in ({}, {TOKEN_ENV: "0" * 32}):        # no token, or a forged one
-            other = subprocess.run([sys.executable, "-c", probe, str(run_dir)], capture_output=True, text=True,
-                                   env=_env(**stranger), timeout=60)
-            assert other.returncode == 1 and "RunDirBusy" in other.stderr and "in use by another" in other.stderr
+        assert probe(run_dir, token) == "inherited"
+        for stranger in (None, "0" * 32):        # no token, or a forged one
+            assert probe(run_dir, stranger).startswith(f"refused: {run_dir}: in use by another affinitynet command")
 
 
 # --- commands -----------------------------------------------------------------------------------------

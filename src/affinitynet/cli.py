@@ -1,7 +1,7 @@
 """``affinitynet <command>``: the whole pipeline, one command per stage, and the tools around it.
 
-Every pipeline command takes ``--config FILE`` (a YAML file or a built-in name: demo, msrc21,
-voc12) and any number of ``key=value`` overrides (``random_walk.beta=10``); the dataset options
+Every pipeline command takes ``--config FILE`` (a YAML file or a built-in name such as ``demo``)
+and any number of ``key=value`` overrides (``random_walk.beta=10``); the dataset options
 ``--dataset``, ``--root`` and ``--split`` are spelled the same in every command.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 from . import __version__, distributed
 from .errors import AffinityNetError, ConfigError, InputError
+from .config import builtin_configs
 from .run_lock import RunLock
 
 EXIT_BAD_INPUT = 2
@@ -28,12 +29,14 @@ EXIT_BAD_INPUT = 2
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
-                        help="experiment YAML, or a built-in name: demo, msrc21, voc12, voc12_psa, folder (default: "
+                        help=f"experiment YAML, or a built-in name: {', '.join(builtin_configs())} (default: "
                              "the run directory's saved config.yaml, else the built-in config of --dataset, else demo)")
     from .datasets import DATASETS
 
-    parser.add_argument("--dataset", choices=DATASETS.names(), default=None,
-                        help="dataset (overrides dataset.name)")
+    # No argparse choices: a plug-in named by the config's `plugins` adds its dataset after the
+    # options are read; the config's check names the choices and the nearest one.
+    parser.add_argument("--dataset", default=None,
+                        help=f"dataset (overrides dataset.name): {', '.join(DATASETS.names())}, or a plug-in's")
     parser.add_argument("--root", default=None, help="dataset directory (overrides dataset.root)")
     parser.add_argument("--run-dir", default=None, help="output directory of the run (overrides run_dir)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
@@ -274,9 +277,13 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    """Every key with its value (the paper's defaults, or those of ``--config`` and overrides) and
-    what it means."""
-    from .config import KEY_HELP, defaults, flatten, load_config
+    """show: every key with its value (the paper's defaults, or those of ``--config`` and
+    overrides) and what it means; docs: the page docs/configuration.md."""
+    from .config import defaults, flatten, key_help, load_config, reference_page
+
+    if args.action == "docs":
+        print(reference_page(), end="")
+        return 0
 
     if args.config or args.overrides:
         values = flatten(load_config(args.config, args.overrides, check=False))
@@ -287,7 +294,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     print(f"# key = value ({source}): meaning")
     for key, value in values.items():
         shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-        print(f"{key:<{width}} = {shown:<18} {KEY_HELP.get(key, 'declared by the dataset that reads it')}")
+        print(f"{key:<{width}} = {shown:<18} {key_help(key)}")
     return 0
 
 
@@ -384,9 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="print every config key with its value and meaning",
                                  description="show: every config key, its value (the defaults, or those of "
-                                             "--config with overrides) and what it means.")
-    config.add_argument("action", choices=["show"])
-    config.add_argument("--config", "-c", default=None, help="a YAML file or built-in name (demo, msrc21, voc12, folder)")
+                                             "--config with overrides) and what it means. docs: the Markdown "
+                                             "page of every key (docs/configuration.md).")
+    config.add_argument("action", choices=["show", "docs"])
+    config.add_argument("--config", "-c", default=None,
+                        help=f"a YAML file or built-in name ({', '.join(builtin_configs())})")
     config.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     config.set_defaults(func=cmd_config)
 

@@ -1,8 +1,11 @@
 """Experiment configuration: the paper's hyper-parameters as defaults, YAML files, command-line
 overrides, validation with one-line errors, and per-stage hashes for resumable runs.
 
-The defaults are the paper's settings (PASCAL VOC 2012, ResNet-38, Section 5.1); the shipped YAML
-files (``affinitynet/configs/*.yaml``) override what differs for their experiment.
+Each key is declared once, in :data:`SETTINGS`: its default, its rule and its help, from which
+come the default tree, ``affinitynet config show`` and ``docs/configuration.md``
+(``affinitynet config docs``). The defaults are the paper's settings (PASCAL VOC 2012, ResNet-38,
+Section 5.1); the shipped YAML files (``affinitynet/configs/*.yaml``) override what differs for
+their experiment.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import copy
 import difflib
 import hashlib
 import json
+import types
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,254 +23,7 @@ import yaml
 
 from .errors import ConfigError
 from .io import write_text
-
-# The paper's values (Section 5.1, 4.2) unless a comment says otherwise.
-DEFAULTS: dict[str, Any] = {
-    "run_dir": "runs/voc12",
-    "seed": 0,
-    "device": "auto",
-    "num_workers": 0,
-    "threads": 0,
-    "strict": False,
-    "amp": "auto",                     # mixed precision: auto (bf16/fp16 on CUDA, off on CPU), native, bf16, fp16, off
-    "channels_last": "auto",           # NHWC convolutions: auto (CUDA with AMP, CPU inference), on, off
-    "dataset": {
-        "name": "voc12",
-        "root": None,
-        "protocol": "object",          # msrc21 only: "object" (14 + background) or "standard21"
-        "train_split": "train_aug",    # CAM, AffinityNet and segmentation training images
-        "label_split": "train",        # split on which pseudo labels are scored (Table 1)
-        "eval_split": "val",           # split on which the segmentation network is scored (Table 2)
-        "labels_file": None,           # folder dataset: CSV or JSON of tags per image
-        "classes_file": None,          # folder dataset: class names, one per line
-        "demo_size": 128,              # demo dataset: image side in pixels
-        "demo_train": 240,             # demo dataset: images in the train split
-        "demo_val": 60,                # demo dataset: images in the val split
-        "demo_seed": 0,                # demo dataset: generator seed
-        "masks_dir": None,             # folder dataset: optional ground-truth masks
-        "max_skipped": 0.1,            # share of images left out (bad tags, untagged) that stops a run
-    },
-    "backbone": {
-        "name": "resnet38d",
-        "weights": None,               # file with ImageNet weights; None: the packaged ones, if any
-        "output_stride": 8,
-        "atrous": True,                # dilate past the output stride (4.1); false: irn's undilated ResNet-50
-    },
-    "labels": {
-        "method": "affinitynet",       # the pseudo-label method: a stage that declares it (pipeline.label_methods)
-    },
-    "cam": {
-        "head": "conv",                # the 3x3 conv of Section 4.2; "psa"/"irn": the released 1x1 classifier only
-        "head_channels": 512,          # the 3x3 conv of Section 4.2
-        "train_output_stride": None,   # null: backbone.output_stride; 16: trained at 16, run at 8 (atrous)
-        "fine_tune_epochs": 0,         # the last N epochs at backbone.output_stride (DeepLab's fine-tuning at 8)
-        "crop_size": 448,
-        "resize_long": [256, 512],     # random rescale of the long side (released code)
-        "color_jitter": [0.3, 0.3, 0.3, 0.1],
-        "batch_size": 16,
-        "epochs": 15,
-        # The paper says Adam without a rate; the released code's SGD at lr 0.1 ran with momentum
-        # 5e-4 (weight decay passed into the momentum slot). Momentum 0.9 multiplies SGD's
-        # steady-state step by 1 / (1 - 0.9) = 10, so lr 0.01 keeps the code's step,
-        # 0.01 / (1 - 0.9) = 0.1 = 0.1 / (1 - 5e-4) to 0.05% (README, "Running on PASCAL VOC 2012").
-        "optimizer": "sgd",
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "poly_power": 0.9,
-        "new_layer_lr_mult": 10.0,
-        "method": "cam",               # how maps are read off the network: Eq. 1, or a registered CAM method
-        "scales": [1.0, 0.5, 1.5, 2.0],
-        "flip": True,
-        "eval_alpha": 16.0,            # background (1 - max M)^alpha for the "CAM" row of Table 1
-        "eval_bg_threshold": None,     # or a constant background score (released code: 0.2)
-    },
-    "crf": {
-        "gaussian_sxy": 3.0,
-        "gaussian_compat": 3.0,
-        "bilateral_sxy": 80.0,
-        "bilateral_srgb": 13.0,
-        "bilateral_compat": 10.0,
-        "iterations": 10,
-    },
-    "affinity": {
-        "alpha_low": 4.0,              # amplified background: confident objects
-        "alpha_high": 24.0,            # weakened background: confident background (code: 32)
-        "radius": 5,                   # gamma of Eq. 4
-        "distance": "mean",            # "mean" over channels (released code) or "sum" (Eq. 3)
-        "channels": [128, 256, 512],   # 1x1 reductions of the last three levels (4.2; psa: 64, 128, 256)
-        "backbone_stride": None,       # null: backbone.output_stride; 16: run at 16, f_aff upsampled to 8
-        "crop_size": 448,
-        "color_jitter": [0.3, 0.3, 0.3, 0.1],
-        "batch_size": 8,
-        "epochs": 8,
-        # As for the CAM network; and Eq. 10's loss is 4x the released code's (L+_bg/4 + L+_fg/4 +
-        # L-/2), so are its gradients g: lr 0.1 * (1 - 0.9) / 4 = 0.0025, and weight decay 4 * 5e-4
-        # so that decay keeps its share of the step: 0.0025 / (1 - 0.9) * (4 g + 2e-3 w) is the
-        # code's 0.1 * (g + 5e-4 w).
-        "optimizer": "sgd",
-        "lr": 0.0025,
-        "momentum": 0.9,
-        "weight_decay": 2e-3,
-        "poly_power": 0.9,
-        "new_layer_lr_mult": 10.0,
-    },
-    "random_walk": {
-        "alpha": 16.0,                 # background of Eq. 2 for the walk's input CAMs
-        "beta": 8.0,                   # Hadamard power of Eq. 11
-        "t": 256,                      # iterations of Eq. 12
-        "radius": 5,
-        "scale": 1.0,                  # AffinityNet's input scale for the walk (finer grid above 1)
-        "crf": "full",                 # the paper's dCRF on the walked labels; "band" or "off" (pseudo_labels.py)
-    },
-    "irn": {                           # labels.method: irn (IRN, Ahn, Cho & Kwak 2019), on the stride-4 grid
-        "radius": 5,                   # pairs of the boundary loss and of the walk (irn: 10 to train, 5 to walk)
-        "alpha": 16.0,                 # background of Eq. 2 for the walk's input CAMs (irn: a constant 0.25)
-        "beta": 10.0,                  # Hadamard power of the boundary affinities (irn's)
-        "t": 256,                      # walk iterations (irn: 256)
-        "crf": "band",                 # refinement of the walked labels, as random_walk.crf
-        "crop_size": 448,
-        "color_jitter": [0.3, 0.3, 0.3, 0.1],
-        "batch_size": 8,
-        "epochs": 3,                   # irn's
-        "optimizer": "sgd",            # irn: SGD at 0.1 without momentum, weight decay 1e-4, poly
-        "lr": 0.1,
-        "momentum": 0.0,
-        "weight_decay": 1e-4,
-        "poly_power": 0.9,
-        "new_layer_lr_mult": 1.0,      # every trained layer is new: the backbone is frozen
-    },
-    "segmentation": {
-        "head": "resnet38",            # two 3x3 atrous convs, dilation 12 (Section 4.2)
-        "supervision": "pseudo",       # "pseudo" labels, or "gt" for the fully supervised bound
-        "train_output_stride": None,   # as cam.train_output_stride
-        "fine_tune_epochs": 0,         # as cam.fine_tune_epochs
-        "seed": None,                  # null: the run's seed; another: the same labels, another training
-        "crop_size": 448,
-        "scale_range": [0.7, 1.3],
-        "color_jitter": [0.3, 0.3, 0.3, 0.1],
-        "batch_size": 8,
-        "epochs": 30,
-        "optimizer": "adam",           # Section 5.1; or "sgd"
-        "lr": 1e-4,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "poly_power": 0.9,             # the poly schedule, for Adam as for SGD; 0: constant lr
-        "new_layer_lr_mult": 10.0,
-        "scales": [0.5, 0.75, 1.0, 1.25, 1.5],   # Appendix A.2
-        "flip": True,
-        "crf": False,
-    },
-    "report": {
-        "gallery_size": 8,
-    },
-    "sweep": {
-        "betas": [2.0, 4.0, 8.0, 16.0, 32.0],
-        "ts": [16, 32, 64, 128, 256],
-        "alphas": [4.0, 8.0, 16.0, 24.0, 32.0],
-        "max_images": 0,               # 0: the whole label split
-    },
-}
-
-
-# What each key means, for `affinitynet config show` (every key of DEFAULTS has a line; a test
-# holds it). The three training sections share their training keys' meanings.
-_TRAINING_HELP = {
-    "crop_size": "training crop side in pixels ('auto': from the image size)",
-    "color_jitter": "brightness, contrast, saturation, hue jitter",
-    "batch_size": "images per step (split over the processes of a distributed run)",
-    "epochs": "passes over the training images",
-    "optimizer": "'sgd' or 'adam'",
-    "lr": "base learning rate of the backbone (new layers: times new_layer_lr_mult)",
-    "momentum": "SGD momentum",
-    "weight_decay": "L2 weight decay",
-    "poly_power": "poly schedule lr * (1 - step/total)^power; 0 keeps the rate constant",
-    "new_layer_lr_mult": "learning-rate multiplier of the layers added to the backbone",
-}
-KEY_HELP: dict[str, str] = {
-    "run_dir": "output directory of the run (every stage writes a folder in it)",
-    "seed": "seed of every random choice (initialisation, crops, order)",
-    "device": "'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'",
-    "num_workers": "data-loading processes per training process (0: load in the training process)",
-    "threads": "torch threads per process (0: torch's default, all cores)",
-    "strict": "stop at the first bad input instead of skipping it",
-    "amp": ("mixed precision: 'auto' (bf16/fp16 on CUDA, off on CPU), 'native' (as auto on CUDA, bf16 on a CPU "
-            "with AVX512-BF16 or AMX), 'bf16', 'fp16', 'off'"),
-    "channels_last": "NHWC convolutions: 'auto' (CUDA with AMP; CPU inference), 'on', 'off'",
-    "dataset.name": "a registered dataset (affinitynet datasets list): demo, msrc21, voc12, folder (your photos), ...",
-    "dataset.root": "dataset directory",
-    "dataset.protocol": "msrc21: 'object' (14 classes + background) or 'standard21'",
-    "dataset.train_split": "split the CAM network, AffinityNet and the segmentation network train on",
-    "dataset.label_split": "split whose pseudo labels are scored (Table 1)",
-    "dataset.eval_split": "split the segmentation network is scored on (Table 2)",
-    "dataset.labels_file": "folder: CSV or JSON of tags per image (a path, or a name inside the root)",
-    "dataset.classes_file": "folder: object class names, one per line (unknown tags are then refused)",
-    "dataset.demo_size": "demo: image side in pixels",
-    "dataset.demo_train": "demo: images in the train split",
-    "dataset.demo_val": "demo: images in the val split",
-    "dataset.demo_seed": "demo: generator seed",
-    "dataset.masks_dir": "folder: optional ground-truth masks (index PNGs named <id>.png)",
-    "dataset.max_skipped": "share of the images left out (bad tags, untagged, unreadable) that stops a run",
-    "backbone.name": "mobilenetv2, efficientnet_lite0, efficientnet_lite2, resnet38d, resnet50 or vgg16",
-    "backbone.weights": "ImageNet weight file (null: the packaged weights, where a backbone has them)",
-    "backbone.output_stride": "8 or 16: the feature map is 1/output_stride of the image",
-    "labels.method": "pseudo-label method whose labels train the segmentation network ('affinitynet': 3.2-3.4)",
-    "cam.head_channels": "channels of the CAM network's 3x3 conv (Sec. 4.2)",
-    "cam.head": "'conv' (3x3 conv + GAP + 1x1, Sec. 4.2), 'psa' (psa's 1x1 fc8 on the backbone) or 'irn'",
-    "cam.train_output_stride": "null (backbone.output_stride) or 16: trained at 16, the head dilated to run at 8",
-    "cam.fine_tune_epochs": ("with train_output_stride 16: the last N epochs train at backbone.output_stride, "
-                             "the stride the network runs at (DeepLab's fine-tuning at 8)"),
-    "affinity.channels": "AffinityNet's 1x1 conv widths on the last three levels (psa's: [64, 128, 256])",
-    "affinity.backbone_stride": ("null (backbone.output_stride) or 16: AffinityNet's backbone runs at 16 in "
-                                 "training and walk, its levels upsampled to the walk's grid"),
-    "backbone.atrous": "strides past the output stride become dilations; false: irn's undilated ResNet-50",
-    "cam.resize_long": "random rescale range of the long side before cropping ('auto': from the image size)",
-    "cam.method": "a registered CAM method: 'cam' (Eq. 1) or 'gradcam' (Grad-CAM)",
-    "cam.scales": "CAM inference scales, each with its flip (Eq. 1; 'auto': from the image size)",
-    "cam.flip": "add horizontally flipped CAMs",
-    "cam.eval_alpha": "background (1 - max M)^alpha of the 'CAM' row of Table 1 (Eq. 2)",
-    "cam.eval_bg_threshold": "or a constant background score (the released code's 0.2); null: use alpha",
-    "crf.gaussian_sxy": "dCRF smoothness kernel width (pixels)",
-    "crf.gaussian_compat": "dCRF smoothness kernel weight",
-    "crf.bilateral_sxy": "dCRF appearance kernel width (pixels)",
-    "crf.bilateral_srgb": "dCRF appearance kernel colour width",
-    "crf.bilateral_compat": "dCRF appearance kernel weight",
-    "crf.iterations": "dCRF mean-field iterations",
-    "affinity.alpha_low": "low alpha: amplified background, confident objects (3.2.1)",
-    "affinity.alpha_high": "high alpha: weakened background, confident background (3.2.1)",
-    "affinity.radius": "gamma of Eq. 4: pairs within this radius on the feature grid",
-    "affinity.distance": "Eq. 3 over feature channels: 'mean' (released code) or 'sum' (L1 norm)",
-    "random_walk.alpha": "background alpha of the walk's input CAMs (Eq. 2)",
-    "random_walk.beta": "Hadamard power of the affinities (Eq. 11)",
-    "random_walk.t": "walk iterations (Eq. 12; 'auto': from the feature grid's area)",
-    "random_walk.radius": "radius of the affinity matrix's pairs",
-    "random_walk.scale": "AffinityNet's input scale for the walk (above 1: a finer grid)",
-    "random_walk.crf": ("refinement of the walked labels that train the network: 'full' (the paper's dCRF), "
-                        "'band' (the dCRF within half a grid cell of the walk's boundaries), 'off'"),
-    "irn.radius": "IRN: radius of the pairs on the stride-4 grid (boundary loss and walk)",
-    "irn.alpha": "IRN: background (1 - max M)^alpha of the walk's input CAMs (Eq. 2)",
-    "irn.beta": "IRN: Hadamard power of the path-max affinities",
-    "irn.t": "IRN: walk iterations",
-    "irn.crf": "IRN: refinement of the walked labels: 'band', 'full' (the dCRF) or 'off', as random_walk.crf",
-    "segmentation.head": "'resnet38' (two 3x3 atrous convs) or 'deeplab_largefov'",
-    "segmentation.train_output_stride": "null (backbone.output_stride) or 16: trained at 16, run at 8",
-    "segmentation.fine_tune_epochs": "as cam.fine_tune_epochs",
-    "segmentation.supervision": "'pseudo' labels, or 'gt' for the fully supervised bound",
-    "segmentation.seed": ("seed of the segmentation network's training (null: the run's 'seed'); another "
-                          "value retrains the network alone on the same pseudo labels, for the seed spread"),
-    "segmentation.scale_range": "random rescale range of the training images",
-    "segmentation.scales": "inference scales, each with its flip (A.2; 'auto': from the image size)",
-    "segmentation.flip": "add horizontally flipped predictions",
-    "segmentation.crf": "dCRF on the network's predictions",
-    "report.gallery_size": "label-split images in the report's gallery (at least one per class)",
-    "sweep.betas": "beta values of the Fig. 8 sweep",
-    "sweep.ts": "t values of the Fig. 8 sweep",
-    "sweep.alphas": "alpha values of the Fig. 8 sweep",
-    "sweep.max_images": "images the sweep scores (0: the whole label split)",
-}
-for _section, _what in (("cam", "CAM network"), ("affinity", "AffinityNet"), ("irn", "IRNet"),
-                        ("segmentation", "segmentation network")):
-    KEY_HELP.update({f"{_section}.{key}": f"{_what}: {text}" for key, text in _TRAINING_HELP.items()})
+from .registry import load_plugins
 
 
 @dataclass(frozen=True)
@@ -329,7 +86,12 @@ class _Registered:
         self._registry = registry
 
     def choices(self) -> list[str]:
-        return list(self._registry().names())
+        return sorted(self._registry().names())
+
+    def builtin(self) -> list[str]:
+        """The choices this package defines (not a plug-in's, nor a test's)."""
+        registry = self._registry()
+        return [name for name in self.choices() if registry.get(name).builder.__module__.startswith("affinitynet.")]
 
     @property
     def describe(self) -> str:
@@ -363,6 +125,22 @@ def _segmentation_head_registry():
     return HEADS
 
 
+class _LabelMethods:
+    """The label methods as a registry: the stages that declare one (``pipeline.label_methods``)."""
+
+    @staticmethod
+    def names() -> list[str]:
+        from .pipeline import label_methods
+
+        return list(label_methods())
+
+    @staticmethod
+    def get(name: str) -> Any:
+        from .pipeline import label_methods
+
+        return types.SimpleNamespace(builder=label_methods()[name].run)
+
+
 def _backbone_registry():
     from .backbones import BACKBONES
 
@@ -382,6 +160,10 @@ def _string(optional: bool = False) -> Rule:
 def _is_plain_name(value: Any) -> bool:
     return (isinstance(value, str) and 0 < len(value) <= 255 and value not in (".", "..")
             and not any(c in value for c in "/\\\0"))
+
+
+def _is_module_name(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= 255 and all(part.isidentifier() for part in value.split("."))
 
 
 def _name() -> Rule:
@@ -406,100 +188,251 @@ def _number_list(low: float = 0.0, high: float | None = None, length: int | None
     return Rule(describe, check)
 
 
-RULES: dict[str, Rule | _Registered] = {
-    "run_dir": _string(),
-    "seed": _number(0, 2**32 - 1, integer=True),   # numpy's seeds are 32-bit
-    "device": Rule("'auto', 'cpu', 'cuda' or 'cuda:N'",
-                   lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or
-                                                     (v.startswith("cuda:") and v[5:].isdigit()))),
-    "num_workers": _number(0, 64, integer=True),
-    "threads": _number(0, 256, integer=True),
-    "strict": _boolean(),
+@dataclass(frozen=True)
+class Setting:
+    """One config key, declared once: its default, the rule its values keep, what it means."""
+    default: Any
+    help: str
+    rule: Rule | _Registered
+
+
+def _training(what: str, *, batch_size: int, epochs: int, optimizer: str, lr: float, momentum: float,
+              weight_decay: float, new_layer_lr_mult: float = 10.0, poly_power: float = 0.9, crop_size: int = 448,
+              after_crop: dict[str, Setting] | None = None) -> dict[str, Setting]:
+    """The keys of a training section (``cam``, ``affinity``, ``irn``, ``segmentation``) that shape
+    what its network learns (:data:`TRAINING_KEYS`; the section's stage hashes them), with the
+    section's own keys ``after_crop`` placed after ``crop_size``."""
+    return {
+        "crop_size": Setting(crop_size, f"{what}: training crop side in pixels ('auto': from the image size)",
+                             _number(16, 4096, integer=True)),
+        **(after_crop or {}),
+        "color_jitter": Setting([0.3, 0.3, 0.3, 0.1], f"{what}: brightness, contrast, saturation, hue jitter",
+                                _number_list(0.0, 10, length=4, strict_low=False)),
+        "batch_size": Setting(batch_size, f"{what}: images per step (split over the processes of a distributed run)",
+                              _number(1, 4096, integer=True)),
+        "epochs": Setting(epochs, f"{what}: passes over the training images", _number(1, 10_000, integer=True)),
+        "optimizer": Setting(optimizer, f"{what}: 'sgd' or 'adam'", _choice("sgd", "adam")),
+        "lr": Setting(lr, f"{what}: base learning rate of the backbone (new layers: times new_layer_lr_mult)",
+                      _number(0, 10, strict_low=True)),
+        "momentum": Setting(momentum, f"{what}: SGD momentum", _number(0, 1)),
+        "weight_decay": Setting(weight_decay, f"{what}: L2 weight decay", _number(0, 1)),
+        "poly_power": Setting(poly_power, f"{what}: poly schedule lr * (1 - step/total)^power; 0 keeps the rate "
+                                          f"constant", _number(0, 100)),
+        "new_layer_lr_mult": Setting(new_layer_lr_mult, f"{what}: learning-rate multiplier of the layers added to the "
+                                                        f"backbone", _number(0, 1000, strict_low=True)),
+    }
+
+
+_STRIDE = Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool))
+
+# Every key: the paper's values (Section 5.1, 4.2) unless a comment says otherwise, what each
+# means (``affinitynet config show``, docs/configuration.md) and what it may be.
+SETTINGS: dict[str, Any] = {
+    "run_dir": Setting("runs/voc12", "output directory of the run (every stage writes a folder in it)", _string()),
+    "seed": Setting(0, "seed of every random choice (initialisation, crops, order)",
+                    _number(0, 2**32 - 1, integer=True)),   # numpy's seeds are 32-bit
+    "device": Setting("auto", "'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'",
+                      Rule("'auto', 'cpu', 'cuda' or 'cuda:N'",
+                           lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or
+                                                             (v.startswith("cuda:") and v[5:].isdigit())))),
+    "num_workers": Setting(0, "data-loading processes per training process (0: load in the training process)",
+                           _number(0, 64, integer=True)),
+    "threads": Setting(0, "torch threads per process (0: torch's default, all cores)", _number(0, 256, integer=True)),
+    "strict": Setting(False, "stop at the first bad input instead of skipping it", _boolean()),
     # YAML reads on/off as booleans, which mean the same here.
-    "amp": Rule("one of 'auto', 'native', 'bf16', 'fp16', 'off' (or true/false)",
-                lambda v: isinstance(v, bool) or v in ("auto", "native", "bf16", "fp16", "off")),
-    "channels_last": Rule("one of 'auto', 'on', 'off' (or true/false)",
-                          lambda v: isinstance(v, bool) or v in ("auto", "on", "off")),
-    "dataset.name": _Registered(_dataset_registry),
-    "dataset.root": _string(optional=True),
-    "dataset.protocol": _choice("object", "standard21"),
-    "dataset.train_split": _name(),
-    "dataset.label_split": _name(),
-    "dataset.eval_split": _name(),
-    "dataset.labels_file": _string(optional=True),
-    "dataset.classes_file": _string(optional=True),
-    "dataset.demo_size": _number(32, 1024, integer=True),
-    "dataset.demo_train": _number(1, 1_000_000, integer=True),
-    "dataset.demo_val": _number(1, 1_000_000, integer=True),
-    "dataset.demo_seed": _number(0, 2**32 - 1, integer=True),
-    "dataset.masks_dir": _string(optional=True),
-    "dataset.max_skipped": _number(0, 1),
-    "backbone.name": _Registered(_backbone_registry),
-    "backbone.weights": _string(optional=True),
-    "backbone.output_stride": Rule("8 or 16", lambda v: v in (8, 16) and not isinstance(v, bool)),
-    "backbone.atrous": _boolean(),
-    "cam.head": _Registered(_cam_head_registry),
-    "cam.train_output_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
-    "cam.fine_tune_epochs": _number(0, 10_000, integer=True),
-    "cam.method": _Registered(_cam_method_registry),
-    "cam.eval_alpha": _number(1, 1000),
-    "cam.eval_bg_threshold": _number(0, 1, optional=True),
-    "affinity.alpha_low": _number(1, 1000),
-    "affinity.alpha_high": _number(1, 1000),
-    "affinity.radius": _number(1, 64, integer=True),
-    "affinity.distance": _choice("mean", "sum"),
-    "affinity.channels": _number_list(1, 8192, length=3, strict_low=False, integer=True),
-    "affinity.backbone_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
-    "random_walk.alpha": _number(1, 1000),
-    "random_walk.beta": _number(0, 1000, strict_low=True),
-    "random_walk.t": _number(1, 1_000_000, integer=True),
-    "random_walk.radius": _number(1, 64, integer=True),
-    "random_walk.scale": _number(0, 8, strict_low=True),
-    # true and false: the older spellings of 'full' and 'off'.
-    "random_walk.crf": Rule("one of 'band', 'full', 'off' (or true/false)",
-                            lambda v: isinstance(v, bool) or v in ("band", "full", "off")),
-    "irn.radius": _number(2, 16, integer=True),
-    "irn.alpha": _number(1, 1000),
-    "irn.beta": _number(0, 1000, strict_low=True),
-    "irn.t": _number(1, 1_000_000, integer=True),
-    "irn.crf": _choice("band", "full", "off"),
-    "segmentation.head": _Registered(_segmentation_head_registry),
-    "segmentation.train_output_stride": Rule("null, 8 or 16", lambda v: v in (None, 8, 16) and not isinstance(v, bool)),
-    "segmentation.fine_tune_epochs": _number(0, 10_000, integer=True),
-    "segmentation.supervision": _choice("pseudo", "gt"),
-    "segmentation.seed": _number(0, 2**32 - 1, integer=True, optional=True),
-    "crf.iterations": _number(0, 1000, integer=True),
-    "report.gallery_size": _number(0, 1000, integer=True),
-    "sweep.betas": _number_list(0.0, 1000),
-    "sweep.ts": _number_list(1, 1_000_000, strict_low=False, integer=True),
-    "sweep.alphas": _number_list(1, 1000, strict_low=False),
-    "sweep.max_images": _number(0, 10**9, integer=True),
+    "amp": Setting("auto", "mixed precision: 'auto' (bf16/fp16 on CUDA, off on CPU), 'native' (as auto on CUDA, bf16 "
+                           "on a CPU with AVX512-BF16 or AMX), 'bf16', 'fp16', 'off'",
+                   Rule("one of 'auto', 'native', 'bf16', 'fp16', 'off' (or true/false)",
+                        lambda v: isinstance(v, bool) or v in ("auto", "native", "bf16", "fp16", "off"))),
+    "channels_last": Setting("auto", "NHWC convolutions: 'auto' (CUDA with AMP; CPU inference), 'on', 'off'",
+                             Rule("one of 'auto', 'on', 'off' (or true/false)",
+                                  lambda v: isinstance(v, bool) or v in ("auto", "on", "off"))),
+    "plugins": Setting([], "modules imported before the config is read, whose parts (backbones, datasets, heads, CAM "
+                           "methods) register themselves; installed plug-ins' entry points are imported anyway",
+                       Rule("a list of at most 64 module names (dotted, like my_lab.parts)",
+                            lambda v: isinstance(v, list) and len(v) <= 64 and all(_is_module_name(m) for m in v))),
+    "dataset": {
+        "name": Setting("voc12", "a registered dataset (affinitynet datasets list; folder: your photos)",
+                        _Registered(_dataset_registry)),
+        "root": Setting(None, "dataset directory", _string(optional=True)),
+        "protocol": Setting("object", "msrc21: 'object' (14 classes + background) or 'standard21'",
+                            _choice("object", "standard21")),
+        "train_split": Setting("train_aug", "split the CAM network, AffinityNet and the segmentation network train on",
+                               _name()),
+        "label_split": Setting("train", "split whose pseudo labels are scored (Table 1)", _name()),
+        "eval_split": Setting("val", "split the segmentation network is scored on (Table 2)", _name()),
+        "labels_file": Setting(None, "folder: CSV or JSON of tags per image (a path, or a name inside the root)",
+                               _string(optional=True)),
+        "classes_file": Setting(None, "folder: object class names, one per line (unknown tags are then refused)",
+                                _string(optional=True)),
+        "demo_size": Setting(128, "demo: image side in pixels", _number(32, 1024, integer=True)),
+        "demo_train": Setting(240, "demo: images in the train split", _number(1, 1_000_000, integer=True)),
+        "demo_val": Setting(60, "demo: images in the val split", _number(1, 1_000_000, integer=True)),
+        "demo_seed": Setting(0, "demo: generator seed", _number(0, 2**32 - 1, integer=True)),
+        "masks_dir": Setting(None, "folder: optional ground-truth masks (index PNGs named <id>.png)",
+                             _string(optional=True)),
+        "max_skipped": Setting(0.1, "share of the images left out (bad tags, untagged, unreadable) that stops a run",
+                               _number(0, 1)),
+    },
+    "backbone": {
+        "name": Setting("resnet38d", "a registered backbone", _Registered(_backbone_registry)),
+        "weights": Setting(None, "ImageNet weight file (null: the packaged weights, where a backbone has them)",
+                           _string(optional=True)),
+        "output_stride": Setting(8, "8 or 16: the feature map is 1/output_stride of the image",
+                                 Rule("8 or 16", lambda v: v in (8, 16) and not isinstance(v, bool))),
+        "atrous": Setting(True, "strides past the output stride become dilations (4.1); false: irn's undilated "
+                                "ResNet-50", _boolean()),
+    },
+    "labels": {
+        "method": Setting("affinitynet", "pseudo-label method whose labels train the segmentation network: a stage "
+                                         "that declares one", _Registered(_LabelMethods)),
+    },
+    "cam": {
+        "head": Setting("conv", "a registered CAM head: 'conv' is Sec. 4.2's 3x3 conv + GAP + 1x1; the others, "
+                                "released layouts", _Registered(_cam_head_registry)),
+        "head_channels": Setting(512, "channels of the CAM network's 3x3 conv (Sec. 4.2)",
+                                 _number(1, 8192, integer=True)),
+        "train_output_stride": Setting(None, "null (backbone.output_stride) or 16: trained at 16, the head dilated to "
+                                             "run at 8", _STRIDE),
+        "fine_tune_epochs": Setting(0, "with train_output_stride 16: the last N epochs train at "
+                                       "backbone.output_stride, the stride the network runs at (DeepLab's fine-tuning "
+                                       "at 8)", _number(0, 10_000, integer=True)),
+        # The paper says Adam without a rate; the released code's SGD at lr 0.1 ran with momentum
+        # 5e-4 (weight decay passed into the momentum slot). Momentum 0.9 multiplies SGD's
+        # steady-state step by 1 / (1 - 0.9) = 10, so lr 0.01 keeps the code's step,
+        # 0.01 / (1 - 0.9) = 0.1 = 0.1 / (1 - 5e-4) to 0.05% (README, "Running on PASCAL VOC 2012").
+        **_training("CAM network", batch_size=16, epochs=15, optimizer="sgd", lr=0.01, momentum=0.9,
+                    weight_decay=5e-4, after_crop={
+                        # The released code's random rescale of the long side.
+                        "resize_long": Setting([256, 512], "random rescale range of the long side before cropping "
+                                                           "('auto': from the image size)",
+                                               _number_list(16, 8192, length=2, strict_low=False, integer=True))}),
+        "method": Setting("cam", "a registered CAM method ('cam': Eq. 1)", _Registered(_cam_method_registry)),
+        "scales": Setting([1.0, 0.5, 1.5, 2.0], "CAM inference scales, each with its flip (Eq. 1; 'auto': from the "
+                                                "image size)", _number_list(0.0, 8, max_length=16)),
+        "flip": Setting(True, "add horizontally flipped CAMs", _boolean()),
+        "eval_alpha": Setting(16.0, "background (1 - max M)^alpha of the 'CAM' row of Table 1 (Eq. 2)",
+                              _number(1, 1000)),
+        "eval_bg_threshold": Setting(None, "or a constant background score (the released code's 0.2); null: use "
+                                           "alpha", _number(0, 1, optional=True)),
+    },
+    "crf": {
+        "gaussian_sxy": Setting(3.0, "dCRF smoothness kernel width (pixels)", _number(0, 10_000)),
+        "gaussian_compat": Setting(3.0, "dCRF smoothness kernel weight", _number(0, 10_000)),
+        "bilateral_sxy": Setting(80.0, "dCRF appearance kernel width (pixels)", _number(0, 10_000)),
+        "bilateral_srgb": Setting(13.0, "dCRF appearance kernel colour width", _number(0, 10_000)),
+        "bilateral_compat": Setting(10.0, "dCRF appearance kernel weight", _number(0, 10_000)),
+        "iterations": Setting(10, "dCRF mean-field iterations", _number(0, 1000, integer=True)),
+    },
+    "affinity": {
+        "alpha_low": Setting(4.0, "low alpha: amplified background, confident objects (3.2.1)", _number(1, 1000)),
+        "alpha_high": Setting(24.0, "high alpha: weakened background, confident background (3.2.1)",
+                              _number(1, 1000)),   # the released code: 32
+        "radius": Setting(5, "gamma of Eq. 4: pairs within this radius on the feature grid",
+                          _number(1, 64, integer=True)),
+        "distance": Setting("mean", "Eq. 3 over feature channels: 'mean' (released code) or 'sum' (L1 norm)",
+                            _choice("mean", "sum")),
+        "channels": Setting([128, 256, 512], "AffinityNet's 1x1 conv widths on the last three levels (psa's: [64, "
+                                             "128, 256])", _number_list(1, 8192, length=3, strict_low=False,
+                                                                        integer=True)),
+        "backbone_stride": Setting(None, "null (backbone.output_stride) or 16: AffinityNet's backbone runs at 16 in "
+                                         "training and walk, its levels upsampled to the walk's grid", _STRIDE),
+        # As for the CAM network; and Eq. 10's loss is 4x the released code's (L+_bg/4 + L+_fg/4 +
+        # L-/2), so are its gradients g: lr 0.1 * (1 - 0.9) / 4 = 0.0025, and weight decay 4 * 5e-4
+        # so that decay keeps its share of the step: 0.0025 / (1 - 0.9) * (4 g + 2e-3 w) is the
+        # code's 0.1 * (g + 5e-4 w).
+        **_training("AffinityNet", batch_size=8, epochs=8, optimizer="sgd", lr=0.0025, momentum=0.9,
+                    weight_decay=2e-3),
+    },
+    "random_walk": {
+        "alpha": Setting(16.0, "background alpha of the walk's input CAMs (Eq. 2)", _number(1, 1000)),
+        "beta": Setting(8.0, "Hadamard power of the affinities (Eq. 11)", _number(0, 1000, strict_low=True)),
+        "t": Setting(256, "walk iterations (Eq. 12; 'auto': from the feature grid's area)",
+                     _number(1, 1_000_000, integer=True)),
+        "radius": Setting(5, "radius of the affinity matrix's pairs", _number(1, 64, integer=True)),
+        "scale": Setting(1.0, "AffinityNet's input scale for the walk (above 1: a finer grid)",
+                         _number(0, 8, strict_low=True)),
+        # true and false: the older spellings of 'full' and 'off'.
+        "crf": Setting("full", "refinement of the walked labels that train the network: 'full' (the paper's dCRF), "
+                               "'band' (the dCRF within half a grid cell of the walk's boundaries), 'off'",
+                       Rule("one of 'band', 'full', 'off' (or true/false)",
+                            lambda v: isinstance(v, bool) or v in ("band", "full", "off"))),
+    },
+    # labels.method: irn (IRN, Ahn, Cho & Kwak 2019), on the stride-4 grid.
+    "irn": {
+        # irn trains with radius 10 and walks with 5.
+        "radius": Setting(5, "IRN: radius of the pairs on the stride-4 grid (boundary loss and walk)",
+                          _number(2, 16, integer=True)),
+        # irn: a constant background score of 0.25.
+        "alpha": Setting(16.0, "IRN: background (1 - max M)^alpha of the walk's input CAMs (Eq. 2)", _number(1, 1000)),
+        "beta": Setting(10.0, "IRN: Hadamard power of the path-max affinities", _number(0, 1000, strict_low=True)),
+        "t": Setting(256, "IRN: walk iterations", _number(1, 1_000_000, integer=True)),
+        "crf": Setting("band", "IRN: refinement of the walked labels: 'band', 'full' (the dCRF) or 'off', as "
+                               "random_walk.crf", _choice("band", "full", "off")),
+        # irn's: 3 epochs of SGD at 0.1 without momentum, weight decay 1e-4, poly; every trained
+        # layer is new (the backbone is frozen), so no multiplier.
+        **_training("IRNet", batch_size=8, epochs=3, optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=1e-4,
+                    new_layer_lr_mult=1.0),
+    },
+    "segmentation": {
+        "head": Setting("resnet38", "a registered segmentation head ('resnet38': two 3x3 atrous convs, Sec. 4.2)",
+                        _Registered(_segmentation_head_registry)),
+        "supervision": Setting("pseudo", "'pseudo' labels, or 'gt' for the fully supervised bound",
+                               _choice("pseudo", "gt")),
+        "train_output_stride": Setting(None, "null (backbone.output_stride) or 16: trained at 16, run at 8", _STRIDE),
+        "fine_tune_epochs": Setting(0, "as cam.fine_tune_epochs", _number(0, 10_000, integer=True)),
+        "seed": Setting(None, "seed of the segmentation network's training (null: the run's 'seed'); another value "
+                              "retrains the network alone on the same pseudo labels, for the seed spread",
+                        _number(0, 2**32 - 1, integer=True, optional=True)),
+        # Section 5.1's Adam, with the poly schedule as for SGD.
+        **_training("segmentation network", batch_size=8, epochs=30, optimizer="adam", lr=1e-4, momentum=0.9,
+                    weight_decay=5e-4, after_crop={
+                        "scale_range": Setting([0.7, 1.3], "random rescale range of the training images",
+                                               _number_list(0.0, 8, length=2))}),
+        "scales": Setting([0.5, 0.75, 1.0, 1.25, 1.5], "inference scales, each with its flip (A.2; 'auto': from the "
+                                                       "image size)", _number_list(0.0, 8, max_length=16)),
+        "flip": Setting(True, "add horizontally flipped predictions", _boolean()),
+        "crf": Setting(False, "dCRF on the network's predictions", _boolean()),
+    },
+    "report": {
+        "gallery_size": Setting(8, "label-split images in the report's gallery (at least one per class)",
+                                _number(0, 1000, integer=True)),
+    },
+    "sweep": {
+        "betas": Setting([2.0, 4.0, 8.0, 16.0, 32.0], "beta values of the Fig. 8 sweep", _number_list(0.0, 1000)),
+        "ts": Setting([16, 32, 64, 128, 256], "t values of the Fig. 8 sweep",
+                      _number_list(1, 1_000_000, strict_low=False, integer=True)),
+        "alphas": Setting([4.0, 8.0, 16.0, 24.0, 32.0], "alpha values of the Fig. 8 sweep",
+                          _number_list(1, 1000, strict_low=False)),
+        "max_images": Setting(0, "images the sweep scores (0: the whole label split)", _number(0, 10**9, integer=True)),
+    },
 }
-for _section in ("cam", "affinity", "irn", "segmentation"):
-    RULES.update({
-        f"{_section}.crop_size": _number(16, 4096, integer=True),
-        f"{_section}.color_jitter": _number_list(0.0, 10, length=4, strict_low=False),
-        f"{_section}.batch_size": _number(1, 4096, integer=True),
-        f"{_section}.epochs": _number(1, 10_000, integer=True),
-        f"{_section}.optimizer": _choice("sgd", "adam"),
-        f"{_section}.lr": _number(0, 10, strict_low=True),
-        f"{_section}.momentum": _number(0, 1),
-        f"{_section}.weight_decay": _number(0, 1),
-        f"{_section}.poly_power": _number(0, 100),
-        f"{_section}.new_layer_lr_mult": _number(0, 1000, strict_low=True),
-    })
-RULES.update({
-    "cam.head_channels": _number(1, 8192, integer=True),
-    "cam.resize_long": _number_list(16, 8192, length=2, strict_low=False, integer=True),
-    "cam.scales": _number_list(0.0, 8, max_length=16),
-    "cam.flip": _boolean(),
-    "segmentation.scale_range": _number_list(0.0, 8, length=2),
-    "segmentation.scales": _number_list(0.0, 8, max_length=16),
-    "segmentation.flip": _boolean(),
-    "segmentation.crf": _boolean(),
-})
-for _key in ("gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat"):
-    RULES[f"crf.{_key}"] = _number(0, 10_000)
+
+
+def _declared(tree: dict[str, Any], prefix: str = "") -> dict[str, Setting]:
+    """The settings by dotted key, in declaration order."""
+    flat: dict[str, Setting] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_declared(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _defaults_of(tree: dict[str, Any]) -> dict[str, Any]:
+    return {key: _defaults_of(value) if isinstance(value, dict) else value.default for key, value in tree.items()}
+
+
+DECLARED: dict[str, Setting] = _declared(SETTINGS)
+# The views the rest of the package reads: the default tree (saved configs keep its order), what
+# each key means, and the rule of each.
+DEFAULTS: dict[str, Any] = _defaults_of(SETTINGS)
+KEY_HELP: dict[str, str] = {key: setting.help for key, setting in DECLARED.items()}
+RULES: dict[str, Rule | _Registered] = {key: setting.rule for key, setting in DECLARED.items()}
+# The keys of every training section that shape what its network learns.
+TRAINING_KEYS: tuple[str, ...] = tuple(key for key in _training("", batch_size=1, epochs=1, optimizer="sgd", lr=1,
+                                                                momentum=0, weight_decay=0))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -687,13 +620,6 @@ def _check_combinations(config: dict[str, Any]) -> None:
         if not supports_undilated(backbone["name"]):
             raise ConfigError(f"config key 'backbone.atrous' can be false only for backbone 'resnet50' "
                               f"(irn's undilated ResNet-50), not '{backbone['name']}'")
-    from .pipeline import label_methods
-
-    methods = label_methods()
-    if config["labels"]["method"] not in methods:
-        method = config["labels"]["method"]
-        raise ConfigError(f"config key 'labels.method' must be one of {', '.join(map(repr, sorted(methods)))}, "
-                          f"got {_shown(method)}{did_you_mean(method, methods)}")
     dataset = _dataset_registry().get(config["dataset"]["name"])
     name, root = dataset.name, config["dataset"]["root"]
     needs_root = dataset.info.get("needs_root", True)
@@ -706,14 +632,60 @@ def _check_combinations(config: dict[str, Any]) -> None:
         raise ConfigError(f"config key 'dataset.root': directory '{root}' does not exist")
 
 
+def key_help(key: str) -> str:
+    """What ``key`` means, with its choices where a registry holds them (never listed by hand)."""
+    text = KEY_HELP.get(key, "declared by the dataset that reads it")
+    rule = RULES.get(key)
+    choices = getattr(rule, "choices", None)
+    if isinstance(rule, _Registered) and choices:
+        text += f" (one of {', '.join(repr(name) for name in choices())})"
+    return text
+
+
+def reference_page() -> str:
+    """``docs/configuration.md``: every key by section, with its default, what it may be and what
+    it means, from the declarations in :data:`SETTINGS` (``affinitynet config docs`` prints it)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["# Configuration", "",
+             "<!-- Generated from the settings' declarations (src/affinitynet/config.py, SETTINGS) by",
+             "     `affinitynet config docs > docs/configuration.md`; tests/test_configuration_page.py fails",
+             "     when this page is stale. Edit the declarations, not this page. -->", "",
+             "Every key of a run's config: its default (the paper's VOC settings), the values it may take, and",
+             "what it means. Set keys in a YAML file (`--config FILE`) or on the command line",
+             "(`random_walk.beta=10`); `affinitynet config show --config FILE` prints the values a config",
+             "resolves to. A dataset registered by a plug-in adds its own `dataset.*` keys. Names that a",
+             "registry holds are listed as this package defines them; a plug-in's parts add to them.", ""]
+    sections: dict[str, list[str]] = {}
+    for key in DECLARED:
+        sections.setdefault(key.split(".")[0] if "." in key else "", []).append(key)
+    for section, keys in sections.items():
+        lines += [f"## `{section}`" if section else "## Top level", "",
+                  "| key | default | allowed | meaning |", "|---|---|---|---|"]
+        for key in keys:
+            setting = DECLARED[key]
+            rule = setting.rule
+            allowed = ("one of " + ", ".join(f"'{name}'" for name in rule.builtin())
+                       if isinstance(rule, _Registered) else rule.describe)
+            default = "null" if setting.default is None else show_value(setting.default)
+            lines.append(f"| `{key}` | `{default}` | {cell(allowed)} | {cell(setting.help)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def builtin_config_path(name: str) -> Path:
     return Path(str(resources.files("affinitynet") / "configs" / f"{name}.yaml"))
+
+
+def builtin_configs() -> list[str]:
+    """The names of the configs shipped in ``affinitynet/configs``."""
+    return sorted(path.stem for path in builtin_config_path("demo").parent.glob("*.yaml"))
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
                 check: bool = True) -> dict[str, Any]:
     """Defaults <- YAML file (a path, or a built-in name like ``demo``) <- ``key=value`` overrides."""
-    config = defaults()
     if path is None:
         path = builtin_config_path("demo")
     path = Path(path)
@@ -727,9 +699,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
         line = getattr(getattr(error, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    given = [parse_override(text) for text in overrides]
+    # The plug-ins first: their parts' names and their datasets' keys are the config's to check.
+    plugins = dict(given).get("plugins", tree.get("plugins", []) if isinstance(tree, dict) else [])
+    if not RULES["plugins"].check(plugins):
+        raise ConfigError(f"config key 'plugins' must be {RULES['plugins'].describe}, got {_shown(plugins)}")
+    load_plugins(plugins)
+    config = defaults()
     _merge(config, tree, str(path))
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in given:
         _set(config, key, value, "command line")
     if check:
         validate(config)

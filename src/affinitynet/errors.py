@@ -30,6 +30,10 @@ class StageError(AffinityNetError, RuntimeError):
     dataset's outputs); one line saying what to do."""
 
 
+class PluginError(AffinityNetError):
+    """A plug-in module (entry point or config key ``plugins``) that cannot be imported."""
+
+
 class RunDirBusy(AffinityNetError):
     """Another command writes into the run directory; one line naming it (``run_lock``)."""
 

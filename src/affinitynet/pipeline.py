@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .config import dump, flatten, get, load_config, section_hash
+from .config import TRAINING_KEYS, dump, flatten, get, load_config, section_hash
 from .datasets import dataset_keys
 from .errors import ConfigError, InputError, StageError
 from .io import read_json, write_json, write_text
@@ -32,8 +32,6 @@ from .training import batch_per_process, resolve_device
 
 log = logging.getLogger(__name__)
 
-_TRAIN = ("crop_size", "color_jitter", "batch_size", "epochs", "optimizer", "lr", "momentum",
-          "weight_decay", "poly_power", "new_layer_lr_mult")
 # Keys no stage's outputs depend on, so no stage hashes them (tests/test_stage_contract.py holds
 # every other key to be hashed by each stage that reads it): how and where the work runs, the
 # threshold of a check before it, the graph's choice (the chosen stage's hash is hashed in its
@@ -45,6 +43,7 @@ RUNTIME_KEYS: dict[str, str] = {
     "num_workers": "how the images are loaded",
     "amp": "how the work runs (numerics within mixed precision's tolerance)",
     "channels_last": "how the work runs (the memory layout of the same convolutions)",
+    "plugins": "which modules register parts (the names of the parts a stage uses are hashed)",
     "strict": "whether a bad input stops the command or is skipped",
     "dataset.max_skipped": "a check before the stages run",
     "labels.method": "chooses the label stage, whose hash the network's stages hash",
@@ -70,7 +69,7 @@ def dataset_inputs() -> tuple[str, ...]:
 def training_keys(section: str) -> tuple[str, ...]:
     """The keys of a training section (``cam``, ``affinity``, ``segmentation``) that shape what
     its network learns."""
-    return tuple(f"{section}.{key}" for key in _TRAIN)
+    return tuple(f"{section}.{key}" for key in TRAINING_KEYS)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,45 @@
 CAM and segmentation heads, CAM methods. A part registers itself with a decorator in the module
 that defines it; the config's rules, the CLI's choices and the builders ask the registry, so adding
 a part touches its own file (and its test).
+
+Parts from outside the package plug in the same way, from a module that imports the decorator
+(``from affinitynet.backbones import register_backbone``) and is imported before the registry is
+asked: every module an installed distribution names in the entry-point group
+``affinitynet.plugins`` (``[project.entry-points."affinitynet.plugins"] my_lab = "my_lab.parts"``),
+and the modules of the config key ``plugins`` (mmsegmentation's ``custom_imports``).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import PluginError
+
+ENTRY_POINT_GROUP = "affinitynet.plugins"
+_IMPORTED_PLUGINS: set[str] = set()
+
+
+def _import_plugin(module: str, source: str) -> None:
+    if module in _IMPORTED_PLUGINS:
+        return
+    try:
+        importlib.import_module(module)
+    except Exception as error:   # a plug-in's own bug or a missing module: one line naming it
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise PluginError(f"{source}: plug-in module '{module}' could not be imported "
+                          f"({error.__class__.__name__}{': ' + first if first else ''})") from error
+    _IMPORTED_PLUGINS.add(module)
+
+
+def load_plugins(modules: Iterable[str] = (), source: str = "config key 'plugins'") -> None:
+    """Import the plug-ins of the installed distributions (once), then ``modules``."""
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        _import_plugin(entry.value.split(":")[0], f"entry point '{entry.name}' ({ENTRY_POINT_GROUP})")
+    for module in modules:
+        _import_plugin(module, source)
 
 
 @dataclass(frozen=True)
@@ -39,12 +71,14 @@ class Registry:
         return decorator
 
     def _load(self) -> None:
-        if self._loaded or self._package is None:
+        if self._loaded:
             return
         self._loaded = True
-        package = importlib.import_module(self._package)
-        for module in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{self._package}.{module.name}")
+        if self._package is not None:
+            package = importlib.import_module(self._package)
+            for module in pkgutil.iter_modules(package.__path__):
+                importlib.import_module(f"{self._package}.{module.name}")
+        load_plugins()
 
     def names(self) -> list[str]:
         """The registered names, sorted (registration order follows imports, which say nothing)."""
