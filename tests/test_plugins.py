@@ -14,39 +14,17 @@ import pytest
 import tiny_pipeline as tiny
 import torch
 
+# The lab's backbone is a model class from elsewhere (tests/tiny_backbone.py), registered under
+# the lab's name.
 BACKBONE = '''
-from torch import nn
+from tiny_backbone import TinyBackbone
 
 from affinitynet.backbones import register_backbone
 
 
-class LabNet(nn.Module):
-    """Three stride-2 conv levels (output stride 8) with the backbone interface."""
-
-    mean = (0.5, 0.5, 0.5)
-    std = (0.25, 0.25, 0.25)
-
-    def __init__(self, output_stride=8):
-        super().__init__()
-        self.output_stride = output_stride
-        self.out_channels = (8, 16, 24)
-        layers, cin = [], 3
-        for cout in self.out_channels:
-            layers.append(nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()))
-            cin = cout
-        self.levels = nn.ModuleList(layers)
-
-    def forward(self, x):
-        out = []
-        for level in self.levels:
-            x = level(x)
-            out.append(x)
-        return out
-
-
 @register_backbone("lab_net", output_strides=(8,))
 def lab_net(output_stride=8, pretrained=True):
-    return LabNet(output_stride)
+    return TinyBackbone(output_stride)
 '''
 
 DATASET = '''
@@ -84,7 +62,8 @@ def plugin_path(tmp_path_factory) -> Path:
 def affinitynet(args: list[str], cwd: Path, plugin_path: Path | None) -> subprocess.CompletedProcess:
     import affinitynet as package
 
-    paths = [str(Path(package.__file__).resolve().parents[1])] + ([str(plugin_path)] if plugin_path else [])
+    paths = [str(Path(package.__file__).resolve().parents[1]), str(Path(__file__).parent)]
+    paths += [str(plugin_path)] if plugin_path else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     env.pop("AFFINITYNET_RUN_LOCK", None)
     return subprocess.run([sys.executable, "-m", "affinitynet", *args], cwd=cwd, env=env, capture_output=True,

@@ -46,7 +46,7 @@ def run_sweep(config: dict[str, Any], which: str = "both") -> dict[str, Any]:
     for needed in ("infer_cam", "random_walk"):
         if not is_complete(config, needed):
             raise StageError(f"sweep needs the finished '{needed}' stage of {config['run_dir']} "
-                               f"(run `affinitynet run` with the same config first)")
+                             f"(run `affinitynet run` with the same config first)")
     data = dataset(config, "label_split")
     if not data.has_masks:
         raise StageError(f"sweep scores against ground truth, and {data.name} '{data.split}' has none")
