@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from affinitynet.affinity import downsample_labels, pair_labels
 from affinitynet.config import load_config
-from affinitynet.io import load_label_png
-from affinitynet.steps import dataset
+from affinitynet.files import load_label_png
+from affinitynet.stages import dataset
 
 
 def main() -> int:

@@ -17,8 +17,8 @@ import numpy as np
 
 from affinitynet.config import load_config
 from affinitynet.metrics import ConfusionMatrix, score_samples, scored_samples
-from affinitynet.steps import dataset
-from affinitynet.steps.evaluate_run import rows
+from affinitynet.stages import dataset
+from affinitynet.stages.evaluate_run import rows
 
 
 def background_shares(confusion: ConfusionMatrix) -> np.ndarray:

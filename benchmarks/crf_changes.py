@@ -23,10 +23,10 @@ import numpy as np
 from tqdm import tqdm
 
 from affinitynet.config import load_config
-from affinitynet.io import load_label_png
+from affinitynet.files import load_label_png
 from affinitynet.metrics import IGNORE_INDEX, ConfusionMatrix
 from affinitynet.pseudo_labels import boundary_band, refinement
-from affinitynet.steps import dataset
+from affinitynet.stages import dataset
 
 
 def main() -> int:

@@ -57,7 +57,7 @@ from affinitynet.cam import labels_from_scores
 from affinitynet.cli import main as affinitynet
 from affinitynet.config import load_config
 from affinitynet.datasets import build_dataset, ensure_msrc21
-from affinitynet.io import load_label_png, load_npz
+from affinitynet.files import load_label_png, load_npz
 from affinitynet.multiscale import scaled_size
 from affinitynet.pseudo_labels import label_maps, to_grid, to_image
 from affinitynet.random_walk import neighbour_offsets, pair_affinities, random_walk
@@ -250,8 +250,8 @@ def run_ours(work: Path, cls_weights: Path, aff_weights: Path, tags: dict[str, l
                "cam.eval_bg_threshold=0.2", f"random_walk.alpha={ALPHA}", f"random_walk.beta={BETA}",
                f"random_walk.t={2 ** LOGT}", f"random_walk.radius={RADIUS}", f"cam.scales={list(SCALES)}",
                "cam.flip=true"]
-    import affinitynet.steps.infer_cam as infer_cam_stage
-    import affinitynet.steps.random_walk as random_walk_stage
+    import affinitynet.stages.infer_cam as infer_cam_stage
+    import affinitynet.stages.random_walk as random_walk_stage
 
     seen: dict[str, list] = {"cams": [], "affinities": []}
     real_cams, real_pairs = infer_cam_stage.infer_cams, random_walk_stage.pair_affinities
@@ -274,7 +274,7 @@ def run_ours(work: Path, cls_weights: Path, aff_weights: Path, tags: dict[str, l
     seen["config"] = load_config(run_dir / "config.yaml")
     seen["dir"] = run_dir
     # The stages went through the images in the dataset's order.
-    from affinitynet.steps import label_images
+    from affinitynet.stages import label_images
 
     order = [sample.id for sample in label_images(seen["config"]).samples]
     seen["cams"] = dict(zip(order, seen["cams"]))

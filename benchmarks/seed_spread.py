@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from affinitynet.config import load_config
-from affinitynet.io import read_json, write_json
+from affinitynet.files import read_json, write_json
 from affinitynet.metrics import format_table
 from affinitynet.pipeline import MARKER, ancestors, stage
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from affinitynet.datasets import build_dataset, check_dataset
 from affinitynet.errors import InputError
-from affinitynet.io import load_image, save_label_png
+from affinitynet.files import load_image, save_label_png
 
 
 def assert_one_line(message: str, path) -> None:

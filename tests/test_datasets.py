@@ -14,7 +14,7 @@ from PIL import Image
 from affinitynet.datasets import (DATASETS, build_dataset, check_dataset, demo, ensure_msrc21, find_msrc21_tarball,
                                   generate_demo, msrc21)
 from affinitynet.errors import InputError
-from affinitynet.io import save_label_png
+from affinitynet.files import save_label_png
 
 
 def _digest(root: Path) -> dict[str, str]:

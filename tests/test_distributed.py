@@ -196,7 +196,7 @@ def _score_worker(rank: int, world: int, port: int, overrides: list[str], pred_d
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from affinitynet.config import load_config
-    from affinitynet.steps import score
+    from affinitynet.stages import score
 
     distributed.init_from_env(torch.device("cpu"))
     assert distributed.world_size() == world and distributed.rank() == rank
@@ -212,9 +212,9 @@ def test_evaluation_on_two_ranks_equals_single_process(workspace, reference):
     """Exact confusion matrix, scores and skipped lines (in dataset order), with some
     predictions missing or of the wrong size so that both ranks skip images."""
     from affinitynet.config import load_config
-    from affinitynet.io import load_label_png, save_label_png
+    from affinitynet.files import load_label_png, save_label_png
     from affinitynet.metrics import evaluate_predictions
-    from affinitynet.steps import dataset
+    from affinitynet.stages import dataset
 
     overrides = [*TINY, f"dataset.root={workspace / 'data'}", f"run_dir={reference}"]
     pred_dir = workspace / "predictions"

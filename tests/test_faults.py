@@ -20,7 +20,7 @@ import tiny_pipeline as tiny
 from affinitynet import run_lock
 from affinitynet.checkpoints import load_checkpoint
 from affinitynet.errors import InputError
-from affinitynet.io import load_image
+from affinitynet.files import load_image
 
 STEPS = tiny.STEPS_PER_EPOCH
 
@@ -104,11 +104,11 @@ def test_sigkill_inside_every_stage_then_resume_gives_the_reference_outputs(refe
 # --- a full disk ----------------------------------------------------------------------------------
 
 class DiskFull:
-    """``affinitynet.io.atomic_write`` that fails like a full disk on the ``fail_at``-th write
+    """``affinitynet.files.atomic_write`` that fails like a full disk on the ``fail_at``-th write
     below ``under``: half the data reaches the temporary file, then write() raises ENOSPC."""
 
     def __init__(self, monkeypatch, under: Path, fail_at: int, name: str | None = None):
-        import affinitynet.io as io_module
+        import affinitynet.files as io_module
 
         self.real = io_module.atomic_write
         self.under, self.fail_at, self.name = under, fail_at, name
@@ -191,7 +191,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(reference, t
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_non_finite_loss_stops_with_the_epoch_1_checkpoint_intact(reference, tmp_path, monkeypatch, capsys, bad):
-    import affinitynet.steps.train_affinity as train_affinity
+    import affinitynet.stages.train_affinity as train_affinity
 
     ref_run, data_root = reference
     run = tiny.copy_stages(ref_run, tmp_path / "run", ["confident_regions"])
@@ -252,7 +252,7 @@ def read_only(directory: Path, monkeypatch):
         simulated = True
         import tempfile
 
-        import affinitynet.io as io_module
+        import affinitynet.files as io_module
 
         def mkstemp(suffix=None, prefix=None, dir=None, text=False):
             if dir is not None and (Path(dir) == directory or directory in Path(dir).parents):

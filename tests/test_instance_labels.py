@@ -22,7 +22,7 @@ from affinitynet.instance_labels import (
     save_instances,
     split_instances,
 )
-from affinitynet.io import VOC_PALETTE, save_label_png
+from affinitynet.files import VOC_PALETTE, save_label_png
 from affinitynet.metrics import Instance
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 import tiny_pipeline as tiny
 from affinitynet import pipeline
-from affinitynet.io import load_label_png
+from affinitynet.files import load_label_png
 from test_stage_contract import loose_reads
 
 
@@ -49,7 +49,7 @@ def check_instances(run_dir, config):
     from pycocotools.coco import COCO
 
     from affinitynet.instance_labels import load_instances
-    from affinitynet.steps import label_images
+    from affinitynet.stages import label_images
 
     spec = pipeline.stage("irn_instances")
     semantic_dir = pipeline.stage("irn_walk").output("pseudo_labels", run_dir)

@@ -16,11 +16,11 @@ import tiny_pipeline as tiny
 from PIL import Image
 
 from affinitynet.config import DEFAULTS, KEY_HELP, flatten, load_config
-from affinitynet.coverage import label_coverage
+from affinitynet.label_coverage import label_coverage
 from affinitynet.datasets import build_dataset, check_skipped_share, describe_classes, generate_demo
 from affinitynet.datasets.base import Sample, SegmentationDataset
 from affinitynet.errors import InputError
-from affinitynet.io import save_label_png, write_bytes
+from affinitynet.files import save_label_png, write_bytes
 
 
 def photos(root: Path, names, size=(40, 60)) -> Path:

@@ -9,7 +9,7 @@ import tiny_pipeline as tiny
 
 from affinitynet.config import load_config
 from affinitynet.errors import ConfigError
-from affinitynet.io import load_label_png, read_json
+from affinitynet.files import load_label_png, read_json
 from affinitynet.pseudo_labels import band_limited, boundary_band, refinement
 
 

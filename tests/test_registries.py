@@ -15,7 +15,7 @@ from affinitynet import pipeline
 from affinitynet.config import load_config
 from affinitynet.datasets import DATASETS, build_dataset, register_dataset
 from affinitynet.errors import ConfigError, InputError
-from affinitynet.io import load_label_png, save_label_png
+from affinitynet.files import load_label_png, save_label_png
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_a_registered_segmentation_head_builds_and_is_a_config_choice():
 
 def copy_cam_labels(config, force=False):
     """A second label method in a dozen lines: the CAM labels, unrefined, as the pseudo labels."""
-    from affinitynet.steps import label_images, setup
+    from affinitynet.stages import label_images, setup
 
     setup(config)
     job = pipeline.StageRun(config, "cam_copy", force)

@@ -114,7 +114,7 @@ def test_another_dataset_is_refused_unless_forced(reference, mine, tmp_path, cap
 
 def test_a_class_list_change_is_another_dataset(tmp_path):
     from affinitynet.errors import StageError
-    from affinitynet.io import write_json
+    from affinitynet.files import write_json
     from affinitynet.pipeline import _training_split, check_run_dir, dataset_identity
 
     config = tiny.config(tmp_path / "run", tmp_path / "data")
@@ -133,7 +133,7 @@ def test_segmentation_seed_retrains_the_network_alone(mine, reference, capsys):
     """``segmentation.seed`` unset keeps every stage's hash (runs made before the key existed stay
     current); set, it retrains the network on the same pseudo labels and leaves the labels alone."""
     from affinitynet.config import section_hash
-    from affinitynet.io import read_json
+    from affinitynet.files import read_json
     from affinitynet.pipeline import dataset_inputs, stage, stage_hash
     from affinitynet.checkpoints import load_checkpoint
 
@@ -193,11 +193,11 @@ def test_the_same_dataset_spelled_another_way_is_not_a_new_input(mine, reference
 
 
 def test_each_training_stage_records_its_last_epoch(reference):
-    """Every training stage's marker (``steps.train_stage``) holds its epochs and the last epoch's
+    """Every training stage's marker (``stages.train_stage``) holds its epochs and the last epoch's
     logged means, the ones its ``log.csv`` ends with; the segmentation network also its seed."""
     import csv
 
-    from affinitynet.io import read_json
+    from affinitynet.files import read_json
 
     ref_run, _ = reference
     config = load_config(ref_run / "config.yaml")

@@ -25,7 +25,7 @@ from affinitynet.checkpoints import save_checkpoint
 from affinitynet.config import DEFAULTS
 from affinitynet.datasets.base import Sample, SegmentationDataset
 from affinitynet.errors import TrainingError
-from affinitynet.io import load_label_png, save_label_png
+from affinitynet.files import load_label_png, save_label_png
 from affinitynet.predict import overlay, predict_files
 from affinitynet.segmentation import (
     SegmentationNet,
@@ -239,17 +239,17 @@ def _config(tmp_path: Path, supervision: str = "gt") -> dict:
 @pytest.fixture
 def tiny_data(tmp_path, monkeypatch):
     data = _dataset(tmp_path)
-    import affinitynet.steps as steps
-    import affinitynet.steps.infer_seg as infer_seg
+    import affinitynet.stages as steps
+    import affinitynet.stages.infer_seg as infer_seg
 
-    # train-seg reads its images through steps.train_stage.
+    # train-seg reads its images through stages.train_stage.
     for module in (steps, infer_seg):
         monkeypatch.setattr(module, "dataset", lambda config, key: data)
     return data
 
 
 def test_training_overfits_a_tiny_dataset_and_predicts_its_masks(tmp_path, tiny_data, capsys):
-    from affinitynet.steps import infer_seg, train_seg
+    from affinitynet.stages import infer_seg, train_seg
 
     config = _config(tmp_path)
     summary = train_seg.run(config)
@@ -279,7 +279,7 @@ def test_training_overfits_a_tiny_dataset_and_predicts_its_masks(tmp_path, tiny_
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_data, monkeypatch):
-    from affinitynet.steps import train_seg
+    from affinitynet.stages import train_seg
 
     config = _config(tmp_path)
     config["segmentation"]["epochs"] = 3
@@ -309,7 +309,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_data, monkey
 
 def test_pseudo_supervision_reads_the_random_walk_labels(tmp_path, tiny_data):
     from affinitynet.errors import InputError
-    from affinitynet.steps.train_seg import (
+    from affinitynet.stages.train_seg import (
         check_labels_exist,
         label_loader,
         pseudo_label_dir,
@@ -335,7 +335,7 @@ def test_pseudo_supervision_reads_the_random_walk_labels(tmp_path, tiny_data):
 
 
 def test_a_batch_without_labelled_pixels_gives_a_finite_zero_loss():
-    from affinitynet.steps.train_seg import segmentation_step
+    from affinitynet.stages.train_seg import segmentation_step
 
     model = _tiny_model()
     labels = torch.full((2, 24, 24), 255, dtype=torch.long)

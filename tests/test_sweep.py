@@ -5,7 +5,7 @@ import json
 import pytest
 
 import tiny_pipeline as tiny
-from affinitynet.io import read_json
+from affinitynet.files import read_json
 
 
 def test_sweep_reproduces_the_runs_cam_rw_miou(reference, tmp_path):

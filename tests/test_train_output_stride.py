@@ -124,7 +124,7 @@ def test_train_affinity_and_the_walk_with_the_backbone_at_16(tmp_path_factory, t
     import tiny_pipeline as tiny
 
     from affinitynet.checkpoints import load_checkpoint
-    from affinitynet.io import load_npz
+    from affinitynet.files import load_npz
 
     reference, data_root = tiny.reference_run(tmp_path_factory)
     run = tiny.copy_stages(reference, tmp_path / "run", ["train_cam", "infer_cam", "confident_regions"])
@@ -158,7 +158,7 @@ def _fine_tuned(epochs, kind="segmentation", stride=16):
 def test_fine_tune_epochs_put_the_last_epochs_at_the_stride_it_runs_at(kind, outputs, coarse_heads, fine_heads,
                                                                         capsys):
     from affinitynet.networks import fine_tune_epochs
-    from affinitynet.steps import _fine_tuning
+    from affinitynet.stages import _fine_tuning
 
     config = _fine_tuned(2, kind)
     assert config[kind]["epochs"] == 8

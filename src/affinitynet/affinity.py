@@ -26,7 +26,7 @@ from torch import nn
 
 from .cam import background_map
 from .crf import CRFParams, dense_crf
-from .io import IGNORE_INDEX
+from .files import IGNORE_INDEX
 
 __all__ = ["NEUTRAL", "AffinityNet", "affinity_loss", "affinity_loss_from_distances",
            "background_map", "boundary_image", "boundary_map", "confident_regions",

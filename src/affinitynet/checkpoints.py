@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .errors import TrainingError
-from .io import write_bytes
+from .files import write_bytes
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

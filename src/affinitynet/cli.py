@@ -226,7 +226,7 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .datasets import build_dataset
-    from .io import write_json
+    from .files import write_json
     from .metrics import evaluate_predictions, format_table
 
     config = _config_from_args(args)
@@ -249,7 +249,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_datasets(args: argparse.Namespace) -> int:
     from . import datasets
-    from .io import plural
+    from .files import plural
 
     if args.action == "list":
         for entry in datasets.DATASETS:

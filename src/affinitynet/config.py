@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from .errors import ConfigError
-from .io import write_text
+from .files import write_text
 from .registry import load_plugins
 
 

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InputError
-from .io import IGNORE_INDEX, load_label_png, read_json, save_label_png, write_json
+from .files import IGNORE_INDEX, load_label_png, read_json, save_label_png, write_json
 from .metrics import Instance
 
 # IRN's rule: a connected part smaller than this share of the image is a fragment (score 0).

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError
-from .io import IGNORE_INDEX, load_label_png
+from .files import IGNORE_INDEX, load_label_png
 
 
 def _counts(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int) -> np.ndarray:

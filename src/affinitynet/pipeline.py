@@ -1,5 +1,5 @@
 """The orchestrator (irn's structure): stages in order, each a ``run(config)`` in
-``affinitynet.steps``, each writing to its own directory of the run.
+``affinitynet.stages``, each writing to its own directory of the run.
 
 A stage directory holds ``_stage.json``: the hash of the config keys the stage depends on (and
 of its upstream stages' hashes) and whether it completed. ``affinitynet run`` skips a stage whose
@@ -26,7 +26,7 @@ from . import distributed
 from .config import TRAINING_KEYS, dump, flatten, get, load_config, section_hash
 from .datasets import dataset_keys
 from .errors import ConfigError, InputError, StageError
-from .io import read_json, write_json, write_text
+from .files import read_json, write_json, write_text
 from .precision import dtype_name
 from .training import batch_per_process, resolve_device
 
@@ -74,14 +74,14 @@ def training_keys(section: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Stage:
-    """One pipeline stage, declared by its own module in ``affinitynet.steps`` as ``STAGE``.
+    """One pipeline stage, declared by its own module in ``affinitynet.stages`` as ``STAGE``.
 
     ``upstream`` is a tuple of stage names, or a function of the config giving them (the
     segmentation network reads the labels of the configured label method, or none for the
     ground-truth bound). ``outputs`` names what the stage writes, as paths relative to its
     directory; other code asks for them with :meth:`output` instead of spelling the path.
     """
-    name: str                      # directory name and module name in affinitynet.steps
+    name: str                      # directory name and module name in affinitynet.stages
     command: str                   # CLI subcommand
     help: str
     keys: tuple[str, ...]          # config keys the outputs depend on (besides dataset_inputs())
@@ -119,14 +119,14 @@ class Stage:
 
 
 def _discover() -> dict[str, Stage]:
-    """Every ``STAGE`` declared by a module of ``affinitynet.steps``, by name."""
+    """Every ``STAGE`` declared by a module of ``affinitynet.stages``, by name."""
     import pkgutil
 
-    from . import steps
+    from . import stages as stage_modules
 
     found: dict[str, Stage] = {}
-    for module in pkgutil.iter_modules(steps.__path__):
-        declared = getattr(importlib.import_module(f"{steps.__name__}.{module.name}"), "STAGE", None)
+    for module in pkgutil.iter_modules(stage_modules.__path__):
+        declared = getattr(importlib.import_module(f"{stage_modules.__name__}.{module.name}"), "STAGE", None)
         if isinstance(declared, Stage):
             found[declared.name] = declared
     return found
@@ -313,7 +313,7 @@ def dataset_identity(config: dict[str, Any], data=None) -> dict[str, Any]:
 
 
 def _training_split(config: dict[str, Any]):
-    from .steps import dataset
+    from .stages import dataset
 
     return dataset(config, "train_split")
 
@@ -608,7 +608,7 @@ def run_summary(config: dict[str, Any]) -> str | None:
     """One line on what the run's labels hold, from ``results.json`` (evaluate-run): the mIoU
     where there is ground truth, and, ground truth or not, the images whose tagged class vanished
     and the classes that (almost) never appear."""
-    from .coverage import summary_line
+    from .label_coverage import summary_line
 
     results = _json_or_none(Path(config["run_dir"]) / "results.json")
     return summary_line(results) if isinstance(results, dict) else None

@@ -17,7 +17,7 @@ OVERLAY_ALPHA = 0.5
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """The image with every non-background pixel blended with its class's VOC colour."""
-    from .io import VOC_PALETTE
+    from .files import VOC_PALETTE
 
     colours = VOC_PALETTE[labels].astype(np.float32)
     blended = image.astype(np.float32) * (1.0 - alpha) + colours * alpha
@@ -30,7 +30,7 @@ def legend_image(class_names: Sequence[str], row: int = 18, width: int = 220) ->
     """A swatch and name per class in the VOC palette, for reading the masks and overlays."""
     from PIL import Image, ImageDraw
 
-    from .io import VOC_PALETTE
+    from .files import VOC_PALETTE
 
     canvas = Image.new("RGB", (width, row * len(class_names) + 4), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -98,7 +98,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     prints it and exits with 2). ``crf`` uses the default dense-CRF parameters (5.1).
     """
     from .errors import InputError
-    from .io import load_image, save_label_png, save_rgb_png
+    from .files import load_image, save_label_png, save_rgb_png
     from .precision import for_inference
     from .training import resolve_device
 

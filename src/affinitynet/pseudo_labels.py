@@ -144,7 +144,7 @@ def save_refined(folders, sample_id: str, mode: str, walked: np.ndarray, refined
                  stride: int) -> None:
     """Write one image's walked labels and, as ``mode`` says, its refined ones into ``folders``
     (output name -> folder, those of :func:`refined_rows`)."""
-    from .io import save_label_png
+    from .files import save_label_png
 
     save_label_png(folders["rw_labels"] / f"{sample_id}.png", walked)
     if mode == "band":

@@ -197,10 +197,10 @@ def import_weights(kind: str, path: str | Path, config: dict[str, Any]) -> dict[
     ``path`` (``config`` already has the layout, see :func:`apply_layout`). Returns the stage's
     ``_stage.json`` summary."""
     from . import distributed
-    from .io import read_json, write_json
+    from .files import read_json, write_json
     from .pipeline import StageRun, descendants, imported_kind, stage, stage_hash
     from .networks import NETWORKS, build_network, network_meta
-    from .steps import dataset
+    from .stages import dataset
     from .checkpoints import save_checkpoint
 
     spec = KINDS[kind]

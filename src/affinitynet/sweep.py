@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from .cam import background_map, labels_from_scores
 from .errors import StageError
-from .io import load_npz, write_json
+from .files import load_npz, write_json
 from .metrics import ConfusionMatrix
 from .pipeline import is_complete, stage
 from .pseudo_labels import to_grid, to_image
 from .random_walk import random_walk
-from .steps import dataset, setup
+from .stages import dataset, setup
 
 # Where the sweep writes, in the run directory (the report shows its figure).
 FOLDER, FIGURE = "sweep", "fig8.png"
@@ -111,11 +111,11 @@ def plot_sweep(result: dict[str, Any], out_dir: Path) -> None:
     """Fig. 8 (a): mIoU against t, one line per beta; (b): mIoU against alpha."""
     import matplotlib
     matplotlib.use("Agg")
-    import io as _io
+    import io
 
     import matplotlib.pyplot as plt
 
-    from .io import write_bytes
+    from .files import write_bytes
 
     panels = [key for key in ("beta_t", "alpha") if key in result]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
@@ -136,7 +136,7 @@ def plot_sweep(result: dict[str, Any], out_dir: Path) -> None:
         axis.set_ylabel("pseudo-label mIoU (%)")
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    buffer = _io.BytesIO()
+    buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     write_bytes(Path(out_dir) / FIGURE, buffer.getvalue())

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoints import load_checkpoint, save_checkpoint
 from .errors import TrainingError
-from .io import write_text
+from .files import write_text
 from .precision import AmpModule, amp_dtype, use_channels_last
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import torch
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from PIL import Image
 
-from .io import IGNORE_INDEX
+from .files import IGNORE_INDEX
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

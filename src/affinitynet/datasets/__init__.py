@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import InputError
-from ..io import plural
+from ..files import plural
 from .base import DATASETS, IGNORE_INDEX, Sample, SegmentationDataset, register_dataset
 from .demo import CLASS_NAMES as DEMO_CLASSES
 from .demo import default_demo_root, generate_demo

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import IGNORE_INDEX, load_image, load_label_png
+from ..files import IGNORE_INDEX, load_image, load_label_png
 from ..metrics import Instance
 from ..registry import Registry
 

@@ -35,7 +35,7 @@ i), so changing the number of images keeps the others identical.
 from __future__ import annotations
 
 import colorsys
-import io as _io
+import io
 import json
 import os
 import re
@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from ..io import VOC_PALETTE, read_json, write_json, write_text
+from ..files import VOC_PALETTE, read_json, write_json, write_text
 from .base import Sample, SegmentationDataset, register_dataset
 from .folder import load_checked_mask, read_list_file
 
@@ -218,7 +218,7 @@ def _png_bytes(array: np.ndarray, palette: bool) -> bytes:
         image.putpalette(VOC_PALETTE.flatten().tolist())   # demo masks have no 255
     else:
         image = Image.fromarray(array)
-    buffer = _io.BytesIO()
+    buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 

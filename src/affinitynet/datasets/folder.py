@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import csv
 import difflib
-import io as _io
+import io
 import json
 import os
 import posixpath
@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from ..io import load_label_png, plural
+from ..files import load_label_png, plural
 from .base import Sample, SegmentationDataset, register_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -166,7 +166,7 @@ class _Entry:
 def _read_csv(path: Path) -> tuple[list[_Entry], bool]:
     text = read_text(path)
     try:
-        rows = [(number, row) for number, row in enumerate(csv.reader(_io.StringIO(text)), start=1)]
+        rows = [(number, row) for number, row in enumerate(csv.reader(io.StringIO(text)), start=1)]
     except csv.Error as error:
         raise InputError(path, f"not a valid CSV file ({error})") from None
     rows = [(n, [cell.strip() for cell in row]) for n, row in rows if any(cell.strip() for cell in row)]

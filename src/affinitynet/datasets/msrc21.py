@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import load_rgb_raw
+from ..files import load_rgb_raw
 from .base import IGNORE_INDEX, Sample, SegmentationDataset, register_dataset
 from .folder import image_size, read_list_file, relative_inside
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import load_label_png
+from ..files import load_label_png
 from .base import IGNORE_INDEX, Sample, SegmentationDataset, register_dataset
 from .folder import load_checked_mask, read_list_file, relative_inside
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from ..io import IGNORE_INDEX, VOC_PALETTE, read_json
+from ..files import IGNORE_INDEX, VOC_PALETTE, read_json
 
 # Longest side of a gallery picture in pixels: enough for a sharp 160 px cell on a dense screen,
 # small enough that a VOC-sized gallery stays a few MB.

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..io import VOC_PALETTE, load_image, load_label_png, load_npz
+from ..files import VOC_PALETTE, load_image, load_label_png, load_npz
 
 from .common import _colour_labels, _esc, _number, _resize_float, _resize_rgb, _thumb_size
 
@@ -87,7 +87,7 @@ class _Gallery:
             self.notes.append("Input images and ground truth are not shown: the demo dataset is not generated "
                               "at its root (run `affinitynet dataset generate`).")
             return []
-        from ..steps import dataset
+        from ..stages import dataset
 
         datasets = []
         local = dict(config, dataset=section)

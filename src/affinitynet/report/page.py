@@ -12,9 +12,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from ..coverage import RARE_PIXEL_PERCENT
+from ..label_coverage import RARE_PIXEL_PERCENT
 from ..errors import InputError
-from ..io import save_rgb_png, write_bytes, write_text
+from ..files import save_rgb_png, write_bytes, write_text
 from .charts import _curves_figure, _iou_bar_chart, _iou_table, write_tensorboard
 from .common import (_curve_names, _esc, _fmt_scalar, _fmt_seconds, _number, _read_json_or_none, _stage_order,
                      _training_stages, read_log_csv)

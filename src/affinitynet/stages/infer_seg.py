@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import distributed
-from ..io import save_label_png
+from ..files import save_label_png
 from ..metrics import format_table
 from ..networks import check_meta
 from ..pipeline import Stage, StageRun, map_images, stage

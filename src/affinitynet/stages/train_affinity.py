@@ -14,7 +14,7 @@ from ..affinity import (
     feature_distances,
     pair_labels,
 )
-from ..io import load_label_png
+from ..files import load_label_png
 from ..pipeline import Stage, stage, training_keys
 from ..training import ImageTrainSet
 from . import train_stage

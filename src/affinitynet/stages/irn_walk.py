@@ -13,7 +13,7 @@ from PIL import Image
 from .. import distributed, transforms
 from ..crf import CRFParams
 from ..inter_pixel import path_max_affinities
-from ..io import load_npz, save_rgb_png
+from ..files import load_npz, save_rgb_png
 from ..irnet import STRIDE, predict
 from ..networks import load_network
 from ..precision import for_inference

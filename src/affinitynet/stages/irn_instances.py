@@ -17,7 +17,7 @@ from .. import distributed
 from ..errors import InputError
 from ..instance_labels import coco_document, instance_seeds, load_instances, save_instances, split_instances
 from ..inter_pixel import instance_map
-from ..io import IGNORE_INDEX, load_label_png, load_npz, write_json
+from ..files import IGNORE_INDEX, load_label_png, load_npz, write_json
 from ..irnet import STRIDE
 from ..metrics import format_table, instance_average_precision
 from ..pipeline import Stage, map_images, stage

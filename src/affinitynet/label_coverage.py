@@ -20,7 +20,7 @@ import numpy as np
 
 from .datasets.base import IGNORE_INDEX
 from .errors import InputError
-from .io import load_label_png
+from .files import load_label_png
 
 # A class under this share of the labelled pixels is reported as (almost) absent.
 RARE_PIXEL_PERCENT = 0.5

@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import distributed, transforms
 from ..cam import infer_cams, labels_from_scores, with_background
-from ..io import save_label_png, save_npz
+from ..files import save_label_png, save_npz
 from ..metrics import format_table
 from ..networks import load_network
 from ..pipeline import Stage, StageRun, map_images

@@ -9,7 +9,7 @@ import torch
 from .. import distributed
 from ..affinity import NEUTRAL, confident_regions
 from ..crf import CRFParams
-from ..io import load_label_png, load_npz, save_label_png
+from ..files import load_label_png, load_npz, save_label_png
 from ..pipeline import Stage, StageRun, map_images, stage
 from . import dataset, setup
 

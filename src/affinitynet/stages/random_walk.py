@@ -20,7 +20,7 @@ from .. import distributed, transforms
 from ..affinity import boundary_image, boundary_map
 from ..crf import CRFParams
 from ..errors import ConfigError
-from ..io import load_npz, save_npz, save_rgb_png
+from ..files import load_npz, save_npz, save_rgb_png
 from ..networks import load_network
 from ..pipeline import Stage, StageRun, map_images, stage
 from ..precision import for_inference

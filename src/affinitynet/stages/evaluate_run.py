@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from ..coverage import run_coverage
-from ..io import read_json, write_json
+from ..label_coverage import run_coverage
+from ..files import read_json, write_json
 from ..metrics import format_table
 from ..pipeline import MARKER, Stage, StageRun, companion_stages, label_stage, stage
 from . import dataset, label_images, score, setup

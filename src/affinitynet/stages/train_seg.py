@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import transforms
 from ..errors import InputError, TrainingError
-from ..io import IGNORE_INDEX, load_label_png
+from ..files import IGNORE_INDEX, load_label_png
 from ..pipeline import Stage, label_stage, training_keys
 from ..training import ImageTrainSet
 from . import train_stage
