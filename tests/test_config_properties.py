@@ -9,6 +9,8 @@ name, a string for a number that may be null).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -29,9 +31,6 @@ WRONG_NAMES = ["no/such/name", "..", "mobilenet\\v2", "x" * 5000]
 
 def listed_keys() -> dict[str, object]:
     """The keys `affinitynet config show` lists, with their default values."""
-    import contextlib
-    import io
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["config", "show"]) == 0

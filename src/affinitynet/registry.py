@@ -21,6 +21,8 @@ from .errors import PluginError
 
 ENTRY_POINT_GROUP = "affinitynet.plugins"
 _IMPORTED_PLUGINS: set[str] = set()
+# The installed distributions' metadata is read once per process, not once per registry.
+_ENTRY_POINTS_READ: list[bool] = []
 
 
 def _import_plugin(module: str, source: str) -> None:
@@ -37,8 +39,10 @@ def _import_plugin(module: str, source: str) -> None:
 
 def load_plugins(modules: Iterable[str] = (), source: str = "config key 'plugins'") -> None:
     """Import the plug-ins of the installed distributions (once), then ``modules``."""
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        _import_plugin(entry.value.split(":")[0], f"entry point '{entry.name}' ({ENTRY_POINT_GROUP})")
+    if not _ENTRY_POINTS_READ:
+        _ENTRY_POINTS_READ.append(True)
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            _import_plugin(entry.value.split(":")[0], f"entry point '{entry.name}' ({ENTRY_POINT_GROUP})")
     for module in modules:
         _import_plugin(module, source)
 
