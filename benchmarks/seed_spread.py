@@ -12,7 +12,7 @@ paper's Tables 1, 2 and 5.
 processes; the later stages run as ``affinitynet run --procs`` (each training in one process with
 every core, every other stage as ``--procs`` single-threaded processes under torch.distributed: on
 a 2-core machine the per-image stages are faster so than one process with two threads, and on the
-demo the trainings ran 0.89-0.97x: README, Speed), starting when the CAM network is done, beside
+demo the trainings ran 0.89-0.97x: docs/performance.md, Speed), starting when the CAM network is done, beside
 what is left of the bound.
 Everything is resumable: run the command again after an interruption.
 """

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import __version__, distributed
-from .errors import AffinityNetError, ConfigError, InputError
 from .config import builtin_configs
+from .errors import AffinityNetError, ConfigError, InputError
 from .run_lock import RunLock
 
 EXIT_BAD_INPUT = 2
@@ -89,7 +89,7 @@ def _add_procs_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--procs", type=_positive_int, default=1, metavar="N",
                         help="run as N processes on this machine (torch.distributed.run), one thread each unless "
                              "`threads` says otherwise; on a CPU, `run` keeps each training in one process (faster "
-                             "so) and runs every other stage as the N processes (README, Speed)")
+                             "so) and runs every other stage as the N processes (docs/performance.md, Speed)")
 
 
 def _config_from_args(args: argparse.Namespace, check: bool = True, resolve: bool = True) -> dict[str, Any]:

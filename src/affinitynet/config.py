@@ -300,7 +300,7 @@ SETTINGS: dict[str, Any] = {
         # The paper says Adam without a rate; the released code's SGD at lr 0.1 ran with momentum
         # 5e-4 (weight decay passed into the momentum slot). Momentum 0.9 multiplies SGD's
         # steady-state step by 1 / (1 - 0.9) = 10, so lr 0.01 keeps the code's step,
-        # 0.01 / (1 - 0.9) = 0.1 = 0.1 / (1 - 5e-4) to 0.05% (README, "Running on PASCAL VOC 2012").
+        # 0.01 / (1 - 0.9) = 0.1 = 0.1 / (1 - 5e-4) to 0.05% (docs/voc12.md, "Running on PASCAL VOC 2012").
         **_training("CAM network", batch_size=16, epochs=15, optimizer="sgd", lr=0.01, momentum=0.9,
                     weight_decay=5e-4, after_crop={
                         # The released code's random rescale of the long side.

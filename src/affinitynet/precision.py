@@ -57,7 +57,7 @@ def dtype_name(device: torch.device, amp: str | bool | None) -> str:
 def cpu_native_bf16() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), where oneDNN's bf16
     kernels outrun float32; elsewhere they fall back to reference kernels, 0.02-0.05x float32's
-    rate (README, "Speed")."""
+    rate (docs/performance.md, "Speed")."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -70,7 +70,7 @@ def cpu_amp_note(device: torch.device, amp: str | bool | None) -> str | None:
     dtype, native = amp_dtype(device, amp), cpu_native_bf16()
     if dtype is None and native:
         return ("amp: float32 on this CPU, which computes bfloat16 natively (AVX512-BF16 or AMX): amp=bf16 "
-                "runs the pipeline faster, with figures of its own (README, \"Speed\")")
+                "runs the pipeline faster, with figures of its own (docs/performance.md, \"Speed\")")
     if dtype == torch.bfloat16 and not native:
         return ("amp: bf16 on a CPU without native bfloat16 (no AVX512-BF16, no AMX): its fallback kernels run "
                 "20-50x slower than float32; amp=off is faster here")

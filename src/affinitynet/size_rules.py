@@ -2,7 +2,7 @@
 
 The paper's crop sizes, inference scales and random-walk length are for PASCAL VOC's ~500x375
 photos. Photos of another size need other values, fixed by rules that read only image sizes (never
-ground truth); the MSRC-21 config was made with them (README, "Results"). A config key set to
+ground truth); the MSRC-21 config was made with them (docs/results.md, "Results"). A config key set to
 ``auto`` (the ``folder`` config sets all of them) gets its value from these rules applied to the
 typical size of the training images:
 

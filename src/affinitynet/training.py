@@ -301,7 +301,7 @@ class _Loop:
 
     def _set_lr(self, global_step: int) -> None:
         # Adam decays too: at a constant rate the last epochs' training loss rose again
-        # (MSRC-21, README), so the final weights were wherever the last steps left them.
+        # (MSRC-21, docs/results.md), so the final weights were wherever the last steps left them.
         rate = poly_lr(self.section["lr"], global_step, self.total_steps, self.section["poly_power"])
         for group in self.optimizer.param_groups:
             group["lr"] = rate * group["lr_mult"]
