@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from affinitynet.backbones import create_backbone, freeze_batchnorm, list_backbones, weights
-from affinitynet.backbones.vgg16 import decimate_torchvision_fc
-from affinitynet.backbones.weights import dilation_plan
+from affinitynet.models.backbones import create_backbone, freeze_batchnorm, list_backbones, weights
+from affinitynet.models.backbones.vgg16 import decimate_torchvision_fc
+from affinitynet.models.backbones.weights import dilation_plan
 from affinitynet.errors import WeightsError
 
 NAMES = ("efficientnet_lite0", "efficientnet_lite2", "mobilenetv2", "resnet38d", "resnet50",
@@ -97,7 +97,7 @@ def test_a_backbone_built_at_16_put_at_the_geometry_of_8_is_the_build_at_8(rando
     """Fine-tuning at 8 after training at 16 (``fine_tune_epochs``) moves the trained network's
     strides, paddings and dilations in place: its weights then compute exactly what the build at
     8 computes with them."""
-    from affinitynet.networks import geometry, set_geometry
+    from affinitynet.models.networks import geometry, set_geometry
 
     fine = random_backbone(name, 8)
     coarse = create_backbone(name, output_stride=16, pretrained=False).eval()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affinitynet.datasets import build_dataset, check_dataset
+from affinitynet.data.datasets import build_dataset, check_dataset
 from affinitynet.errors import InputError
 from affinitynet.files import load_image, save_label_png
 

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from affinitynet.backbones import freeze_batchnorm
-from affinitynet.cam import CAMNet, background_map, infer_cams, labels_from_scores, normalise_cams, with_background
-from affinitynet.pseudo_labels import to_grid, to_image
+from affinitynet.models.backbones import freeze_batchnorm
+from affinitynet.models.cam import CAMNet, infer_cams, normalise_cams
+from affinitynet.ops.background import background_map, labels_from_scores, with_background
+from affinitynet.ops.pseudo_labels import to_grid, to_image
 
 
 class TinyBackbone(nn.Module):
@@ -106,8 +107,8 @@ def test_gradcam_is_the_cam_divided_by_the_map_area(model):
 
 
 def test_a_cam_method_registers_itself_and_the_config_accepts_it(model):
-    from affinitynet.cam import METHODS, CAMMethod
-    from affinitynet.config import load_config
+    from affinitynet.models.cam import METHODS, CAMMethod
+    from affinitynet.pipeline.settings import load_run_config as load_config
     from affinitynet.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cam.method.*'cam'.*'gradcam'"):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tiny_pipeline as tiny
-from affinitynet.backbones import create_backbone
+from affinitynet.models.backbones import create_backbone
 
 OTHER_BACKBONE = "efficientnet_lite0"
 REFUSED = "refused: the file holds Python objects beyond tensors (unsafe to unpickle)"
@@ -67,7 +67,7 @@ TRAIN_COMMAND = {"train_cam": "train-cam", "train_affinity": "train-affinity", "
 def other_backbone_state(producer: str, run: Path, data_root: Path) -> dict[str, torch.Tensor]:
     """The state dict that ``producer`` would save with the other backbone (random weights)."""
     config = tiny.config(run, data_root, f"backbone.name={OTHER_BACKBONE}")
-    from affinitynet.networks import NETWORKS, build_network
+    from affinitynet.models.networks import NETWORKS, build_network
 
     kind = next(name for name, network in NETWORKS.items() if network.stage == producer)
     return build_network(kind, config, 6, pretrained=False).state_dict()

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from affinitynet.cli import main
-from affinitynet.config import DEFAULTS, load_config
+from affinitynet.config import DEFAULTS
 from affinitynet.errors import ConfigError
+from affinitynet.pipeline.settings import load_run_config
 
 TOP_LEVEL = ", ".join(sorted(DEFAULTS))
 
@@ -101,7 +102,7 @@ def _id(case):
 @pytest.mark.parametrize("overrides, message", OVERRIDE_CASES, ids=[_id(c) for c in OVERRIDE_CASES])
 def test_load_config_gives_one_exact_line(overrides, message):
     with pytest.raises(ConfigError) as caught:
-        load_config("demo", overrides)
+        load_run_config("demo", overrides)
     assert str(caught.value) == message
 
 
@@ -156,7 +157,7 @@ def test_config_file_errors(tmp_path, capsys, text, message):
     path.write_text(text)
     expected = message.format(path=path)
     with pytest.raises(ConfigError) as caught:
-        load_config(path)
+        load_run_config(path)
     assert str(caught.value) == expected
     code = main(["run", "--config", str(path), f"run_dir={tmp_path / 'run'}"])
     assert (code, capsys.readouterr().err) == (2, f"affinitynet: error: {expected}\n")
@@ -166,7 +167,7 @@ def test_config_file_errors(tmp_path, capsys, text, message):
 def test_missing_config_file(tmp_path, capsys):
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as caught:
-        load_config(path)
+        load_run_config(path)
     assert str(caught.value) == f"{path}: config file not found"
     assert main(["run", "--config", str(path)]) == 2
     assert capsys.readouterr().err == f"affinitynet: error: {path}: config file not found\n"
@@ -193,12 +194,12 @@ def test_python_m_affinitynet_exits_2_with_one_line(tmp_path, override, message)
 def test_a_bug_is_one_line_naming_the_file_with_its_traceback(monkeypatch, capsys):
     import re
 
-    from affinitynet import config as config_module
+    from affinitynet import cli
 
     def broken():
         raise KeyError("boom")
 
-    monkeypatch.setattr(config_module, "defaults", broken)
+    monkeypatch.setattr(cli, "defaults", broken)
     code = main(["config", "show"])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1, err
@@ -218,7 +219,7 @@ def test_a_bug_is_one_line_naming_the_file_with_its_traceback(monkeypatch, capsy
 def test_a_misspelt_backbone_is_one_line_with_the_nearest_name(tmp_path, capsys, command):
     """The issue's `train-cam --run-dir R backbone.name=mobilenetv3`, which printed a traceback
     and left config.yaml, _dataset.json and train_cam/_stage.json behind."""
-    from affinitynet.backbones import list_backbones
+    from affinitynet.models.backbones import list_backbones
 
     run_dir = tmp_path / "R"
     code = main([command, "--config", "demo", "--run-dir", str(run_dir), "backbone.name=mobilenetv3"])

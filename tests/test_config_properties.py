@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from affinitynet import run_lock
+from affinitynet.pipeline import lock as run_lock
 from affinitynet.cli import main
 from affinitynet.config import defaults, flatten
 

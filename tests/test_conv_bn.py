@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from affinitynet.backbones import freeze_batchnorm
-from affinitynet.backbones.conv_bn import DepthwiseConvolution, conv_bn, convolve
-from affinitynet.backbones.efficientnet_lite import MBConv
-from affinitynet.backbones.mobilenetv2 import ConvBNReLU6, InvertedResidual
+from affinitynet.models.backbones import freeze_batchnorm
+from affinitynet.models.backbones.conv_bn import DepthwiseConvolution, conv_bn, convolve
+from affinitynet.models.backbones.efficientnet_lite import MBConv
+from affinitynet.models.backbones.mobilenetv2 import ConvBNReLU6, InvertedResidual
 
 
 def random_statistics(module: nn.Module, seed: int = 0) -> None:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from affinitynet.config import DEFAULTS
-from affinitynet.crf import CRFParams, dense_crf, dense_crf_with
+from affinitynet.ops.crf import CRFParams, dense_crf, dense_crf_with
 
 
 def _two_halves(height=48, width=64, flip_rate=0.3, seed=0):

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from affinitynet import distributed
-from affinitynet.checkpoints import load_checkpoint
+from affinitynet.engine import distributed
+from affinitynet.engine.checkpoints import load_checkpoint
 from affinitynet.config import builtin_config_path
-from affinitynet.precision import AmpModule, amp_dtype, for_inference, use_channels_last
-from affinitynet.training import EpochDataset, train
+from affinitynet.engine.precision import AmpModule, amp_dtype, for_inference, use_channels_last
+from affinitynet.engine.training import EpochDataset, train
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -113,7 +113,7 @@ def test_cam_epoch_two_processes_gives_single_process_weights(workspace, referen
 
 RESUME_AFTER_FIRST_EPOCH = """
 import sys
-import affinitynet.training as training
+import affinitynet.engine.training as training
 write_log = training._write_log
 def stop(path, history):
     write_log(path, history)
@@ -196,7 +196,7 @@ def _score_worker(rank: int, world: int, port: int, overrides: list[str], pred_d
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from affinitynet.config import load_config
-    from affinitynet.stages import score
+    from affinitynet.stages.common import score
 
     distributed.init_from_env(torch.device("cpu"))
     assert distributed.world_size() == world and distributed.rank() == rank
@@ -214,7 +214,7 @@ def test_evaluation_on_two_ranks_equals_single_process(workspace, reference):
     from affinitynet.config import load_config
     from affinitynet.files import load_label_png, save_label_png
     from affinitynet.metrics import evaluate_predictions
-    from affinitynet.stages import dataset
+    from affinitynet.stages.common import dataset
 
     overrides = [*TINY, f"dataset.root={workspace / 'data'}", f"run_dir={reference}"]
     pred_dir = workspace / "predictions"
@@ -338,7 +338,7 @@ def test_amp_settings_and_inference_wrapper():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_amp_note_and_amp_native_follow_the_cpu(monkeypatch, native):
-    import affinitynet.precision as precision
+    import affinitynet.engine.precision as precision
 
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: native)
     cpu = torch.device("cpu")
@@ -372,8 +372,8 @@ def test_openmp_spin_count_is_set_before_torch_loads_libgomp(setting, spins):
 
 @pytest.mark.parametrize("name,nhwc", [("mobilenetv2", True), ("efficientnet_lite0", False)])
 def test_cpu_inference_layout_is_the_backbones_measured_one(name, nhwc):
-    from affinitynet.backbones import create_backbone
-    from affinitynet.cam import CAMNet
+    from affinitynet.models.backbones import create_backbone
+    from affinitynet.models.cam import CAMNet
 
     torch.manual_seed(0)
     model = CAMNet(create_backbone(name, pretrained=False), 3).eval()

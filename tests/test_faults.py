@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import tiny_pipeline as tiny
 
-from affinitynet import run_lock
-from affinitynet.checkpoints import load_checkpoint
+from affinitynet.pipeline import lock as run_lock
+from affinitynet.engine.checkpoints import load_checkpoint
 from affinitynet.errors import InputError
 from affinitynet.files import load_image
 
@@ -220,7 +220,7 @@ def test_non_finite_loss_stops_with_the_epoch_1_checkpoint_intact(reference, tmp
     assert "Lower affinity.lr" in message
     state = load_checkpoint(checkpoint)
     assert state["epoch"] == 1
-    from affinitynet.networks import build_network
+    from affinitynet.models.networks import build_network
 
     model = build_network("affinity", tiny.config(run, data_root), 6, pretrained=False)
     model.load_state_dict(state["model"])                   # loadable, strictly

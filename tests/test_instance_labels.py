@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affinitynet.datasets import build_dataset
-from affinitynet.datasets.demo import build_demo, instance_mask, render
+from affinitynet.data.datasets import build_dataset
+from affinitynet.data.datasets.demo import build_demo, instance_mask, render
 from affinitynet.errors import InputError
-from affinitynet.instance_labels import (
+from affinitynet.ops.instance_labels import (
     FRAGMENT_SHARE,
     coco_document,
     instance_seeds,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from affinitynet.affinity import pair_labels
-from affinitynet.inter_pixel import (displacement_loss, instance_map, path_cells, path_max_affinities,
+from affinitynet.models.affinity import pair_labels
+from affinitynet.ops.inter_pixel import (displacement_loss, instance_map, path_cells, path_max_affinities,
                                      refine_centroids)
 from affinitynet.metrics import Instance, average_precision, instance_average_precision
-from affinitynet.random_walk import neighbour_offsets
+from affinitynet.ops.random_walk import neighbour_offsets
 
 
 def test_paths_are_the_cells_within_unit_distance_of_the_segment():
@@ -196,7 +196,7 @@ class _Levels(torch.nn.Module):
 
 
 def test_irnet_trains_its_branches_only_and_learns_boundaries_and_centroids():
-    from affinitynet.irnet import IRNet, irn_loss
+    from affinitynet.models.irnet import IRNet, irn_loss
 
     torch.manual_seed(0)
     net = IRNet(_Levels()).train()
@@ -231,7 +231,7 @@ def test_irnet_trains_its_branches_only_and_learns_boundaries_and_centroids():
 
 
 def test_predict_is_mirror_equivariant_so_the_field_flips_its_column_component():
-    from affinitynet.irnet import IRNet, predict
+    from affinitynet.models.irnet import IRNet, predict
 
     torch.manual_seed(1)
     net = IRNet(_Levels()).eval()

@@ -48,8 +48,8 @@ def check_instances(run_dir, config):
     from pycocotools import mask as coco_mask
     from pycocotools.coco import COCO
 
-    from affinitynet.instance_labels import load_instances
-    from affinitynet.stages import label_images
+    from affinitynet.ops.instance_labels import load_instances
+    from affinitynet.stages.common import label_images
 
     spec = pipeline.stage("irn_instances")
     semantic_dir = pipeline.stage("irn_walk").output("pseudo_labels", run_dir)

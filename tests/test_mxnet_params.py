@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from affinitynet.backbones import create_backbone, resnet38d
-from affinitynet.backbones.mxnet_params import read_params, torch_key
-from affinitynet.backbones.weights import read_state_dict
+from affinitynet.models.backbones import create_backbone, resnet38d
+from affinitynet.models.backbones.mxnet_params import read_params, torch_key
+from affinitynet.models.backbones.weights import read_state_dict
 from affinitynet.errors import WeightsError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mxnet"

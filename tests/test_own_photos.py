@@ -16,9 +16,9 @@ import tiny_pipeline as tiny
 from PIL import Image
 
 from affinitynet.config import DEFAULTS, KEY_HELP, flatten, load_config
-from affinitynet.label_coverage import label_coverage
-from affinitynet.datasets import build_dataset, check_skipped_share, describe_classes, generate_demo
-from affinitynet.datasets.base import Sample, SegmentationDataset
+from affinitynet.data.label_coverage import label_coverage
+from affinitynet.data.datasets import build_dataset, check_skipped_share, describe_classes, generate_demo
+from affinitynet.data.datasets.base import Sample, SegmentationDataset
 from affinitynet.errors import InputError
 from affinitynet.files import save_label_png, write_bytes
 
@@ -101,7 +101,7 @@ def test_skipping_more_than_the_allowed_share_stops_the_run(tmp_path, capsys):
 
 
 def test_size_rules_give_the_msrc21_and_demo_settings():
-    from affinitynet.size_rules import rules
+    from affinitynet.pipeline.size_rules import rules
 
     msrc = load_config("msrc21", check=False)
     for key, value in rules(213, 320).items():     # MSRC-21's photos: 320x213
@@ -199,12 +199,14 @@ def test_run_procs_on_gpus_leaves_the_auto_settings_to_its_processes(tmp_path, m
     ``auto`` keys, so the launching process does not print them first."""
     import torch
 
-    from affinitynet import distributed, training
+    from affinitynet import cli
+    from affinitynet.engine import distributed, training
 
     root = photos(tmp_path / "p", [f"{i}.jpg" for i in range(3)])
     (root / "tags.csv").write_text("".join(f"{i}.jpg,cat\n" for i in range(3)))
     launched = []
-    monkeypatch.setattr(training, "resolve_device", lambda name: torch.device("cuda", 0))
+    for module in (training, cli):
+        monkeypatch.setattr(module, "resolve_device", lambda name: torch.device("cuda", 0))
     monkeypatch.setattr(distributed, "launch", lambda procs, argv: launched.append((procs, list(argv))) or 0)
     args = ["run", "--dataset", "folder", "--root", str(root), "dataset.labels_file=tags.csv",
             "--run-dir", str(tmp_path / "run"), "--procs", "2"]

@@ -19,7 +19,7 @@ import torch
 BACKBONE = '''
 from tiny_backbone import TinyBackbone
 
-from affinitynet.backbones import register_backbone
+from affinitynet.models.backbones import register_backbone
 
 
 @register_backbone("lab_net", output_strides=(8,))
@@ -28,7 +28,7 @@ def lab_net(output_stride=8, pretrained=True):
 '''
 
 DATASET = '''
-from affinitynet.datasets import DATASETS, register_dataset
+from affinitynet.data.datasets import DATASETS, register_dataset
 
 
 @register_dataset("lab_shapes", description="the lab's shapes (the demo's generator, at the lab's size)",

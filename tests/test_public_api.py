@@ -23,7 +23,7 @@ def shown_imports() -> list[tuple[str, str]]:
 
 def test_the_docs_show_some_imports():
     assert ("affinitynet", "random_walk") in shown_imports()
-    assert ("affinitynet.backbones", "register_backbone") in shown_imports()
+    assert ("affinitynet.models.backbones", "register_backbone") in shown_imports()
 
 
 @pytest.mark.parametrize("module, name", shown_imports())

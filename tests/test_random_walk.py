@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from affinitynet.random_walk import (
+from affinitynet.ops.random_walk import (
     neighbour_offsets,
     pair_affinities,
     random_walk,

@@ -10,7 +10,7 @@ import tiny_pipeline as tiny
 from affinitynet.config import load_config
 from affinitynet.errors import ConfigError
 from affinitynet.files import load_label_png, read_json
-from affinitynet.pseudo_labels import band_limited, boundary_band, refinement
+from affinitynet.ops.pseudo_labels import band_limited, boundary_band, refinement
 
 
 def reference_band(labels: np.ndarray, width: int) -> np.ndarray:

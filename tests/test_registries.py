@@ -12,8 +12,9 @@ from torch import nn
 
 import tiny_pipeline as tiny
 from affinitynet import pipeline
-from affinitynet.config import load_config
-from affinitynet.datasets import DATASETS, build_dataset, register_dataset
+from affinitynet.pipeline.settings import load_run_config as load_config
+from affinitynet.registry import Entry
+from affinitynet.data.datasets import DATASETS, build_dataset, register_dataset
 from affinitynet.errors import ConfigError, InputError
 from affinitynet.files import load_label_png, save_label_png
 
@@ -22,7 +23,7 @@ from affinitynet.files import load_label_png, save_label_png
 def extra_dataset():
     """A dataset module's registration: the demo's images under another name, with a key of
     its own."""
-    from affinitynet.datasets.demo import build_demo
+    from affinitynet.data.datasets.demo import build_demo
 
     @register_dataset("demo_copy", description="the demo under another name", keys={"copy_seed": 3},
                       needs_root=False)
@@ -67,7 +68,7 @@ def test_an_unknown_dataset_is_one_line_naming_the_registered_ones():
 
 
 def test_a_registered_segmentation_head_builds_and_is_a_config_choice():
-    from affinitynet.segmentation import HEADS, SegmentationNet, register_head
+    from affinitynet.models.segmentation import HEADS, SegmentationNet, register_head
 
     @register_head("one_by_one", description="a 1x1 classifier with a bias-free 1x1 before it")
     def head(in_channels, num_classes, head_channels, dilation, dropout):
@@ -93,7 +94,7 @@ def test_a_registered_segmentation_head_builds_and_is_a_config_choice():
 
 def copy_cam_labels(config, force=False):
     """A second label method in a dozen lines: the CAM labels, unrefined, as the pseudo labels."""
-    from affinitynet.stages import label_images, setup
+    from affinitynet.stages.common import label_images, setup
 
     setup(config)
     job = pipeline.StageRun(config, "cam_copy", force)
@@ -114,7 +115,7 @@ def test_a_label_method_is_a_stage_and_the_run_follows_the_config(reference, tmp
     """``labels.method`` picks the stage whose pseudo labels train the network: the graph that
     ``run`` executes drops AffinityNet's stages, and the network trains on the new labels."""
     ref_run, data_root = reference
-    monkeypatch.setitem(pipeline.all_stages(), "cam_copy", CAM_COPY)
+    monkeypatch.setitem(pipeline.STAGES._entries, "cam_copy", Entry("cam_copy", CAM_COPY.run, {"spec": CAM_COPY}))
     with pytest.raises(ConfigError, match="labels.method.*'affinitynet', 'camcopy', 'irn'.*got 'nonesuch'"):
         load_config("demo", ["labels.method=nonesuch"])
     config = tiny.config(tmp_path / "run", data_root, "labels.method=camcopy")
@@ -132,6 +133,6 @@ def test_a_label_method_is_a_stage_and_the_run_follows_the_config(reference, tmp
     results = (run_dir / "results.json").read_text()
     assert '"training_labels": "CAM copy"' in results and '"Network"' in results
     # The network of this run trained on other labels than the reference's.
-    state = pipeline._json_or_none(pipeline.stage("train_seg").marker(run_dir))
+    state = pipeline.run_dir.json_or_none(pipeline.stage("train_seg").marker(run_dir))
     assert state["inputs"]["upstream"] == {"cam_copy": pipeline.stage_hash(config, "cam_copy")}
     shutil.rmtree(run_dir)

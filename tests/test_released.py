@@ -20,7 +20,7 @@ import pytest
 import tiny_pipeline as tiny
 import torch
 
-from affinitynet.backbones import resnet38d
+from affinitynet.models.backbones import resnet38d
 from affinitynet.pipeline import stage_hash
 
 
@@ -180,7 +180,7 @@ def test_full_size_psa_files_land_where_psa_had_them(tmp_path, kind):
     4096 channels, f8_3/f8_4/f8_5 on 512/1024/4096) lands in the real ResNet-38 network."""
     from affinitynet.config import load_config
     from affinitynet.released import apply_layout, mapped_state
-    from affinitynet.networks import build_network
+    from affinitynet.models.networks import build_network
 
     config = load_config("demo", check=False)
     apply_layout(config, kind)
@@ -253,7 +253,7 @@ def test_bad_files_are_one_line_and_write_nothing(tmp_path, data, capsys, slim_r
 
 def test_a_model_pt_of_another_layout_is_refused_in_one_line(tmp_path):
     from affinitynet.errors import TrainingError
-    from affinitynet.networks import check_meta
+    from affinitynet.models.networks import check_meta
 
     with pytest.raises(TrainingError) as caught:
         check_meta(tmp_path / "model.pt", {"head": "psa"}, command="train-cam",

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from affinitynet.config import load_config, save_resolved
-from affinitynet.datasets import build_dataset, generate_demo
+from affinitynet.data.datasets import build_dataset, generate_demo
 from affinitynet.errors import InputError
 from affinitynet.files import save_label_png, save_npz, save_rgb_png, write_json, write_text
 from affinitynet.report import write_report

@@ -115,10 +115,10 @@ def test_another_dataset_is_refused_unless_forced(reference, mine, tmp_path, cap
 def test_a_class_list_change_is_another_dataset(tmp_path):
     from affinitynet.errors import StageError
     from affinitynet.files import write_json
-    from affinitynet.pipeline import _training_split, check_run_dir, dataset_identity
+    from affinitynet.pipeline import check_run_dir, dataset_identity, training_split
 
     config = tiny.config(tmp_path / "run", tmp_path / "data")
-    data = _training_split(config)
+    data = training_split(config)
     identity = dataset_identity(config, data)
     assert identity["name"] == "demo" and identity["root"] == str((tmp_path / "data").resolve())
     write_json(tmp_path / "run" / "_dataset.json", {**identity, "class_names": identity["class_names"][:-1]})
@@ -135,7 +135,7 @@ def test_segmentation_seed_retrains_the_network_alone(mine, reference, capsys):
     from affinitynet.config import section_hash
     from affinitynet.files import read_json
     from affinitynet.pipeline import dataset_inputs, stage, stage_hash
-    from affinitynet.checkpoints import load_checkpoint
+    from affinitynet.engine.checkpoints import load_checkpoint
 
     _, data_root = reference
     config = load_config(mine / "config.yaml")
@@ -161,10 +161,10 @@ def test_segmentation_seed_retrains_the_network_alone(mine, reference, capsys):
 def test_the_same_dataset_spelled_another_way_is_not_a_new_input(mine, reference, monkeypatch, capsys):
     """dataset.root given relative to the working directory, then absolute (or the reverse), names
     the same images: no stage runs again. A stage recorded by an older version, which hashed the
-    path as written, stays current when given that spelling."""
+    path as written, is refused in one line until re-run with --force."""
     import os
 
-    from affinitynet.pipeline import _hash, hash_matches, is_complete, stage_hash, stages
+    from affinitynet.pipeline import hash_matches, is_complete, stage_hash, stages
 
     _, data_root = reference
     monkeypatch.chdir(data_root.parent)
@@ -179,13 +179,18 @@ def test_the_same_dataset_spelled_another_way_is_not_a_new_input(mine, reference
     assert changed <= {"config.yaml"}
     config = load_config(mine / "config.yaml", [f"dataset.root={relative}"])
     assert all(stage_hash(config, s.name) == stage_hash(load_config(mine / "config.yaml"), s.name) for s in stages(config))
-    # An older version's marker: the hash of the path as written.
+    # A record of an older version (no schema version, no inputs) is not current, and the stage
+    # says in one line to re-run it with --force, changing nothing.
     marker = mine / "train_seg" / "_stage.json"
-    state = json.loads(marker.read_text())
-    state["hash"] = _hash(config, "train_seg")
-    assert state["hash"] != stage_hash(config, "train_seg")
+    saved = marker.read_text()
+    state = json.loads(saved)
+    del state["schema"], state["inputs"]
     marker.write_text(json.dumps(state))
-    assert hash_matches(state["hash"], config, "train_seg") and is_complete(config, "train_seg")
+    assert hash_matches(state["hash"], config, "train_seg") and not is_complete(config, "train_seg")
+    code, out, err = tiny.cli(["train-seg", "--run-dir", str(mine), f"dataset.root={relative}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "another version" in err and "re-run with --force" in err, err
+    assert json.loads(marker.read_text()) == state
+    marker.write_text(saved)
     # Another directory is another input.
     other = load_config(mine / "config.yaml")
     other["dataset"]["root"] = str(data_root.parent)

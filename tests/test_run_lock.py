@@ -1,4 +1,4 @@
-"""One writer per run directory (``affinitynet.run_lock``): a second writer is refused at once
+"""One writer per run directory (``affinitynet.pipeline.lock``): a second writer is refused at once
 with one line naming the holder, or queues with ``--wait``; readers run beside a writer; a
 holder killed by SIGKILL blocks no one; the processes of one job share its lock."""
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import tiny_pipeline as tiny
-from affinitynet import run_lock
+from affinitynet.pipeline import lock as run_lock
 from affinitynet.errors import RunDirBusy
-from affinitynet.run_lock import LOCK_NAME, TOKEN_ENV, RunLock, hold
+from affinitynet.pipeline.lock import LOCK_NAME, TOKEN_ENV, RunLock, hold
 
 HOLDER_COMMAND = "affinitynet run --run-dir R (the holder)"
 # Holders and probes are forks of this process: separate processes with their own locks, started

@@ -14,24 +14,21 @@ from PIL import Image
 from torch import nn
 from tiny_backbone import TinyBackbone
 
-from affinitynet import segmentation
-from affinitynet.backbones import (
+from affinitynet.models import segmentation
+from affinitynet.models.backbones import (
     BACKBONES,
     create_backbone,
     freeze_batchnorm,
     register_backbone,
 )
-from affinitynet.checkpoints import save_checkpoint
+from affinitynet.engine.checkpoints import save_checkpoint
 from affinitynet.config import DEFAULTS
-from affinitynet.datasets.base import Sample, SegmentationDataset
+from affinitynet.data.datasets.base import Sample, SegmentationDataset
 from affinitynet.errors import TrainingError
 from affinitynet.files import load_label_png, save_label_png
 from affinitynet.predict import overlay, predict_files
-from affinitynet.segmentation import (
-    SegmentationNet,
-    build_segmentation_model,
-    predict_scores,
-)
+from affinitynet.models.networks import build_segmentation_model
+from affinitynet.models.segmentation import SegmentationNet, predict_scores
 
 TINY = "_test_tiny"
 
@@ -239,12 +236,16 @@ def _config(tmp_path: Path, supervision: str = "gt") -> dict:
 @pytest.fixture
 def tiny_data(tmp_path, monkeypatch):
     data = _dataset(tmp_path)
-    import affinitynet.stages as steps
+    import affinitynet.stages.common as steps
     import affinitynet.stages.infer_seg as infer_seg
+    from affinitynet.pipeline import all_stages, run_dir
 
+    # Every stage module imported first, so that none binds the replaced function for good.
+    all_stages()
     # train-seg reads its images through stages.train_stage.
     for module in (steps, infer_seg):
         monkeypatch.setattr(module, "dataset", lambda config, key: data)
+    monkeypatch.setattr(run_dir, "training_split", lambda config: data)   # the run's dataset record
     return data
 
 

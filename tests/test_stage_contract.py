@@ -16,7 +16,7 @@ import pytest
 import tiny_pipeline as tiny
 
 from affinitynet import pipeline
-from affinitynet.config import DEFAULTS, flatten, load_config
+from affinitynet.config import DEFAULTS, flatten, get, load_config
 
 
 def covered(key: str, hashed: tuple[str, ...] | set[str]) -> bool:
@@ -25,7 +25,7 @@ def covered(key: str, hashed: tuple[str, ...] | set[str]) -> bool:
 
 
 def own_keys(config: dict[str, Any], name: str) -> tuple[str, ...]:
-    return pipeline._hashed_keys(name, config)
+    return pipeline.hashing._hashed_keys(name, config)
 
 
 def covering_keys(config: dict[str, Any], name: str) -> set[str]:
@@ -92,7 +92,7 @@ def test_one_changed_key_outdates_exactly_its_stages_and_those_downstream(refere
             continue
         other = copy.deepcopy(config)
         section, _, leaf = key.rpartition(".")
-        (pipeline.get(other, section) if section else other)[leaf] = changed(value)
+        (get(other, section) if section else other)[leaf] = changed(value)
         reading = [name for name in names if covered(key, own_keys(other, name))]
         expected = set(reading) | {d for name in reading for d in pipeline.descendants(other, name)}
         stale = {name for name in names if not pipeline.is_complete(other, name)}

@@ -12,7 +12,7 @@ from torch import nn
 
 from affinitynet.config import load_config
 from affinitynet.errors import TrainingError
-from affinitynet.networks import build_network, check_meta, layout, meta_config, network_meta
+from affinitynet.models.networks import build_network, check_meta, layout, meta_config, network_meta
 
 CLASSES = [f"c{i}" for i in range(6)]
 
@@ -123,7 +123,7 @@ def test_affinitynet_with_a_coarser_backbone_gives_f_aff_on_the_walks_grid():
 def test_train_affinity_and_the_walk_with_the_backbone_at_16(tmp_path_factory, tmp_path, capsys):
     import tiny_pipeline as tiny
 
-    from affinitynet.checkpoints import load_checkpoint
+    from affinitynet.engine.checkpoints import load_checkpoint
     from affinitynet.files import load_npz
 
     reference, data_root = tiny.reference_run(tmp_path_factory)
@@ -157,8 +157,8 @@ def _fine_tuned(epochs, kind="segmentation", stride=16):
     ("segmentation", lambda m, x: m(x), [6, 6], [12, 12])])
 def test_fine_tune_epochs_put_the_last_epochs_at_the_stride_it_runs_at(kind, outputs, coarse_heads, fine_heads,
                                                                         capsys):
-    from affinitynet.networks import fine_tune_epochs
-    from affinitynet.stages import _fine_tuning
+    from affinitynet.models.networks import fine_tune_epochs
+    from affinitynet.stages.common import _fine_tuning
 
     config = _fine_tuned(2, kind)
     assert config[kind]["epochs"] == 8
@@ -190,7 +190,7 @@ def test_fine_tune_epochs_put_the_last_epochs_at_the_stride_it_runs_at(kind, out
 def test_train_seg_fine_tuned_at_8_resumes_a_killed_run_exactly(tmp_path_factory, tmp_path, capsys):
     import tiny_pipeline as tiny
 
-    from affinitynet.checkpoints import load_checkpoint
+    from affinitynet.engine.checkpoints import load_checkpoint
 
     reference, data_root = tiny.reference_run(tmp_path_factory)
     upstream = ["train_cam", "infer_cam", "confident_regions", "train_affinity", "random_walk"]

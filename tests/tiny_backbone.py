@@ -1,4 +1,4 @@
-"""A backbone small enough for tests: the interface of ``affinitynet.backbones`` in three convs."""
+"""A backbone small enough for tests: the interface of ``affinitynet.models.backbones`` in three convs."""
 from __future__ import annotations
 
 from torch import nn

@@ -313,7 +313,8 @@ def recording_run(config: dict[str, Any], monkeypatch) -> dict[str, set[str]]:
     """Run every stage of ``config``'s graph that is not complete yet, in this process, with a
     config that notes each key read; the keys each stage read. The pipeline's bookkeeping
     (hashes, the saved config.yaml, the size rules) reads every key and is left out."""
-    from affinitynet import pipeline, size_rules
+    from affinitynet import pipeline
+    from affinitynet.pipeline import hashing, run_dir, runner, size_rules
 
     log: set[str] = set()
     paused = [False]
@@ -327,10 +328,14 @@ def recording_run(config: dict[str, Any], monkeypatch) -> dict[str, set[str]]:
                 paused[0] = False
         return wrapped
 
-    monkeypatch.setattr(pipeline, "record_run", quietly(pipeline.record_run, convert=True))
-    for name in ("stage_hash", "stage_inputs", "hash_matches", "_hash"):
-        monkeypatch.setattr(pipeline, name, quietly(getattr(pipeline, name)))
-    monkeypatch.setattr(size_rules, "resolve_auto", quietly(size_rules.resolve_auto))
+    # Each function is replaced where the pipeline's modules call it.
+    for module in (run_dir, runner):
+        monkeypatch.setattr(module, "record_run", quietly(run_dir.record_run, convert=True))
+    for module in (hashing, run_dir):
+        for name in ("stage_hash", "stage_inputs", "hash_matches"):
+            monkeypatch.setattr(module, name, quietly(getattr(hashing, name)))
+    monkeypatch.setattr(hashing, "_hash", quietly(hashing._hash))
+    monkeypatch.setattr(runner, "resolve_auto", quietly(size_rules.resolve_auto))
     recording = Recording(config, log, paused)
     reads = {}
     for spec in pipeline.stages(config):

@@ -13,7 +13,9 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from .backbones import create_backbone, list_backbones, register_backbone  # noqa: E402
-from .random_walk import random_walk  # noqa: E402
+# The datasets declare their own config keys when their package is imported (config.defaults).
+from .data import datasets as _datasets  # noqa: E402, F401
+from .models.backbones import create_backbone, list_backbones, register_backbone  # noqa: E402
+from .ops.random_walk import random_walk  # noqa: E402
 
 __all__ = ["create_backbone", "list_backbones", "random_walk", "register_backbone", "__version__"]

@@ -19,10 +19,43 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from . import __version__, distributed
-from .config import builtin_configs
+from . import __version__
+from .config import (
+    DEFAULTS,
+    builtin_config_path,
+    builtin_configs,
+    check_keys,
+    defaults,
+    flatten,
+    load_config,
+    save_resolved,
+)
+from .data import datasets
+from .data.datasets import DATASETS, build_dataset
+from .engine import distributed
+from .engine.precision import cpu_amp_note
+from .engine.training import resolve_device
 from .errors import AffinityNetError, ConfigError, InputError
-from .run_lock import RunLock
+from .files import plural, write_json
+from .metrics import evaluate_predictions, format_table
+from .pipeline import (
+    ProcessesFailed,
+    all_stages,
+    is_complete,
+    preflight,
+    processes_runner,
+    run_all,
+    run_stage,
+    run_summary,
+    stages,
+)
+from .pipeline.lock import RunLock
+from .pipeline.settings import check_names, key_help, load_run_config, reference_page
+from .pipeline.size_rules import resolve_auto
+from .predict import predict_files
+from .released import KINDS, apply_layout, import_weights, imported_kinds
+from .report import write_report
+from .sweep import run_sweep
 
 EXIT_BAD_INPUT = 2
 
@@ -31,7 +64,6 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
                         help=f"experiment YAML, or a built-in name: {', '.join(builtin_configs())} (default: "
                              "the run directory's saved config.yaml, else the built-in config of --dataset, else demo)")
-    from .datasets import DATASETS
 
     # No argparse choices: a plug-in named by the config's `plugins` adds its dataset after the
     # options are read; the config's check names the choices and the nearest one.
@@ -55,7 +87,6 @@ def _one_writer(config: dict[str, Any], args: argparse.Namespace) -> Iterator[No
     """This command as the one writer of its run directory (``run_lock``), from after its
     checks to its end. Under torchrun the job is one writer: rank 0 takes the lock, and every
     rank follows its answer."""
-    from .training import resolve_device
 
     device = resolve_device(config["device"])       # a device this machine lacks: refused before writing
     lock = RunLock(config["run_dir"], shlex.join(["affinitynet", *args.argv]), wait=args.wait)
@@ -99,7 +130,6 @@ def _config_from_args(args: argparse.Namespace, check: bool = True, resolve: boo
     directory named by ``--run-dir`` (a run describes itself, so a later command needs no dataset
     options); else the built-in config named after ``--dataset``; else the demo. A checked config
     gets its ``auto`` keys resolved and said, unless ``resolve`` is false."""
-    from .config import builtin_config_path, load_config
 
     overrides = list(args.overrides)
     if args.dataset:
@@ -116,7 +146,7 @@ def _config_from_args(args: argparse.Namespace, check: bool = True, resolve: boo
         base = Path(run_dir) / "config.yaml"
     elif base is None and args.dataset and builtin_config_path(args.dataset).is_file():
         base = args.dataset
-    config = load_config(base, overrides, check=check)
+    config = load_run_config(base, overrides, check_all=check)
     if check and resolve:
         _resolve_auto(config)
     return config
@@ -124,7 +154,6 @@ def _config_from_args(args: argparse.Namespace, check: bool = True, resolve: boo
 
 def _resolve_auto(config: dict[str, Any]) -> None:
     """The ``auto`` keys set from the training images (``size_rules``), and what was chosen said."""
-    from .size_rules import resolve_auto
 
     for line in resolve_auto(config):
         if distributed.is_main():
@@ -134,7 +163,6 @@ def _resolve_auto(config: dict[str, Any]) -> None:
 def _forced_stages(args: argparse.Namespace) -> tuple[set[str], bool]:
     """``run --force`` alone redoes every stage (and may replace another dataset's outputs);
     ``--force STAGE`` (repeatable) redoes those stages only."""
-    from .pipeline import all_stages
 
     known = all_stages()
     names: set[str] = set()
@@ -154,9 +182,6 @@ _ALL = "__all__"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import ProcessesFailed, preflight, processes_runner, run_all, run_summary
-    from .precision import cpu_amp_note
-    from .training import resolve_device
 
     config = _config_from_args(args, resolve=False)
     runner = None
@@ -188,7 +213,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from .pipeline import preflight, run_stage
 
     config = _config_from_args(args)
     with _one_writer(config, args):
@@ -198,14 +222,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
-    from .config import check_keys, save_resolved
-    from .pipeline import is_complete
-    from .released import KINDS, apply_layout, import_weights, imported_kinds
 
     spec = KINDS[args.kind]
     # Each key alone now; together once the file's layout is set (apply_layout).
     config = _config_from_args(args, check=False)
     check_keys(config)
+    check_names(config)
     others = {stage: kind for stage, kind in imported_kinds(config).items() if stage != spec.stage}
     changed = apply_layout(config, args.kind, args.overrides, keep=others.values())
     if changed:
@@ -225,9 +247,6 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .datasets import build_dataset
-    from .files import write_json
-    from .metrics import evaluate_predictions, format_table
 
     config = _config_from_args(args)
     split = args.split or config["dataset"]["label_split"]
@@ -248,8 +267,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from . import datasets
-    from .files import plural
 
     if args.action == "list":
         for entry in datasets.DATASETS:
@@ -279,7 +296,6 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     """show: every key with its value (the paper's defaults, or those of ``--config`` and
     overrides) and what it means; docs: the page docs/configuration.md."""
-    from .config import defaults, flatten, key_help, load_config, reference_page
 
     if args.action == "docs":
         print(reference_page(), end="")
@@ -299,14 +315,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_files
 
     return predict_files(args.checkpoint, args.inputs, args.out, scales=args.scales, flip=not args.no_flip,
                          crf=args.crf, device=args.device, strict=args.strict)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
 
     path = write_report(Path(args.run_dir), gallery_size=args.gallery)
     print(f"report written to {path}")
@@ -314,7 +328,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
 
     config = _config_from_args(args)
     with _one_writer(config, args):
@@ -323,8 +336,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULTS
-    from .pipeline import stages
 
     parser = argparse.ArgumentParser(
         prog="affinitynet",
@@ -356,7 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
         _add_writer_options(sub)
         sub.set_defaults(func=cmd_stage, stage_name=spec.name)
 
-    from .released import KINDS
 
     imported = commands.add_parser(
         "import-weights", help="a released psa/irn checkpoint as the finished training stage of a run",

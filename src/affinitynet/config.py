@@ -13,7 +13,6 @@ import copy
 import difflib
 import hashlib
 import json
-import types
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -78,73 +77,27 @@ def _choice(*options: str) -> Rule:
                 lambda: options)
 
 
-class _Registered:
-    """A rule whose choices are a registry's names, read when a config is checked (the parts
-    register themselves on import, after this module)."""
+class Named:
+    """A rule for a part's name: which kind of registered part it names (a backbone, a dataset,
+    ...). The config checks only that it is a name; the names a registry holds are checked above
+    the config, where the parts are (``pipeline.settings.check_names``), before anything is written."""
 
-    def __init__(self, registry: Callable[[], Any]):
-        self._registry = registry
-
-    def choices(self) -> list[str]:
-        return sorted(self._registry().names())
-
-    def builtin(self) -> list[str]:
-        """The choices this package defines (not a plug-in's, nor a test's)."""
-        registry = self._registry()
-        return [name for name in self.choices() if registry.get(name).builder.__module__.startswith("affinitynet.")]
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.choices = None
 
     @property
     def describe(self) -> str:
-        return "one of " + ", ".join(repr(name) for name in self.choices())
+        return f"the name of a registered {self.kind}"
 
     def check(self, value: Any) -> bool:
-        return isinstance(value, str) and value in self.choices()
+        return isinstance(value, str) and 0 < len(value) <= 255
 
 
-def _dataset_registry():
-    from .datasets import DATASETS
-
-    return DATASETS
-
-
-def _cam_head_registry():
-    from .cam import HEADS
-
-    return HEADS
-
-
-def _cam_method_registry():
-    from .cam import METHODS
-
-    return METHODS
-
-
-def _segmentation_head_registry():
-    from .segmentation import HEADS
-
-    return HEADS
-
-
-class _LabelMethods:
-    """The label methods as a registry: the stages that declare one (``pipeline.label_methods``)."""
-
-    @staticmethod
-    def names() -> list[str]:
-        from .pipeline import label_methods
-
-        return list(label_methods())
-
-    @staticmethod
-    def get(name: str) -> Any:
-        from .pipeline import label_methods
-
-        return types.SimpleNamespace(builder=label_methods()[name].run)
-
-
-def _backbone_registry():
-    from .backbones import BACKBONES
-
-    return BACKBONES
+# The keys that ``auto`` sets from the training images' size (``pipeline.size_rules``).
+AUTO = "auto"
+AUTO_KEYS = ("cam.crop_size", "cam.resize_long", "cam.scales", "affinity.crop_size", "segmentation.crop_size",
+             "segmentation.scales", "random_walk.t")
 
 
 # Longer strings are no path or name a user meant; a NUL byte is no path the OS can open.
@@ -193,7 +146,7 @@ class Setting:
     """One config key, declared once: its default, the rule its values keep, what it means."""
     default: Any
     help: str
-    rule: Rule | _Registered
+    rule: Rule | Named
 
 
 def _training(what: str, *, batch_size: int, epochs: int, optimizer: str, lr: float, momentum: float,
@@ -253,7 +206,7 @@ SETTINGS: dict[str, Any] = {
                             lambda v: isinstance(v, list) and len(v) <= 64 and all(_is_module_name(m) for m in v))),
     "dataset": {
         "name": Setting("voc12", "a registered dataset (affinitynet datasets list; folder: your photos)",
-                        _Registered(_dataset_registry)),
+                        Named("dataset")),
         "root": Setting(None, "dataset directory", _string(optional=True)),
         "protocol": Setting("object", "msrc21: 'object' (14 classes + background) or 'standard21'",
                             _choice("object", "standard21")),
@@ -275,7 +228,7 @@ SETTINGS: dict[str, Any] = {
                                _number(0, 1)),
     },
     "backbone": {
-        "name": Setting("resnet38d", "a registered backbone", _Registered(_backbone_registry)),
+        "name": Setting("resnet38d", "a registered backbone", Named("backbone")),
         "weights": Setting(None, "ImageNet weight file (null: the packaged weights, where a backbone has them)",
                            _string(optional=True)),
         "output_stride": Setting(8, "8 or 16: the feature map is 1/output_stride of the image",
@@ -285,11 +238,11 @@ SETTINGS: dict[str, Any] = {
     },
     "labels": {
         "method": Setting("affinitynet", "pseudo-label method whose labels train the segmentation network: a stage "
-                                         "that declares one", _Registered(_LabelMethods)),
+                                         "that declares one", Named("label method")),
     },
     "cam": {
         "head": Setting("conv", "a registered CAM head: 'conv' is Sec. 4.2's 3x3 conv + GAP + 1x1; the others, "
-                                "released layouts", _Registered(_cam_head_registry)),
+                                "released layouts", Named("CAM head")),
         "head_channels": Setting(512, "channels of the CAM network's 3x3 conv (Sec. 4.2)",
                                  _number(1, 8192, integer=True)),
         "train_output_stride": Setting(None, "null (backbone.output_stride) or 16: trained at 16, the head dilated to "
@@ -307,7 +260,7 @@ SETTINGS: dict[str, Any] = {
                         "resize_long": Setting([256, 512], "random rescale range of the long side before cropping "
                                                            "('auto': from the image size)",
                                                _number_list(16, 8192, length=2, strict_low=False, integer=True))}),
-        "method": Setting("cam", "a registered CAM method ('cam': Eq. 1)", _Registered(_cam_method_registry)),
+        "method": Setting("cam", "a registered CAM method ('cam': Eq. 1)", Named("CAM method")),
         "scales": Setting([1.0, 0.5, 1.5, 2.0], "CAM inference scales, each with its flip (Eq. 1; 'auto': from the "
                                                 "image size)", _number_list(0.0, 8, max_length=16)),
         "flip": Setting(True, "add horizontally flipped CAMs", _boolean()),
@@ -376,7 +329,7 @@ SETTINGS: dict[str, Any] = {
     },
     "segmentation": {
         "head": Setting("resnet38", "a registered segmentation head ('resnet38': two 3x3 atrous convs, Sec. 4.2)",
-                        _Registered(_segmentation_head_registry)),
+                        Named("segmentation head")),
         "supervision": Setting("pseudo", "'pseudo' labels, or 'gt' for the fully supervised bound",
                                _choice("pseudo", "gt")),
         "train_output_stride": Setting(None, "null (backbone.output_stride) or 16: trained at 16, run at 8", _STRIDE),
@@ -429,7 +382,7 @@ DECLARED: dict[str, Setting] = _declared(SETTINGS)
 # each key means, and the rule of each.
 DEFAULTS: dict[str, Any] = _defaults_of(SETTINGS)
 KEY_HELP: dict[str, str] = {key: setting.help for key, setting in DECLARED.items()}
-RULES: dict[str, Rule | _Registered] = {key: setting.rule for key, setting in DECLARED.items()}
+RULES: dict[str, Rule | Named] = {key: setting.rule for key, setting in DECLARED.items()}
 # The keys of every training section that shape what its network learns.
 TRAINING_KEYS: tuple[str, ...] = tuple(key for key in _training("", batch_size=1, epochs=1, optimizer="sgd", lr=1,
                                                                 momentum=0, weight_decay=0))
@@ -450,10 +403,21 @@ def defaults() -> dict[str, Any]:
     """A copy of DEFAULTS with the keys of every registered dataset (a dataset declares its own
     keys and their defaults where it is defined, ``datasets.register_dataset``)."""
     tree = copy.deepcopy(DEFAULTS)
-    for entry in _dataset_registry():
-        for key, value in entry.info["keys"].items():
+    for declared in _DATASET_KEYS:
+        for key, value in declared().items():
             tree["dataset"].setdefault(key, copy.deepcopy(value))
     return tree
+
+
+# The datasets' own keys and defaults, declared where each dataset is defined: the data layer adds
+# a function giving them (``datasets.register_dataset``), so the config reads no registry.
+_DATASET_KEYS: list[Callable[[], dict[str, Any]]] = []
+
+
+def declare_dataset_keys(keys: Callable[[], dict[str, Any]]) -> None:
+    """Add a source of ``dataset.*`` keys with their defaults (called by the data layer)."""
+    if keys not in _DATASET_KEYS:
+        _DATASET_KEYS.append(keys)
 
 
 def _known_keys() -> set[str]:
@@ -550,13 +514,11 @@ def validate(config: dict[str, Any]) -> None:
 
 def check_keys(config: dict[str, Any]) -> None:
     """Every key's own rule (its type and range, or the names a registry holds)."""
-    from .size_rules import AUTO, AUTO_KEYS
-
     # The known keys, not the config's leaves: a mapping given as a key's value is no value.
     for dotted in flatten(defaults()):
         value = get(config, dotted)
         if value == AUTO and dotted in AUTO_KEYS:
-            continue  # set from the images' size (size_rules.resolve_auto)
+            continue  # set from the images' size (pipeline.size_rules)
         rule = RULES.get(dotted)
         if rule is None:
             # Keys without a rule share the type of their default.
@@ -567,14 +529,14 @@ def check_keys(config: dict[str, Any]) -> None:
             ok = isinstance(value, expected) or (expected is float and isinstance(value, int)
                                                  and not isinstance(value, bool))
             if not ok:
-                raise ConfigError(f"config key '{dotted}' must be {expected.__name__}, got {_shown(value)}")
+                raise ConfigError(f"config key '{dotted}' must be {expected.__name__}, got {shown(value)}")
             continue
         if not rule.check(value):
             hint = did_you_mean(value, rule.choices()) if rule.choices else ""
-            raise ConfigError(f"config key '{dotted}' must be {rule.describe}, got {_shown(value)}{hint}")
+            raise ConfigError(f"config key '{dotted}' must be {rule.describe}, got {shown(value)}{hint}")
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A bad value in a one-line error: a huge list or string cut short, never a line break."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -583,15 +545,6 @@ def _shown(value: Any) -> str:
 def _check_combinations(config: dict[str, Any]) -> None:
     """The settings that are each allowed but not together (what the stages would refuse later)."""
     backbone = config["backbone"]
-    from .backbones import output_strides
-
-    supported = output_strides(backbone["name"])
-    for key in ("backbone.output_stride", "cam.train_output_stride", "segmentation.train_output_stride",
-                "affinity.backbone_stride"):
-        stride = get(config, key)
-        if stride is not None and stride not in supported:
-            raise ConfigError(f"config key '{key}' must be a stride backbone '{backbone['name']}' supports "
-                              f"({' or '.join(map(str, supported))}), got {stride}")
     for key in ("cam.resize_long", "segmentation.scale_range"):
         value = get(config, key)
         if isinstance(value, list) and value[0] > value[1]:
@@ -614,64 +567,6 @@ def _check_combinations(config: dict[str, Any]) -> None:
     if stride is not None and stride < backbone["output_stride"]:
         raise ConfigError(f"config key 'affinity.backbone_stride' must be at least backbone.output_stride "
                           f"({backbone['output_stride']}), the stride of the walk's grid, got {stride}")
-    if not backbone["atrous"]:
-        from .backbones import supports_undilated
-
-        if not supports_undilated(backbone["name"]):
-            raise ConfigError(f"config key 'backbone.atrous' can be false only for backbone 'resnet50' "
-                              f"(irn's undilated ResNet-50), not '{backbone['name']}'")
-    dataset = _dataset_registry().get(config["dataset"]["name"])
-    name, root = dataset.name, config["dataset"]["root"]
-    needs_root = dataset.info.get("needs_root", True)
-    if needs_root and not root:
-        raise ConfigError(f"config key 'dataset.root' must name the {name} dataset directory (it is null)")
-    for key, what in dataset.info.get("required", {}).items():
-        if not config["dataset"][key]:
-            raise ConfigError(f"config key 'dataset.{key}' must name {what} for the {name} dataset")
-    if needs_root and root and not Path(root).is_dir():
-        raise ConfigError(f"config key 'dataset.root': directory '{root}' does not exist")
-
-
-def key_help(key: str) -> str:
-    """What ``key`` means, with its choices where a registry holds them (never listed by hand)."""
-    text = KEY_HELP.get(key, "declared by the dataset that reads it")
-    rule = RULES.get(key)
-    choices = getattr(rule, "choices", None)
-    if isinstance(rule, _Registered) and choices:
-        text += f" (one of {', '.join(repr(name) for name in choices())})"
-    return text
-
-
-def reference_page() -> str:
-    """``docs/configuration.md``: every key by section, with its default, what it may be and what
-    it means, from the declarations in :data:`SETTINGS` (``affinitynet config docs`` prints it)."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    lines = ["# Configuration", "",
-             "<!-- Generated from the settings' declarations (src/affinitynet/config.py, SETTINGS) by",
-             "     `affinitynet config docs > docs/configuration.md`; tests/test_configuration_page.py fails",
-             "     when this page is stale. Edit the declarations, not this page. -->", "",
-             "Every key of a run's config: its default (the paper's VOC settings), the values it may take, and",
-             "what it means. Set keys in a YAML file (`--config FILE`) or on the command line",
-             "(`random_walk.beta=10`); `affinitynet config show --config FILE` prints the values a config",
-             "resolves to. A dataset registered by a plug-in adds its own `dataset.*` keys. Names that a",
-             "registry holds are listed as this package defines them; a plug-in's parts add to them.", ""]
-    sections: dict[str, list[str]] = {}
-    for key in DECLARED:
-        sections.setdefault(key.split(".")[0] if "." in key else "", []).append(key)
-    for section, keys in sections.items():
-        lines += [f"## `{section}`" if section else "## Top level", "",
-                  "| key | default | allowed | meaning |", "|---|---|---|---|"]
-        for key in keys:
-            setting = DECLARED[key]
-            rule = setting.rule
-            allowed = ("one of " + ", ".join(f"'{name}'" for name in rule.builtin())
-                       if isinstance(rule, _Registered) else rule.describe)
-            default = "null" if setting.default is None else show_value(setting.default)
-            lines.append(f"| `{key}` | `{default}` | {cell(allowed)} | {cell(setting.help)} |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def builtin_config_path(name: str) -> Path:
@@ -703,7 +598,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
     # The plug-ins first: their parts' names and their datasets' keys are the config's to check.
     plugins = dict(given).get("plugins", tree.get("plugins", []) if isinstance(tree, dict) else [])
     if not RULES["plugins"].check(plugins):
-        raise ConfigError(f"config key 'plugins' must be {RULES['plugins'].describe}, got {_shown(plugins)}")
+        raise ConfigError(f"config key 'plugins' must be {RULES['plugins'].describe}, got {shown(plugins)}")
     load_plugins(plugins)
     config = defaults()
     _merge(config, tree, str(path))

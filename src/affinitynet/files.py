@@ -25,6 +25,13 @@ from .errors import InputError
 # padding. Label PNGs draw it white (Fig. 4a).
 IGNORE_INDEX = 255
 
+# The files a run directory holds beside its stages' outputs (the pipeline writes them; a dataset
+# scan skips a folder that holds one): the resolved config, the dataset record, and each stage
+# directory's record of its hash, inputs and completion.
+CONFIG_FILE = "config.yaml"
+DATASET_FILE = "_dataset.json"
+STAGE_MARKER = "_stage.json"
+
 # Largest image accepted, in pixels. Pillow's own bomb guard warns at 89 Mpx and raises at twice
 # that; a WSSS dataset never needs more than this, and refusing earlier keeps memory bounded.
 MAX_IMAGE_PIXELS = 64_000_000

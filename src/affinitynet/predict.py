@@ -9,7 +9,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .segmentation import model_from_checkpoint, predict_labels
+from .engine.precision import for_inference
+from .engine.training import resolve_device
+from .errors import InputError
+from .files import VOC_PALETTE, load_image, save_label_png, save_rgb_png
+from .models.networks import model_from_checkpoint
+from .models.segmentation import predict_labels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 OVERLAY_ALPHA = 0.5
@@ -17,7 +22,6 @@ OVERLAY_ALPHA = 0.5
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """The image with every non-background pixel blended with its class's VOC colour."""
-    from .files import VOC_PALETTE
 
     colours = VOC_PALETTE[labels].astype(np.float32)
     blended = image.astype(np.float32) * (1.0 - alpha) + colours * alpha
@@ -30,7 +34,6 @@ def legend_image(class_names: Sequence[str], row: int = 18, width: int = 220) ->
     """A swatch and name per class in the VOC palette, for reading the masks and overlays."""
     from PIL import Image, ImageDraw
 
-    from .files import VOC_PALETTE
 
     canvas = Image.new("RGB", (width, row * len(class_names) + 4), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -97,10 +100,6 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     was skipped), else 2. An unusable checkpoint raises :class:`TrainingError` (one line; the CLI
     prints it and exits with 2). ``crf`` uses the default dense-CRF parameters (5.1).
     """
-    from .errors import InputError
-    from .files import load_image, save_label_png, save_rgb_png
-    from .precision import for_inference
-    from .training import resolve_device
 
     device = resolve_device(device)
     model, meta = model_from_checkpoint(checkpoint, device)

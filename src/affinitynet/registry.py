@@ -4,7 +4,7 @@ that defines it; the config's rules, the CLI's choices and the builders ask the 
 a part touches its own file (and its test).
 
 Parts from outside the package plug in the same way, from a module that imports the decorator
-(``from affinitynet.backbones import register_backbone``) and is imported before the registry is
+(``from affinitynet.models.backbones import register_backbone``) and is imported before the registry is
 asked: every module an installed distribution names in the entry-point group
 ``affinitynet.plugins`` (``[project.entry-points."affinitynet.plugins"] my_lab = "my_lab.parts"``),
 and the modules of the config key ``plugins`` (mmsegmentation's ``custom_imports``).

@@ -36,9 +36,15 @@ from typing import Any, Iterable
 
 import torch
 
-from .backbones.weights import read_state_dict
 from .config import get, parse_override, set_value, show_value, validate
+from .engine import distributed
+from .engine.checkpoints import save_checkpoint
 from .errors import ConfigError, WeightsError
+from .files import read_json, write_json
+from .models.backbones.weights import read_state_dict
+from .models.networks import NETWORKS, build_network, network_meta
+from .pipeline import SCHEMA, StageRun, descendants, imported_kind, settings, stage, stage_hash
+from .stages.common import dataset
 
 _SHOWN_KEYS = 6
 
@@ -93,7 +99,6 @@ KINDS: dict[str, ReleasedLayout] = {layout.kind: layout for layout in (
 
 def imported_kinds(config: dict[str, Any]) -> dict[str, str]:
     """{training stage: kind} of the stages of ``config['run_dir']`` written by import-weights."""
-    from .pipeline import imported_kind
 
     found = {}
     for stage in sorted({spec.stage for spec in KINDS.values()}):
@@ -128,6 +133,7 @@ def apply_layout(config: dict[str, Any], kind: str, overrides: Iterable[str] = (
             set_value(config, key, value, "import-weights")
             changed[key] = show_value(value)
     validate(config)
+    settings.check(config)
     return [f"{key}={value}" for key, value in changed.items()]
 
 
@@ -196,12 +202,6 @@ def import_weights(kind: str, path: str | Path, config: dict[str, Any]) -> dict[
     """Write the training stage of ``kind`` in ``config['run_dir']`` from the released file
     ``path`` (``config`` already has the layout, see :func:`apply_layout`). Returns the stage's
     ``_stage.json`` summary."""
-    from . import distributed
-    from .files import read_json, write_json
-    from .pipeline import StageRun, descendants, imported_kind, stage, stage_hash
-    from .networks import NETWORKS, build_network, network_meta
-    from .stages import dataset
-    from .checkpoints import save_checkpoint
 
     spec = KINDS[kind]
     path = Path(path)
@@ -233,7 +233,7 @@ def import_weights(kind: str, path: str | Path, config: dict[str, Any]) -> dict[
             continue
         stale.append(name)
         if distributed.is_main():
-            write_json(marker, {"stage": name, "hash": None, "complete": False,
+            write_json(marker, {"stage": name, "schema": SCHEMA, "hash": None, "complete": False,
                                 "out_of_date": f"import-weights {kind} replaced {spec.stage}"})
     if stale and distributed.is_main():
         print(f"import-weights: out of date now, redone by the next run: {', '.join(stale)}")

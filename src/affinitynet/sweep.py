@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cam import background_map, labels_from_scores
 from .errors import StageError
-from .files import load_npz, write_json
+from .files import load_npz, write_bytes, write_json
 from .metrics import ConfusionMatrix
+from .ops.background import background_map, labels_from_scores
+from .ops.pseudo_labels import to_grid, to_image
+from .ops.random_walk import random_walk
 from .pipeline import is_complete, stage
-from .pseudo_labels import to_grid, to_image
-from .random_walk import random_walk
-from .stages import dataset, setup
+from .stages.common import dataset, setup
 
 # Where the sweep writes, in the run directory (the report shows its figure).
 FOLDER, FIGURE = "sweep", "fig8.png"
@@ -115,7 +115,6 @@ def plot_sweep(result: dict[str, Any], out_dir: Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from .files import write_bytes
 
     panels = [key for key in ("beta_t", "alpha") if key in result]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import IGNORE_INDEX, VOC_PALETTE, read_json
+from ..pipeline import stages
 
 # Longest side of a gallery picture in pixels: enough for a sharp 160 px cell on a dense screen,
 # small enough that a VOC-sized gallery stays a few MB.
@@ -111,14 +112,12 @@ def _new_figure(width: float, height: float):
 
 
 def _stage_order() -> list[str]:
-    from ..pipeline import stages
 
     return [spec.name for spec in stages()]
 
 
 def _training_stages() -> list[str]:
     """The stages that train a network: those with a training log."""
-    from ..pipeline import stages
 
     return [spec.name for spec in stages() if "log" in spec.outputs]
 

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..config import DEFAULTS
+from ..data.datasets.demo import default_demo_root, is_generated
 from ..errors import InputError
 from ..files import VOC_PALETTE, load_image, load_label_png, load_npz
-
+from ..pipeline import label_stage, stage
+from ..stages.common import dataset
 from .common import _colour_labels, _esc, _number, _resize_float, _resize_rgb, _thumb_size
-
-if TYPE_CHECKING:
-    from .page import _ReportBuilder
 
 # ----------------------------------------------------------------------------------------------
 # Gallery
@@ -34,7 +34,7 @@ class _Gallery:
         ("prediction", "network", "prediction of the segmentation network"),
     )
 
-    def __init__(self, report: _ReportBuilder):
+    def __init__(self, report: Any):   # the report being built (page._ReportBuilder)
         self.report = report
         self.run_dir = report.run_dir
         self.notes: list[str] = []
@@ -43,8 +43,6 @@ class _Gallery:
         alpha = _number(config.get("cam", {}).get("eval_alpha") if isinstance(config.get("cam"), dict) else None)
         if alpha is not None:
             self.alpha = alpha
-        from ..config import DEFAULTS
-        from ..pipeline import label_stage
 
         self.label_stage = label_stage(report.config or DEFAULTS).name
         self.datasets = self._open_datasets()
@@ -53,7 +51,6 @@ class _Gallery:
     # -- where things are ----------------------------------------------------------------------
 
     def _folder(self, key: str) -> Path:
-        from ..pipeline import stage
 
         name, output = {"cam": ("infer_cam", "cams"), "background": ("infer_cam", "cams"),
                         "confident": ("confident_regions", "labels"),
@@ -87,7 +84,6 @@ class _Gallery:
             self.notes.append("Input images and ground truth are not shown: the demo dataset is not generated "
                               "at its root (run `affinitynet dataset generate`).")
             return []
-        from ..stages import dataset
 
         datasets = []
         local = dict(config, dataset=section)
@@ -128,7 +124,6 @@ class _Gallery:
 
     @staticmethod
     def _demo_present(section: dict[str, Any]) -> bool:
-        from ..datasets.demo import default_demo_root, is_generated
 
         size, train, val = int(section.get("demo_size", 128)), int(section.get("demo_train", 240)), int(section.get("demo_val", 60))
         seed = int(section.get("demo_seed", 0))

@@ -12,12 +12,25 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from ..label_coverage import RARE_PIXEL_PERCENT
+from ..config import DEFAULTS, load_config
+from ..data.label_coverage import RARE_PIXEL_PERCENT
 from ..errors import InputError
 from ..files import save_rgb_png, write_bytes, write_text
+from ..pipeline import CONFIG_FILE, MARKER, label_stage, stage
+from ..pipeline import stage as stage_named
+from ..sweep import figure_path
 from .charts import _curves_figure, _iou_bar_chart, _iou_table, write_tensorboard
-from .common import (_curve_names, _esc, _fmt_scalar, _fmt_seconds, _number, _read_json_or_none, _stage_order,
-                     _training_stages, read_log_csv)
+from .common import (
+    _curve_names,
+    _esc,
+    _fmt_scalar,
+    _fmt_seconds,
+    _number,
+    _read_json_or_none,
+    _stage_order,
+    _training_stages,
+    read_log_csv,
+)
 from .gallery import _Gallery
 
 
@@ -72,12 +85,10 @@ class _ReportBuilder:
     # -- inputs --------------------------------------------------------------------------------
 
     def _load_inputs(self) -> None:
-        from ..pipeline import CONFIG_FILE, stage
 
         config_path = self.run_dir / CONFIG_FILE
         if config_path.is_file():
             try:
-                from ..config import load_config
 
                 self.config_text = config_path.read_text(encoding="utf-8")
                 self.config = load_config(config_path, check=False)
@@ -86,7 +97,6 @@ class _ReportBuilder:
         else:
             self.header_notes.append("no config.yaml in the run directory")
         self.results = _read_json_or_none(stage("evaluate_run").output("results", self.run_dir), self.header_notes)
-        from ..pipeline import MARKER
 
         for path in sorted(self.run_dir.glob(f"*/{MARKER}")):
             state = _read_json_or_none(path, self.header_notes)
@@ -107,8 +117,6 @@ class _ReportBuilder:
 
     def _label_stage(self) -> str:
         """The stage whose labels trained the run's network (``labels.method``)."""
-        from ..config import DEFAULTS
-        from ..pipeline import label_stage
 
         return label_stage(self.config or DEFAULTS).name
 
@@ -136,7 +144,6 @@ class _ReportBuilder:
         return index
 
     def _header(self) -> str:
-        from ..pipeline import MARKER
 
         stage_times = [(self.run_dir / name / MARKER).stat().st_mtime for name in self.stages]
         last_stage = (datetime.fromtimestamp(max(stage_times)).strftime("%Y-%m-%d %H:%M")
@@ -290,7 +297,6 @@ class _ReportBuilder:
     def _training_section(self) -> str:
         parts = ["<h2>Training curves</h2>"]
         logs: dict[str, dict[str, list[float]]] = {}
-        from ..pipeline import stage as stage_named
 
         for stage in _training_stages():
             path = stage_named(stage).output("log", self.run_dir)
@@ -337,7 +343,6 @@ class _ReportBuilder:
     # -- sweep ---------------------------------------------------------------------------------
 
     def _sweep_section(self) -> str:
-        from ..sweep import figure_path
 
         source = figure_path(self.run_dir)
         if not source.is_file():

@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from .. import distributed
-from ..affinity import NEUTRAL, confident_regions
-from ..crf import CRFParams
+from ..engine import distributed
 from ..files import load_label_png, load_npz, save_label_png
-from ..pipeline import Stage, StageRun, map_images, stage
-from . import dataset, setup
+from ..models.affinity import NEUTRAL, confident_regions
+from ..ops.crf import CRFParams
+from ..pipeline import Stage, StageRun, map_images, register_stage, stage
+from .common import dataset, setup
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     return job.finish(confident_share=share)
 
 
-STAGE = Stage("confident_regions", "confident-regions",
+STAGE = register_stage(Stage("confident_regions", "confident-regions",
               "confident object/background regions from low/high alpha + dCRF (3.2.1)",
               keys=("affinity.alpha_low", "affinity.alpha_high", "crf"), upstream=("infer_cam",),
-              outputs={"labels": "labels"}, run=run)
+              outputs={"labels": "labels"}, run=run))

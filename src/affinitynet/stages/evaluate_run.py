@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .. import distributed
-from ..label_coverage import run_coverage
+from ..data.label_coverage import run_coverage
+from ..engine import distributed
 from ..files import read_json, write_json
 from ..metrics import format_table
-from ..pipeline import MARKER, Stage, StageRun, companion_stages, label_stage, stage
-from . import dataset, label_images, score, setup
+from ..pipeline import MARKER, Stage, StageRun, companion_stages, label_stage, register_stage, stage
+from .common import dataset, label_images, score, setup
 
 
 def rows(config: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -80,6 +80,6 @@ def upstream(config: dict[str, Any]) -> tuple[str, ...]:
 
 
 # results.json lies in the run directory, beside config.yaml, where a user looks first.
-STAGE = Stage("evaluate_run", "evaluate-run", "score every stage: Table 1, Table 2 and Table 5",
+STAGE = register_stage(Stage("evaluate_run", "evaluate-run", "score every stage: Table 1, Table 2 and Table 5",
               keys=("dataset.label_split", "dataset.eval_split"), upstream=upstream,
-              outputs={"results": "../results.json"}, run=run)
+              outputs={"results": "../results.json"}, run=run))

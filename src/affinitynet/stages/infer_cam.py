@@ -6,14 +6,15 @@ from typing import Any
 
 import numpy as np
 
-from .. import distributed, transforms
-from ..cam import infer_cams, labels_from_scores, with_background
+from ..data import transforms
+from ..engine import distributed
+from ..engine.precision import for_inference
 from ..files import save_label_png, save_npz
 from ..metrics import format_table
-from ..networks import load_network
-from ..pipeline import Stage, StageRun, map_images
-from ..precision import for_inference
-from . import label_images, score, setup
+from ..models.cam import infer_cams
+from ..ops.background import labels_from_scores, with_background
+from ..pipeline import Stage, StageRun, map_images, register_stage
+from .common import label_images, load_network, score, setup
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     return job.finish(cam=result)
 
 
-STAGE = Stage("infer_cam", "infer-cam", "multi-scale CAMs and the CAM-only labels (Eq. 1-2, Table 1 'CAM')",
+STAGE = register_stage(Stage("infer_cam", "infer-cam", "multi-scale CAMs and the CAM-only labels (Eq. 1-2, Table 1 'CAM')",
               keys=("dataset.label_split", "cam.scales", "cam.flip", "cam.eval_alpha", "cam.eval_bg_threshold"),
               upstream=("train_cam",), outputs={"cams": "cams", "labels": "labels"}, run=run,
-              optional_keys=("cam.method",))
+              optional_keys=("cam.method",)))

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import distributed
+from ..engine import distributed
+from ..engine.precision import for_inference
 from ..files import save_label_png
 from ..metrics import format_table
-from ..networks import check_meta
-from ..pipeline import Stage, StageRun, map_images, stage
-from ..precision import for_inference
-from ..segmentation import model_from_checkpoint, predict_labels
-from . import dataset, score, setup
+from ..models.networks import check_meta, model_from_checkpoint
+from ..models.segmentation import predict_labels
+from ..pipeline import Stage, StageRun, map_images, register_stage, stage
+from .common import dataset, score, setup
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -49,6 +49,6 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     return job.finish(segmentation=result)
 
 
-STAGE = Stage("infer_seg", "infer-seg", "segment the evaluation split, multi-scale + flip (A.2)",
+STAGE = register_stage(Stage("infer_seg", "infer-seg", "segment the evaluation split, multi-scale + flip (A.2)",
               keys=("dataset.eval_split", "segmentation.scales", "segmentation.flip", "segmentation.crf", "crf"),
-              upstream=("train_seg",), outputs={"predictions": "predictions"}, run=run)
+              upstream=("train_seg",), outputs={"predictions": "predictions"}, run=run))

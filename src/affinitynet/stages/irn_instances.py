@@ -13,18 +13,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import distributed
+from ..engine import distributed
 from ..errors import InputError
-from ..instance_labels import coco_document, instance_seeds, load_instances, save_instances, split_instances
-from ..inter_pixel import instance_map
 from ..files import IGNORE_INDEX, load_label_png, load_npz, write_json
-from ..irnet import STRIDE
 from ..metrics import format_table, instance_average_precision
-from ..pipeline import Stage, map_images, stage
-from ..pseudo_labels import to_grid, to_image
-from ..random_walk import random_walk
-from . import dataset
-from .irn_walk import relations, start
+from ..models.irnet import STRIDE
+from ..ops.instance_labels import coco_document, instance_seeds, load_instances, save_instances, split_instances
+from ..ops.inter_pixel import instance_map
+from ..ops.pseudo_labels import to_grid, to_image
+from ..ops.random_walk import random_walk
+from ..pipeline import Stage, map_images, register_stage, stage
+from .common import dataset, relations, start
 
 THRESHOLDS = (0.25, 0.5, 0.75)
 
@@ -106,8 +105,8 @@ def table3(config: dict[str, Any], predicted: dict[str, list]) -> dict[str, Any]
             "instance_images": len(truths), "instance_skipped": skipped}
 
 
-STAGE = Stage("irn_instances", "irn-instances",
+STAGE = register_stage(Stage("irn_instances", "irn-instances",
               "IRN's instance pseudo labels: centroids, a walk per instance, COCO and VOC files (IRN 3.4)",
               keys=("irn.radius", "irn.beta", "irn.t"), upstream=("infer_cam", "train_irn", "irn_walk"),
               outputs={"objects": "SegmentationObject", "detections": "detections", "coco": "instances.json"},
-              run=run, companion_of="irn")
+              run=run, companion_of="irn"))

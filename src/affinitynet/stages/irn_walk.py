@@ -7,44 +7,20 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .. import distributed, transforms
-from ..crf import CRFParams
-from ..inter_pixel import path_max_affinities
+from ..engine import distributed
 from ..files import load_npz, save_rgb_png
-from ..irnet import STRIDE, predict
-from ..networks import load_network
-from ..precision import for_inference
-from ..pipeline import Stage, StageRun, map_images, stage
-from ..pseudo_labels import label_maps, refined_rows, save_refined
-from . import label_images, setup, table1
+from ..models.irnet import STRIDE
+from ..ops.crf import CRFParams
+from ..ops.pseudo_labels import label_maps, refined_rows, save_refined
+from ..pipeline import Stage, map_images, register_stage, stage
+from .common import relations, start, table1
 
 
 def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     """(Table 1 title, output) of each kind of label this stage writes, the training labels last."""
     return refined_rows("CAM+IRN", config["irn"]["crf"])
-
-
-def start(config: dict[str, Any], name: str, force: bool):
-    """What IRN's inference stages begin with: the device, the stage's record, the label images
-    (their refused inputs recorded) and the trained IRNet."""
-    device = setup(config)
-    job = StageRun(config, name, force)
-    data = label_images(config)
-    job.skipped.extend(data.skipped)
-    model = load_network("irn", config, device, data.num_classes, data.class_names)
-    return device, job, data, for_inference(model, device, config["amp"], config["channels_last"])
-
-
-def relations(model, image: np.ndarray, radius: int, device: torch.device):
-    """IRNet's boundary map and displacement field of an RGB image (``irnet.predict``), and the
-    path-max affinities of the boundary map (on the CPU)."""
-    with torch.no_grad():
-        boundary, displacement = predict(model, transforms.normalize(image, model.backbone.mean,
-                                                                     model.backbone.std).to(device))
-        return boundary, displacement, path_max_affinities(boundary, radius).float().cpu()
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -77,8 +53,8 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                                     + [(title, dirs[folder]) for title, folder in label_rows(config)]))
 
 
-STAGE = Stage("irn_walk", "irn-walk", "IRN's semantic pseudo labels: boundary affinities and the walk (IRN 3.4)",
+STAGE = register_stage(Stage("irn_walk", "irn-walk", "IRN's semantic pseudo labels: boundary affinities and the walk (IRN 3.4)",
               keys=("irn.alpha", "irn.beta", "irn.t", "irn.radius", "irn.crf", "crf"),
               upstream=("infer_cam", "train_irn"),
               outputs={name: name for name in ("boundaries", "rw_labels", "crf_labels", "pseudo_labels")},
-              run=run, label_method="irn", label_rows=label_rows)
+              run=run, label_method="irn", label_rows=label_rows))

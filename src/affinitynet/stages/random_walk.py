@@ -16,17 +16,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import distributed, transforms
-from ..affinity import boundary_image, boundary_map
-from ..crf import CRFParams
+from ..data import transforms
+from ..engine import distributed
+from ..engine.precision import for_inference
 from ..errors import ConfigError
 from ..files import load_npz, save_npz, save_rgb_png
-from ..networks import load_network
-from ..pipeline import Stage, StageRun, map_images, stage
-from ..precision import for_inference
-from ..pseudo_labels import label_maps, refinement, refined_rows, save_refined
-from ..random_walk import pair_affinities
-from . import label_images, setup, table1
+from ..models.affinity import boundary_image, boundary_map
+from ..ops.crf import CRFParams
+from ..ops.pseudo_labels import label_maps, refined_rows, refinement, save_refined
+from ..ops.random_walk import pair_affinities
+from ..pipeline import Stage, StageRun, map_images, register_stage, stage
+from .common import label_images, load_network, setup, table1
 
 
 def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
@@ -93,7 +93,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                                     + [(title, dirs[folder]) for title, folder in label_rows(config)]))
 
 
-STAGE = Stage("random_walk", "random-walk", "random walk with AffinityNet and the pseudo labels (3.3-3.4, Table 1)",
+STAGE = register_stage(Stage("random_walk", "random-walk", "random walk with AffinityNet and the pseudo labels (3.3-3.4, Table 1)",
               keys=("random_walk", "affinity.distance", "crf"), upstream=("infer_cam", "train_affinity"),
               outputs={name: name for name in ("affinities", "boundaries", "rw_labels", "crf_labels", "pseudo_labels")},
-              run=run, label_method="affinitynet", label_rows=label_rows)
+              run=run, label_method="affinitynet", label_rows=label_rows))

@@ -5,34 +5,27 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from .. import transforms
-from ..pipeline import Stage, training_keys
-from ..training import ImageTrainSet
-from . import train_stage
+from ..data import transforms
+from ..engine.training import AugmentedTrainSet
+from ..pipeline import Stage, register_stage, training_keys
+from .common import train_stage
 
 
-class CAMTrainSet(ImageTrainSet):
-    """Random rescale of the long side, flip, colour jitter, random crop (5.1)."""
+class CAMTrainSet(AugmentedTrainSet):
+    """Random rescale of the long side, then the shared augmentation (5.1); the target is the
+    image's tags."""
 
-    def __init__(self, data, section: dict[str, Any], mean, std, seed: int):
-        super().__init__(data, seed)
-        self.section, self.mean, self.std = section, mean, std
-
-    def make_item(self, image, label, sample, rng):
+    def rescale(self, image, label, rng):
         low, high = self.section["resize_long"]
-        image, _ = transforms.random_resize_long(image, None, low, high, rng)
-        image, _ = transforms.random_flip(image, None, rng)
-        image = transforms.color_jitter(image, self.section["color_jitter"], rng)
-        image, _, _ = transforms.random_crop(image, None, self.section["crop_size"], rng,
-                                             fill=transforms.mean_fill(self.mean))
-        return transforms.normalize(image, self.mean, self.std), self.dataset.multi_hot(sample)
+        return transforms.random_resize_long(image, label, low, high, rng)
+
+    def target(self, label, sample):
+        return self.dataset.multi_hot(sample)
 
 
 def classification_step(model, batch):
     images, targets = batch
-    device = next(model.parameters()).device
-    logits = model(images.to(device, non_blocking=True))
-    return F.multilabel_soft_margin_loss(logits, targets.to(device, non_blocking=True)), {}
+    return F.multilabel_soft_margin_loss(model(images), targets), {}
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -42,8 +35,8 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                        classification_step)
 
 
-STAGE = Stage("train_cam", "train-cam", "train the CAM network (paper 3.1, 4.2)",
+STAGE = register_stage(Stage("train_cam", "train-cam", "train the CAM network (paper 3.1, 4.2)",
               keys=("seed", "backbone", "cam.head", "cam.head_channels", "cam.resize_long")
               + training_keys("cam"),
               upstream=(), outputs={"model": "model.pt", "log": "log.csv"}, run=run,
-              optional_keys=("cam.train_output_stride", "cam.fine_tune_epochs"))
+              optional_keys=("cam.train_output_stride", "cam.fine_tune_epochs")))

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..affinity import pair_labels
-from ..irnet import STRIDE, irn_loss
-from ..pipeline import Stage, stage, training_keys
-from . import train_stage
-from .train_affinity import AffinityTrainSet
+from ..models.affinity import pair_labels
+from ..models.irnet import STRIDE, irn_loss
+from ..pipeline import Stage, register_stage, stage, training_keys
+from .common import AffinityTrainSet, train_stage
 
 
 def make_step(radius: int):
     def step(model, batch):
         images, grid_labels = batch
-        device = next(model.parameters()).device
-        boundary, displacement = model(images.to(device, non_blocking=True))
-        masks = pair_labels(grid_labels.to(device), radius)
+        boundary, displacement = model(images)
+        masks = pair_labels(grid_labels, radius)
         return irn_loss(boundary, displacement, masks, radius)
     return step
 
@@ -32,6 +30,6 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
                        make_step(section["radius"]))
 
 
-STAGE = Stage("train_irn", "train-irn", "train IRNet's boundary and displacement branches (IRN 3.2-3.3)",
+STAGE = register_stage(Stage("train_irn", "train-irn", "train IRNet's boundary and displacement branches (IRN 3.2-3.3)",
               keys=("seed", "backbone", "irn.radius") + training_keys("irn"),
-              upstream=("confident_regions",), outputs={"model": "model.pt", "log": "log.csv"}, run=run)
+              upstream=("confident_regions",), outputs={"model": "model.pt", "log": "log.csv"}, run=run))

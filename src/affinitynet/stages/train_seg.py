@@ -14,29 +14,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import transforms
+from ..data import transforms
+from ..engine.training import AugmentedTrainSet
 from ..errors import InputError, TrainingError
 from ..files import IGNORE_INDEX, load_label_png
-from ..pipeline import Stage, label_stage, training_keys
-from ..training import ImageTrainSet
-from . import train_stage
+from ..pipeline import Stage, label_stage, register_stage, training_keys
+from .common import train_stage
 
 
-class SegTrainSet(ImageTrainSet):
-    """Random rescale, flip, colour jitter, random crop with the label padded by 255 (5.1)."""
+class SegTrainSet(AugmentedTrainSet):
+    """Random rescale, then the shared augmentation with the label padded by 255 (5.1)."""
 
-    def __init__(self, data, section: dict[str, Any], mean, std, seed: int,
-                 load_label: Callable[[Any], np.ndarray]):
-        super().__init__(data, seed, load_label)
-        self.section, self.mean, self.std = section, mean, std
+    def rescale(self, image, label, rng):
+        return transforms.random_scale(image, label, self.section["scale_range"], rng)
 
-    def make_item(self, image, label, sample, rng):
-        image, label = transforms.random_scale(image, label, self.section["scale_range"], rng)
-        image, label = transforms.random_flip(image, label, rng)
-        image = transforms.color_jitter(image, self.section["color_jitter"], rng)
-        image, label, _ = transforms.random_crop(image, label, self.section["crop_size"], rng,
-                                                 fill=transforms.mean_fill(self.mean))
-        return transforms.normalize(image, self.mean, self.std), torch.from_numpy(label.astype(np.int64))
+    def target(self, label, sample):
+        return torch.from_numpy(label.astype(np.int64))
 
 
 def pseudo_label_dir(config: dict[str, Any]) -> Path:
@@ -87,9 +80,7 @@ def segmentation_step(model, batch):
     """Mean cross-entropy over the labelled pixels of the batch; a crop with no labelled pixel
     (all padding or neutral) contributes zero instead of making the loss NaN."""
     images, labels = batch
-    device = next(model.parameters()).device
-    labels = labels.to(device, non_blocking=True)
-    logits = model(images.to(device, non_blocking=True))
+    logits = model(images)
     valid = labels != IGNORE_INDEX
     count = valid.sum().clamp(min=1)
     loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / count
@@ -113,9 +104,9 @@ def upstream(config: dict[str, Any]) -> tuple[str, ...]:
     return () if config["segmentation"]["supervision"] == "gt" else (label_stage(config).name,)
 
 
-STAGE = Stage("train_seg", "train-seg", "train the segmentation network on the pseudo labels (3.4, 4.2)",
+STAGE = register_stage(Stage("train_seg", "train-seg", "train the segmentation network on the pseudo labels (3.4, 4.2)",
               keys=("seed", "backbone", "segmentation.head", "segmentation.supervision", "segmentation.scale_range")
               + training_keys("segmentation"),
               upstream=upstream, outputs={"model": "model.pt", "log": "log.csv"}, run=run,
               optional_keys=("segmentation.seed", "segmentation.train_output_stride",
-                             "segmentation.fine_tune_epochs"))
+                             "segmentation.fine_tune_epochs")))

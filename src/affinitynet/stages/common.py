@@ -1,0 +1,227 @@
+"""One module per pipeline stage, each with ``run(config, force=False)`` (irn's structure).
+
+Helpers here are what every stage needs: the datasets of the configured splits, the device,
+threads and seeds.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data import transforms
+from ..data.datasets import build_dataset
+from ..data.datasets.base import SegmentationDataset
+from ..engine import distributed
+from ..engine.precision import for_inference
+from ..engine.training import AugmentedTrainSet, resolve_device, train
+from ..files import load_label_png
+from ..metrics import ConfusionMatrix, format_table, score_samples, scored_samples, summarize_scores
+from ..models.affinity import downsample_labels
+from ..models.backbones import freeze_batchnorm
+from ..models.irnet import predict
+from ..models.networks import (
+    NETWORKS,
+    build_network,
+    check_meta,
+    fine_tune_epochs,
+    geometry,
+    layout,
+    load_checkpoint_meta,
+    load_weights,
+    network_meta,
+    set_geometry,
+)
+from ..ops.inter_pixel import path_max_affinities
+from ..pipeline import StageRun, stage
+
+
+class AffinityTrainSet(AugmentedTrainSet):
+    """The shared augmentation without a rescale (5.1); the confident-region labels follow the
+    same flip and crop, then move to the feature grid of ``stride`` (AffinityNet's and IRNet's
+    training)."""
+
+    def __init__(self, data, label_dir, section: dict[str, Any], mean, std, stride: int, seed: int):
+        super().__init__(data, section, mean, std, seed,
+                         load_label=lambda sample: load_label_png(label_dir / f"{sample.id}.png"))
+        self.stride = stride
+
+    def target(self, label, sample):
+        return torch.from_numpy(np.ascontiguousarray(downsample_labels(label, stride=self.stride)))
+
+
+def setup(config: dict[str, Any], seed: int | None = None) -> torch.device:
+    """Device, threads, seeds (``seed``, else the run's) and (under torchrun) the process group."""
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    device = resolve_device(config["device"])
+    distributed.init_from_env(device)
+    seed = config["seed"] if seed is None else seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return device
+
+
+def dataset(config: dict[str, Any], split_key: str) -> SegmentationDataset:
+
+    return build_dataset(config["dataset"], config["dataset"][split_key])
+
+
+def label_images(config: dict[str, Any]) -> SegmentationDataset:
+    """The images that get CAMs and pseudo labels: the training split plus the split on which
+    pseudo labels are scored (VOC: train_aug includes train; both are usually the same)."""
+    train = dataset(config, "train_split")
+    if config["dataset"]["label_split"] == config["dataset"]["train_split"]:
+        return train
+    scored = dataset(config, "label_split")
+    known = set(train.ids)
+    merged = SegmentationDataset(train.name, train.root, f"{train.split}+{scored.split}", train.class_names,
+                                 list(train.samples) + [s for s in scored.samples if s.id not in known],
+                                 list(train.skipped) + list(scored.skipped))
+    for attr in ("load_mask", "load_image"):
+        setattr(merged, attr, getattr(train, attr))
+    return merged
+
+
+def score(config: dict[str, Any], pred_dir, split_key: str, title: str) -> dict[str, Any] | None:
+    """Score the label PNGs in ``pred_dir`` on a split with ground truth; None without it.
+
+    Every rank must call it: under torchrun each scores its share of the images and the
+    confusion matrices are summed (all-reduce), so the result is exactly the single-process one
+    (skipped lines in dataset order). It is returned on rank 0 only (None elsewhere), so that
+    one process prints and records it.
+    """
+
+    data = dataset(config, split_key)
+    if not data.has_masks:
+        return None
+    confusion, num_images, skipped = score_samples(data, pred_dir, distributed.shard(scored_samples(data)))
+    if distributed.is_distributed():
+        counts = distributed.all_reduce_sum(torch.from_numpy(confusion.state()))
+        confusion = ConfusionMatrix.from_state(counts.numpy(), confusion.ignore)
+        parts = distributed.all_gather_objects((num_images, skipped))
+        num_images = sum(part[0] for part in parts)
+        skipped = sorted(item for part in parts for item in part[1])
+    if not distributed.is_main():
+        return None
+    result = summarize_scores(data.class_names, confusion, num_images, [line for _, line in skipped])
+    result["title"] = title
+    result["split"] = data.split
+    return result
+
+
+def table1(config: dict[str, Any], data, labelled) -> dict[str, Any]:
+    """Score each (title, label folder) on the label split and print them as Table 1; the
+    scores by title (``{"miou", "iou"}``) for the stage's record. Every rank must call it."""
+
+    rows, results = {}, {}
+    for title, directory in labelled:
+        result = score(config, directory, "label_split", title)
+        if result is not None:
+            rows[title], results[title] = result["iou"], result
+    if rows:
+        split = next(iter(results.values()))["split"]
+        print(format_table(rows, data.class_names, f"Table 1: pseudo labels on {data.name} {split} (mIoU %)"))
+    return {title: {"miou": r["miou"], "iou": r["iou"]} for title, r in results.items()}
+
+
+def _fine_tuning(kind: str, config: dict[str, Any], num_classes: int, model):
+    """What the training loop calls before each epoch: from the first of the section's last
+    ``fine_tune_epochs`` on, ``model`` (built at its ``train_output_stride``) runs at
+    ``backbone.output_stride``, its inference stride; None when it trains at one stride."""
+
+    epochs = fine_tune_epochs(kind, config)
+    if not epochs:
+        return None
+    first = config[kind]["epochs"] - epochs
+    final = geometry(build_network(kind, config, num_classes, pretrained=False))
+
+    def at_epoch(epoch: int) -> None:
+        if epoch >= first:
+            if epoch == first and distributed.is_main():
+                tqdm.write(f"{kind}: epochs {first + 1}-{config[kind]['epochs']} at output stride "
+                           f"{config['backbone']['output_stride']} (fine_tune_epochs)")
+            set_geometry(model, final)
+
+    return at_epoch
+
+
+def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, step,
+                seed: int | None = None, check=None) -> dict[str, Any]:
+    """What every training stage's ``run`` does: network ``kind`` (its config section has the same
+    name; ``networks.NETWORKS`` names the stage that trains it) trained by the shared loop
+    (``training.train``) on the training split, the backbone at the base learning rate and the new
+    layers at ``new_layer_lr_mult`` times it, BatchNorm frozen (the paper's setting).
+    ``make_train_set(data, backbone)`` gives the stage's augmented images; ``check(data)`` refuses
+    the inputs before the network is built. ``seed`` replaces the run's seed and is recorded. The
+    marker holds the epochs, the images trained on (a bad image is not one), and the last epoch's
+    means as ``final_loss`` and ``final_<part>``."""
+
+    device = setup(config, seed)
+    job = StageRun(config, NETWORKS[kind].stage, force)
+    data = dataset(config, "train_split")
+    job.skipped.extend(data.skipped)
+    if check is not None:
+        check(data)
+    model = build_network(kind, config, data.num_classes, training=True)
+    section = config[kind]
+    train_set = make_train_set(data, model.backbone)
+    result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
+                                        (model.new_parameters(), section["new_layer_lr_mult"])],
+                   dataset=train_set, step=step, section=section, out_dir=job.dir,
+                   seed=config["seed"] if seed is None else seed, device=device,
+                   meta=network_meta(kind, config, data.class_names, model.backbone), desc=kind,
+                   num_workers=config["num_workers"], amp=config["amp"], channels_last=config["channels_last"],
+                   prepare=freeze_batchnorm, strict=config["strict"],
+                   at_epoch=_fine_tuning(kind, config, data.num_classes, model))
+    skipped = sorted(set(result.skipped))
+    job.images = len(train_set) - len(skipped) if distributed.is_main() else 0
+    job.skipped.extend(skipped)
+    last = result.history[-1] if result.history else {}
+    return job.finish(epochs=result.epochs, **({} if seed is None else {"seed": seed}),
+                      **{f"final_{key}": value for key, value in last.items() if key != "epoch"})
+
+
+def model_path(kind: str, config: dict[str, Any]) -> Path:
+    """The ``model.pt`` of the stage that trains ``kind``."""
+    return stage(NETWORKS[kind].stage).output("model", config)
+
+
+def load_network(kind: str, config: dict[str, Any], device: torch.device, num_classes: int,
+                 class_names=None) -> nn.Module:
+    """The ``kind`` network of the run (``num_classes`` with background), from its stage's
+    ``model.pt``, checked against the config's backbone and layout and, given, the dataset's
+    classes; in eval mode on ``device``."""
+    path = model_path(kind, config)
+    state, meta = load_checkpoint_meta(path)
+    check_meta(path, meta, class_names, config["backbone"]["name"], stage(NETWORKS[kind].stage).command,
+               layout(kind, config))
+    model = build_network(kind, config, num_classes, pretrained=False)
+    load_weights(model, state, path)
+    return model.to(device).eval()
+
+
+def start(config: dict[str, Any], name: str, force: bool):
+    """What IRN's inference stages begin with: the device, the stage's record, the label images
+    (their refused inputs recorded) and the trained IRNet."""
+    device = setup(config)
+    job = StageRun(config, name, force)
+    data = label_images(config)
+    job.skipped.extend(data.skipped)
+    model = load_network("irn", config, device, data.num_classes, data.class_names)
+    return device, job, data, for_inference(model, device, config["amp"], config["channels_last"])
+
+
+def relations(model, image: np.ndarray, radius: int, device: torch.device):
+    """IRNet's boundary map and displacement field of an RGB image (``irnet.predict``), and the
+    path-max affinities of the boundary map (on the CPU)."""
+    with torch.no_grad():
+        boundary, displacement = predict(model, transforms.normalize(image, model.backbone.mean,
+                                                                     model.backbone.std).to(device))
+        return boundary, displacement, path_max_affinities(boundary, radius).float().cpu()
