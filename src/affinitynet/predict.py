@@ -1,5 +1,6 @@
 """``affinitynet predict``: masks and overlays of image files from a trained segmentation
-``model.pt`` alone (its meta says how to build and normalise; no config, no dataset)."""
+``model.pt`` alone (its meta says how to build and normalise; no config, no dataset), or from
+its ONNX export run by onnxruntime (``onnx_model``), through the same multi-scale code."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .segmentation import model_from_checkpoint, predict_labels
+from .errors import InputError
+from .files import load_image, save_label_png, save_rgb_png
+from .onnx_model import is_onnx_path, load_onnx_model
+from .precision import for_inference
+from .segmentation import Forward, model_from_checkpoint, predict_labels
+from .training import resolve_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 OVERLAY_ALPHA = 0.5
@@ -85,26 +91,31 @@ def _output_stems(files: Sequence[Path]) -> list[str]:
     return stems
 
 
+def load_model(checkpoint: str | os.PathLike, device: str = "auto") -> tuple[Forward, dict]:
+    """(network, meta) of a ``train_seg/model.pt`` (PyTorch, on ``device``) or of its export by
+    ``affinitynet export`` (a ``.onnx`` file, run by onnxruntime); ``predict_labels`` runs either
+    alike. An unusable file raises one line naming it."""
+    if is_onnx_path(checkpoint):
+        return load_onnx_model(checkpoint, device)
+    device = resolve_device(device)
+    model, meta = model_from_checkpoint(checkpoint, device)
+    return for_inference(model, device), meta
+
+
 def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   scales: Sequence[float] = (1.0,), flip: bool = True, crf: bool = False,
                   device: str = "auto", strict: bool = False) -> int:
-    """Segment image files and folders with a trained ``train_seg/model.pt`` alone (no config, no
-    dataset): ``<out>/<stem>.png`` (VOC-palette index mask), ``<out>/<stem>_overlay.png`` and
-    ``<out>/legend.png``.
+    """Segment image files and folders with a trained ``train_seg/model.pt`` or its ``.onnx``
+    export alone (no config, no dataset): ``<out>/<stem>.png`` (VOC-palette index mask),
+    ``<out>/<stem>_overlay.png`` and ``<out>/legend.png``.
 
     Bad images are skipped with one line naming the file and counted; with ``strict`` the first
     one stops the run. Returns 0 if at least one image was segmented and (not ``strict`` or none
-    was skipped), else 2. An unusable checkpoint raises :class:`TrainingError` (one line; the CLI
-    prints it and exits with 2). ``crf`` uses the default dense-CRF parameters (5.1).
+    was skipped), else 2. An unusable checkpoint raises :class:`TrainingError`, an unusable
+    ``.onnx`` file :class:`InputError`, missing onnxruntime :class:`DependencyError` (one line; the
+    CLI prints it and exits with 2). ``crf`` uses the default dense-CRF parameters (5.1).
     """
-    from .errors import InputError
-    from .files import load_image, save_label_png, save_rgb_png
-    from .precision import for_inference
-    from .training import resolve_device
-
-    device = resolve_device(device)
-    model, meta = model_from_checkpoint(checkpoint, device)
-    model = for_inference(model, device)
+    model, meta = load_model(checkpoint, device)
     files, missing = find_images(inputs)
     out = Path(out_dir)
     skipped: list[str] = []
