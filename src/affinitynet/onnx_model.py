@@ -60,8 +60,7 @@ def import_optional(name: str, purpose: str):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise DependencyError(f"{purpose} needs the packages onnx and onnxruntime, and {name} is not "
-                              f"installed: {INSTALL_HINT}") from None
+        raise DependencyError(f"{purpose} needs the package {name}, which is not installed: {INSTALL_HINT}") from None
 
 
 def is_onnx_path(path: str | os.PathLike) -> bool:
@@ -128,11 +127,12 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     with torch.no_grad():
         expected = model(images).numpy()
     got = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
-    difference = relative_difference(got, expected) if got.shape == expected.shape else float("inf")
+    same_shape = got.shape == expected.shape
+    difference = relative_difference(got, expected) if same_shape else float("inf")
     if difference > EXPORT_TOLERANCE:
+        how = f"relative difference {difference:.2g}" if same_shape else f"shape {got.shape}, PyTorch's {expected.shape}"
         raise ExportError(f"{checkpoint}: the ONNX graph's logits at {CHECK_SHAPE[2]}x{CHECK_SHAPE[3]} differ from "
-                          f"PyTorch's (relative difference {difference:.2g}, shape {got.shape} against "
-                          f"{expected.shape}): the backbone's forward pass depends on the input size in a way "
+                          f"PyTorch's ({how}): the backbone's forward pass depends on the input size in a way "
                           f"tracing cannot record; nothing written")
     write_bytes(out, data)
     return meta
