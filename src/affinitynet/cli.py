@@ -38,6 +38,7 @@ from .engine.training import resolve_device
 from .errors import AffinityNetError, ConfigError, InputError
 from .files import plural, write_json
 from .metrics import evaluate_predictions, format_table
+from .models.onnx_model import OPSET, export_onnx
 from .pipeline import (
     ProcessesFailed,
     all_stages,
@@ -320,6 +321,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
                          crf=args.crf, device=args.device, strict=args.strict)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    meta = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    print(f"exported {args.checkpoint} to {args.out} ({meta['backbone']}, {len(meta['class_names'])} classes, "
+          f"any height and width); segment images with: affinitynet predict {args.out} IMAGES --out DIR")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
 
     path = write_report(Path(args.run_dir), gallery_size=args.gallery)
@@ -413,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Masks (VOC-palette PNG) and colour overlays for images, from a "
                                               "segmentation checkpoint alone (it carries classes, "
                                               "normalisation and backbone).")
-    predict.add_argument("checkpoint", help="train_seg/model.pt of a run")
+    predict.add_argument("checkpoint", help="train_seg/model.pt of a run, or its export by `affinitynet export` "
+                                            "(.onnx: run by onnxruntime, same outputs)")
     predict.add_argument("inputs", nargs="+", help="image files or folders")
     predict.add_argument("--out", required=True, help="output directory")
     predict.add_argument("--scales", type=float, nargs="+", default=[1.0], help="inference scales (A.2: 0.5 0.75 1 1.25 1.5)")
@@ -422,6 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.add_argument("--strict", action="store_true", help="stop at the first bad image")
     predict.set_defaults(func=cmd_predict)
+
+    export = commands.add_parser("export", help="write the segmentation network as an ONNX file (predict runs it with onnxruntime)",
+                                 description="Write a train_seg/model.pt as an ONNX file (any batch, height and "
+                                             "width) with its classes, normalisation and output stride in the "
+                                             "file's metadata; `affinitynet predict FILE.onnx` runs it with "
+                                             "onnxruntime. Needs: pip install 'affinitynet[onnx]'.")
+    export.add_argument("checkpoint", help="train_seg/model.pt of a run")
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=_positive_int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    export.set_defaults(func=cmd_export)
 
     report = commands.add_parser("report", help="write an HTML report of a run",
                                  description="One self-contained HTML page with tables, charts, training "

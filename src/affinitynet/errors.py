@@ -44,3 +44,13 @@ class TrainingError(AffinityNetError, RuntimeError):
 
 class WeightsError(AffinityNetError, RuntimeError):
     """A weight file that cannot be loaded into a backbone; the message names file and keys."""
+
+
+class DependencyError(AffinityNetError, ImportError):
+    """An optional package that a command needs is not installed; one line saying what to install
+    (``affinitynet export`` and ``predict`` of a ``.onnx`` file need the ``onnx`` extra)."""
+
+
+class ExportError(AffinityNetError, RuntimeError):
+    """A network that cannot be exported faithfully (its ONNX graph computes another function);
+    one line saying where they differ. Nothing is written."""

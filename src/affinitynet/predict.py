@@ -1,5 +1,6 @@
 """``affinitynet predict``: masks and overlays of image files from a trained segmentation
-``model.pt`` alone (its meta says how to build and normalise; no config, no dataset)."""
+``model.pt`` alone (its meta says how to build and normalise; no config, no dataset), or from
+its ONNX export run by onnxruntime (``onnx_model``), through the same multi-scale code."""
 from __future__ import annotations
 
 import os
@@ -8,13 +9,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from .engine.precision import for_inference
 from .engine.training import resolve_device
 from .errors import InputError
 from .files import VOC_PALETTE, load_image, save_label_png, save_rgb_png
 from .models.networks import model_from_checkpoint
-from .models.segmentation import predict_labels
+from .models.onnx_model import is_onnx_path, load_onnx_model
+from .models.segmentation import Forward, predict_labels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 OVERLAY_ALPHA = 0.5
@@ -32,9 +35,6 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = OVERLAY_ALPHA)
 
 def legend_image(class_names: Sequence[str], row: int = 18, width: int = 220) -> np.ndarray:
     """A swatch and name per class in the VOC palette, for reading the masks and overlays."""
-    from PIL import Image, ImageDraw
-
-
     canvas = Image.new("RGB", (width, row * len(class_names) + 4), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for index, name in enumerate(class_names):
@@ -88,22 +88,31 @@ def _output_stems(files: Sequence[Path]) -> list[str]:
     return stems
 
 
+def load_model(checkpoint: str | os.PathLike, device: str = "auto") -> tuple[Forward, dict]:
+    """(network, meta) of a ``train_seg/model.pt`` (PyTorch, on ``device``) or of its export by
+    ``affinitynet export`` (a ``.onnx`` file, run by onnxruntime); ``predict_labels`` runs either
+    alike. An unusable file raises one line naming it."""
+    if is_onnx_path(checkpoint):
+        return load_onnx_model(checkpoint, device)
+    device = resolve_device(device)
+    model, meta = model_from_checkpoint(checkpoint, device)
+    return for_inference(model, device), meta
+
+
 def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   scales: Sequence[float] = (1.0,), flip: bool = True, crf: bool = False,
                   device: str = "auto", strict: bool = False) -> int:
-    """Segment image files and folders with a trained ``train_seg/model.pt`` alone (no config, no
-    dataset): ``<out>/<stem>.png`` (VOC-palette index mask), ``<out>/<stem>_overlay.png`` and
-    ``<out>/legend.png``.
+    """Segment image files and folders with a trained ``train_seg/model.pt`` or its ``.onnx``
+    export alone (no config, no dataset): ``<out>/<stem>.png`` (VOC-palette index mask),
+    ``<out>/<stem>_overlay.png`` and ``<out>/legend.png``.
 
     Bad images are skipped with one line naming the file and counted; with ``strict`` the first
     one stops the run. Returns 0 if at least one image was segmented and (not ``strict`` or none
-    was skipped), else 2. An unusable checkpoint raises :class:`TrainingError` (one line; the CLI
-    prints it and exits with 2). ``crf`` uses the default dense-CRF parameters (5.1).
+    was skipped), else 2. An unusable checkpoint raises :class:`TrainingError`, an unusable
+    ``.onnx`` file :class:`InputError`, missing onnxruntime :class:`DependencyError` (one line; the
+    CLI prints it and exits with 2). ``crf`` uses the default dense-CRF parameters (5.1).
     """
-
-    device = resolve_device(device)
-    model, meta = model_from_checkpoint(checkpoint, device)
-    model = for_inference(model, device)
+    model, meta = load_model(checkpoint, device)
     files, missing = find_images(inputs)
     out = Path(out_dir)
     skipped: list[str] = []

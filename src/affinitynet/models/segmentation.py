@@ -18,7 +18,7 @@ outputs) cannot outvote the others, and the averaged map is already the input th
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -106,25 +106,37 @@ class SegmentationNet(nn.Module):
         return list(self.backbone.parameters())
 
 
+# What inference runs: the network, or anything called as it is, a batch (N, 3, h, w) to logits
+# (N, C, h, w): the exported network in onnxruntime (onnx_model.OnnxSegmentationNet). Scales,
+# flips, resizing and averaging below are the same for both.
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def input_device(model: Forward) -> torch.device:
+    """Where ``model`` takes its inputs: a callable's ``device`` attribute (the ONNX network's),
+    else the device of the module's parameters."""
+    device = getattr(model, "device", None)
+    return device if device is not None else next(model.parameters()).device
+
+
 @torch.no_grad()
-def predict_scores(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,),
+def predict_scores(model: Forward, image: torch.Tensor, scales: Sequence[float] = (1.0,),
                    flip: bool = False) -> torch.Tensor:
     """Class probabilities (C, H, W) of one normalised image (3, H, W): the mean over scales x
-    flips of the softmax of the network's output, each resized to the image (A.2)."""
+    flips of the softmax of the network's output, each resized to the image (A.2). ``model``:
+    the network or another :data:`Forward`."""
     maps = multiscale_maps(lambda batch: torch.softmax(model(batch), dim=1), image, scales, flip)
     return torch.stack(maps).mean(0)
 
 
-def predict_labels(model: nn.Module, image: np.ndarray, mean: Sequence[float], std: Sequence[float],
+def predict_labels(model: Forward, image: np.ndarray, mean: Sequence[float], std: Sequence[float],
                    scales: Sequence[float] = (1.0,), flip: bool = False,
                    crf: Mapping[str, Any] | None = None) -> np.ndarray:
     """Label map uint8 (H, W) of an RGB uint8 image: argmax of :func:`predict_scores`, refined by
-    the dense CRF first when ``crf`` (a config ``crf`` section, ``{}`` for the defaults) is given."""
-
-    device = next(model.parameters()).device
-    probs = predict_scores(model, normalize(image, mean, std).to(device), scales, flip)
+    the dense CRF first when ``crf`` (a config ``crf`` section, ``{}`` for the defaults) is given.
+    ``model``: the network or another :data:`Forward` (the ONNX one)."""
+    probs = predict_scores(model, normalize(image, mean, std).to(input_device(model)), scales, flip)
     if crf is not None:
-
         refined = dense_crf_with(image, probs.cpu().numpy(), crf)
         return refined.argmax(0).astype(np.uint8)
     return probs.argmax(0).to(torch.uint8).cpu().numpy()
