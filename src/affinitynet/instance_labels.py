@@ -140,15 +140,17 @@ def rle(mask: np.ndarray) -> dict[str, Any]:
 
 
 def coco_document(images: Sequence[tuple[str, str, tuple[int, int], Sequence[Instance]]],
-                  class_names: Sequence[str]) -> dict[str, Any]:
+                  class_names: Sequence[str], description: str = "affinitynet: IRN instance pseudo labels",
+                  scores: bool = True) -> dict[str, Any]:
     """A COCO-style instance document: ``images`` (id, file name, height, width),
     ``categories`` (the object classes, ids 1..K as in the class masks) and ``annotations``, one
-    per instance with its RLE mask, area, box (x, y, w, h) and score. ``images`` gives (sample
-    id, file name, (H, W), instances) per image; image ids are 1.. in that order."""
+    per instance with its RLE mask, area, box (x, y, w, h) and, with ``scores``, its score.
+    ``images`` gives (sample id, file name, (H, W), instances) per image; image ids are 1.. in
+    that order."""
     from pycocotools import mask as coco_mask
 
     document: dict[str, Any] = {
-        "info": {"description": "affinitynet: IRN instance pseudo labels"},
+        "info": {"description": description},
         "categories": [{"id": k, "name": name} for k, name in enumerate(class_names) if k > 0],
         "images": [], "annotations": []}
     for image_id, (sample_id, file_name, (height, width), instances) in enumerate(images, start=1):
@@ -160,5 +162,6 @@ def coco_document(images: Sequence[tuple[str, str, tuple[int, int], Sequence[Ins
             document["annotations"].append({
                 "id": len(document["annotations"]) + 1, "image_id": image_id, "category_id": inst.label,
                 "segmentation": encoded, "area": int(coco_mask.area(compressed)),
-                "bbox": [float(v) for v in coco_mask.toBbox(compressed)], "score": inst.score, "iscrowd": 0})
+                "bbox": [float(v) for v in coco_mask.toBbox(compressed)], **({"score": inst.score} if scores else {}),
+                "iscrowd": 0})
     return document

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .config import TRAINING_KEYS, dump, flatten, get, load_config, section_hash
-from .datasets import dataset_keys
+from .datasets import dataset_keys, optional_dataset_keys
 from .errors import ConfigError, InputError, StageError
 from .files import read_json, write_json, write_text
 from .precision import dtype_name
@@ -61,8 +61,8 @@ FINAL_STAGE = "evaluate_run"
 
 def dataset_inputs() -> tuple[str, ...]:
     """The keys that say which images every stage sees, hashed by every stage: those the
-    registered datasets read (read when asked, so that a dataset registered late counts), and
-    the training split."""
+    registered datasets read (read when asked, so that a dataset registered late counts) but
+    their optional keys (hashed once set, :func:`_hashed_keys`), and the training split."""
     return dataset_keys() + ("dataset.train_split",)
 
 
@@ -198,6 +198,7 @@ def _hashed_keys(name: str, config: dict[str, Any]) -> tuple[str, ...]:
 
     spec = stage(name)
     changed = tuple(key for key in spec.optional_keys if get(config, key) != get(DEFAULTS, key))
+    changed += tuple(key for key, default in optional_dataset_keys().items() if get(config, key) != default)
     return spec.keys + dataset_inputs() + changed
 
 
