@@ -172,12 +172,13 @@ def test_unknown_category_ids_skip_their_image_with_one_line(tmp_path):
 
 
 def test_polygons_outside_the_image(tmp_path):
-    data = _dataset(tmp_path, {"out.png": {}, "edge.png": {}, "odd.png": {}, "size.png": {}}, [
+    data = _dataset(tmp_path, {"out.png": {}, "edge.png": {}, "odd.png": {}, "size.png": {}, "text.png": {}}, [
         {"image_id": 1, "category_id": 1, "segmentation": [[25, 2, 30, 2, 30, 8]]},
         # Points a little past the edge, as labelling tools export them: clipped to the image.
         {"image_id": 2, "category_id": 1, "segmentation": [[-1.5, -1, 21, -1, 21, 17, -1.5, 17]]},
         {"image_id": 3, "category_id": 1, "segmentation": [[1, 1, 5, 1, 5]]},
-        {"image_id": 4, "category_id": 1, "segmentation": {"size": [8, 8], "counts": "abc"}}])
+        {"image_id": 4, "category_id": 1, "segmentation": {"size": [8, 8], "counts": "abc"}},
+        {"image_id": 5, "category_id": 1, "segmentation": [[1, 1, 5, "1", 5, 5]]}])
     path = tmp_path / "annotations" / "instances_train.json"
     assert data.ids == ["edge"]
     assert data.skipped == [
@@ -185,8 +186,24 @@ def test_polygons_outside_the_image(tmp_path):
          f"image skipped"),
         (f"{path}: image 3 'odd.png': annotation 102: polygon has 5 coordinates (x, y pairs, at least 3 points); "
          f"image skipped"),
-        f"{path}: image 4 'size.png': annotation 103: RLE size 8x8 differs from the image's 20x16; image skipped"]
+        f"{path}: image 4 'size.png': annotation 103: RLE size 8x8 differs from the image's 20x16; image skipped",
+        f"{path}: image 5 'text.png': annotation 104: polygon is not a list of numbers; image skipped"]
     assert (data.load_mask(data.samples[0]) == 1).all()
+
+
+def test_a_category_named_background_and_a_file_read_once(tmp_path):
+    categories = ((1, "cat"), (2, "Background"))
+    with pytest.raises(InputError) as caught:
+        _dataset(tmp_path, {"a.png": {}}, [{"image_id": 1, "category_id": 1}], categories=categories)
+    assert str(caught.value) == (f"{tmp_path / 'annotations' / 'instances_train.json'}: category 2 is named "
+                                 f"'Background', which is always class 0: rename it, or leave it out with "
+                                 f"dataset.category_subset")
+    section = {"name": "coco", "root": str(tmp_path), "category_subset": ["cat"]}
+    first = build_dataset(section, "train")
+    assert first.class_names == ["background", "cat"] and first.ids == ["a"]
+    # Read again (each stage reads its splits): the same split, in a dataset of its own.
+    first.samples.clear()
+    assert build_dataset(section, "train").ids == ["a"]
 
 
 @pytest.mark.parametrize("text, problem", [
