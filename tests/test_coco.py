@@ -191,6 +191,15 @@ def test_polygons_outside_the_image(tmp_path):
     assert (data.load_mask(data.samples[0]) == 1).all()
 
 
+def test_an_image_of_another_size_than_the_file_says_is_one_line_where_its_mask_is_read(tmp_path):
+    data = _dataset(tmp_path, {"a.png": {}}, [{"image_id": 1, "category_id": 1, "segmentation": [[0, 0, 5, 0, 5, 5]]}])
+    _image(tmp_path / "train", "a.png", size=(12, 20))
+    with pytest.raises(InputError) as caught:
+        data.load_mask(data.samples[0])
+    assert str(caught.value) == f"{tmp_path / 'train' / 'a.png'}: is 20x12 but instances_train.json gives 20x16"
+    assert check_dataset(data, progress=False).problems == [str(caught.value)]
+
+
 def test_a_category_named_background_and_a_file_read_once(tmp_path):
     categories = ((1, "cat"), (2, "Background"))
     with pytest.raises(InputError) as caught:
