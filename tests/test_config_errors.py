@@ -85,7 +85,7 @@ OVERRIDE_CASES = [
      "config key 'sweep.ts' must be a list of 1 to 64 integers each >= 1 and <= 1000000, got ["
      + "1, " * 25 + "1..."),                                           # a huge value cut to 80 characters
     # the dataset
-    (["dataset.name=imagenet"], "config key 'dataset.name' must be one of 'demo', 'folder', 'msrc21', 'voc12', got 'imagenet'"),
+    (["dataset.name=imagenet"], "config key 'dataset.name' must be one of 'coco', 'demo', 'folder', 'msrc21', 'voc12', got 'imagenet'"),
     (["dataset.name=voc12", "dataset.root=null"],
      "config key 'dataset.root' must name the voc12 dataset directory (it is null)"),
     (["dataset.name=msrc21", "dataset.root="],

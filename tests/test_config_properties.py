@@ -23,7 +23,7 @@ from affinitynet.config import defaults, flatten
 
 # Keys whose values are paths: path separators are what they are made of.
 PATH_KEYS = {"run_dir", "dataset.root", "dataset.labels_file", "dataset.classes_file", "dataset.masks_dir",
-             "backbone.weights"}
+             "dataset.annotations_file", "dataset.images_dir", "backbone.weights"}
 WRONG_FOR_ANY_KEY = [".nan", ".inf", "-.inf", "{a: 1}", "[]", "[" + ",".join(["1"] * 1000) + "]",
                      "1000000000000", "-1000000000000", "[-1, -2]", "''"]
 WRONG_NAMES = ["no/such/name", "..", "mobilenet\\v2", "x" * 5000]

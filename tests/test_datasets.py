@@ -117,7 +117,7 @@ def test_demo_regenerates_when_parameters_change_and_refuses_foreign_folders(tmp
 
 
 def test_dataset_names_and_dispatch(tmp_path):
-    assert set(DATASETS.names()) == {"demo", "msrc21", "voc12", "folder"}
+    assert set(DATASETS.names()) == {"coco", "demo", "msrc21", "voc12", "folder"}
     assert all(isinstance(e.info["description"], str) and "\n" not in e.info["description"] for e in DATASETS)
     with pytest.raises(InputError, match="needs a root"):
         build_dataset({"name": "voc12", "root": None}, "train")

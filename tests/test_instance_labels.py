@@ -10,15 +10,14 @@ import pytest
 from PIL import Image
 
 from affinitynet.data.datasets import build_dataset
+from affinitynet.data.datasets.coco import coco_document, rle
 from affinitynet.data.datasets.demo import build_demo, instance_mask, render
 from affinitynet.errors import InputError
 from affinitynet.ops.instance_labels import (
     FRAGMENT_SHARE,
-    coco_document,
     instance_seeds,
     load_instances,
     object_map,
-    rle,
     save_instances,
     split_instances,
 )

@@ -61,9 +61,9 @@ def test_a_registered_dataset_is_a_choice_of_the_config_and_the_cli_and_is_hashe
 
 
 def test_an_unknown_dataset_is_one_line_naming_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"'demo', 'folder', 'msrc21', 'voc12', got 'imagenet'"):
+    with pytest.raises(ConfigError, match=r"'coco', 'demo', 'folder', 'msrc21', 'voc12', got 'imagenet'"):
         load_config("demo", ["dataset.name=imagenet"])
-    with pytest.raises(InputError, match=r"unknown dataset 'imagenet' \(known: demo, folder, msrc21, voc12\)"):
+    with pytest.raises(InputError, match=r"unknown dataset 'imagenet' \(known: coco, demo, folder, msrc21, voc12\)"):
         build_dataset({"name": "imagenet", "root": "x"}, "train")
 
 

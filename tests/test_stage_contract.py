@@ -29,9 +29,10 @@ def own_keys(config: dict[str, Any], name: str) -> tuple[str, ...]:
 
 
 def covering_keys(config: dict[str, Any], name: str) -> set[str]:
-    """What the stage's hash covers: its keys, and its optional keys (hashed once set; unset,
-    they mean a hashed key's value)."""
-    return set(own_keys(config, name)) | set(pipeline.stage(name).optional_keys)
+    """What the stage's hash covers: its keys, and its optional keys and the datasets' (hashed
+    once set; unset, they mean a hashed key's value)."""
+    return (set(own_keys(config, name)) | set(pipeline.stage(name).optional_keys)
+            | set(pipeline.optional_dataset_keys()))
 
 
 def transitive_keys(config: dict[str, Any], name: str) -> set[str]:
@@ -45,7 +46,7 @@ def test_every_default_key_is_hashed_or_declared_runtime():
     config = copy.deepcopy(DEFAULTS)
     every = pipeline.all_stages().values()      # the stages of every label method's graph
     hashed = {key for spec in every for key in own_keys(config, spec.name)}
-    hashed |= {key for spec in every for key in spec.optional_keys}
+    hashed |= {key for spec in every for key in spec.optional_keys} | set(pipeline.optional_dataset_keys())
     loose = [key for key in flatten(DEFAULTS) if not covered(key, hashed) and key not in pipeline.RUNTIME_KEYS]
     assert loose == [], f"neither hashed by a stage nor in pipeline.RUNTIME_KEYS: {loose}"
     both = [key for key in pipeline.RUNTIME_KEYS if covered(key, hashed)]

@@ -277,8 +277,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     if args.action == "generate":
         ds = config["dataset"]
         root = ds["root"] or datasets.default_demo_root(ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"])
-        datasets.generate_demo(root, ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"], progress=True)
+        datasets.generate_demo(root, ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"], progress=True,
+                               coco=args.coco)
         print(f"demo dataset written to {root}")
+        if args.coco:
+            print(f"as COCO JSON: {', '.join(str(path) for path in datasets.demo.coco_files(root))} (read them with "
+                  f"--dataset coco --root {root} dataset.images_dir=JPEGImages)")
         return 0
     split = args.split or config["dataset"]["train_split"]
     data = datasets.build_dataset(config["dataset"], split)
@@ -401,10 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("datasets", help="list, check or generate datasets",
                                description="list: the datasets known; check: open every image and mask of a "
-                                           "split and report problems; generate: write the demo dataset.")
+                                           "split and report problems; generate: write the demo dataset (--coco: as COCO JSON too).")
     data.add_argument("action", choices=["list", "check", "generate"])
     _add_config_options(data)
     data.add_argument("--split", default=None, help="split to check (default: dataset.train_split)")
+    data.add_argument("--coco", action="store_true", help="generate: also write the demo as COCO JSON "
+                                                         "(annotations/instances_{train,val}.json)")
     data.set_defaults(func=cmd_datasets)
 
     config = commands.add_parser("config", help="print every config key with its value and meaning",

@@ -124,6 +124,13 @@ def _name() -> Rule:
     return Rule("a name without path separators", _is_plain_name)
 
 
+def _names(max_length: int = 10_000) -> Rule:
+    """A list of names (or null)."""
+    return Rule(f"a list of 1 to {max_length} names (or null)",
+                lambda v: v is None or (isinstance(v, list) and 0 < len(v) <= max_length
+                                        and all(isinstance(n, str) and n.strip() and len(n) <= 255 for n in v)))
+
+
 def _boolean() -> Rule:
     return Rule("true or false", lambda v: isinstance(v, bool))
 
@@ -224,6 +231,13 @@ SETTINGS: dict[str, Any] = {
         "demo_seed": Setting(0, "demo: generator seed", _number(0, 2**32 - 1, integer=True)),
         "masks_dir": Setting(None, "folder: optional ground-truth masks (index PNGs named <id>.png)",
                              _string(optional=True)),
+        "annotations_file": Setting("annotations/instances_{split}.json", "coco: a split's instances JSON, inside "
+                                    "the root or absolute ({split}: the split's name; without it, every split)",
+                                    _string()),
+        "images_dir": Setting("{split}", "coco: a split's image folder, inside the root or absolute ({split}: the "
+                                         "split's name)", _string()),
+        "category_subset": Setting(None, "coco: the category names to keep (null: all); the others are no tag and "
+                                         "their pixels background", _names()),
         "max_skipped": Setting(0.1, "share of the images left out (bad tags, untagged, unreadable) that stops a run",
                                _number(0, 1)),
     },

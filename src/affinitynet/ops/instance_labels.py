@@ -28,7 +28,7 @@ are void), a JSON per image with each index's class and score, and one COCO-styl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -129,36 +129,3 @@ def load_instances(png_path: Path, json_path: Path) -> tuple[list[Instance], tup
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(json_path, f"not an instance list ({error.__class__.__name__}: {error})") from None
     return found, objects.shape
-
-
-def rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO's compressed run-length encoding of a boolean mask (``{"size": [h, w], "counts"}``)."""
-    from pycocotools import mask as coco_mask
-
-    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
-
-
-def coco_document(images: Sequence[tuple[str, str, tuple[int, int], Sequence[Instance]]],
-                  class_names: Sequence[str]) -> dict[str, Any]:
-    """A COCO-style instance document: ``images`` (id, file name, height, width),
-    ``categories`` (the object classes, ids 1..K as in the class masks) and ``annotations``, one
-    per instance with its RLE mask, area, box (x, y, w, h) and score. ``images`` gives (sample
-    id, file name, (H, W), instances) per image; image ids are 1.. in that order."""
-    from pycocotools import mask as coco_mask
-
-    document: dict[str, Any] = {
-        "info": {"description": "affinitynet: IRN instance pseudo labels"},
-        "categories": [{"id": k, "name": name} for k, name in enumerate(class_names) if k > 0],
-        "images": [], "annotations": []}
-    for image_id, (sample_id, file_name, (height, width), instances) in enumerate(images, start=1):
-        document["images"].append({"id": image_id, "file_name": file_name, "height": int(height),
-                                   "width": int(width), "sample_id": sample_id})
-        for inst in instances:
-            encoded = rle(inst.mask)
-            compressed = {"size": encoded["size"], "counts": encoded["counts"].encode("ascii")}
-            document["annotations"].append({
-                "id": len(document["annotations"]) + 1, "image_id": image_id, "category_id": inst.label,
-                "segmentation": encoded, "area": int(coco_mask.area(compressed)),
-                "bbox": [float(v) for v in coco_mask.toBbox(compressed)], "score": inst.score, "iscrowd": 0})
-    return document

@@ -41,8 +41,8 @@ FINAL_STAGE = "evaluate_run"
 
 def dataset_inputs() -> tuple[str, ...]:
     """The keys that say which images every stage sees, hashed by every stage: those the
-    registered datasets read (read when asked, so that a dataset registered late counts), and
-    the training split."""
+    registered datasets read (read when asked, so that a dataset registered late counts) but
+    their optional keys (hashed once set, ``hashing._hashed_keys``), and the training split."""
     return dataset_keys() + ("dataset.train_split",)
 
 

@@ -6,12 +6,14 @@ import os
 from typing import Any
 
 from ..config import DEFAULTS, flatten, get, section_hash
+from ..data.datasets import optional_dataset_keys
 from .graph import dataset_inputs, stage, upstream_stages
 
 
 def _hashed_keys(name: str, config: dict[str, Any]) -> tuple[str, ...]:
     spec = stage(name)
     changed = tuple(key for key in spec.optional_keys if get(config, key) != get(DEFAULTS, key))
+    changed += tuple(key for key, default in optional_dataset_keys().items() if get(config, key) != default)
     return spec.keys + dataset_inputs() + changed
 
 

@@ -24,7 +24,7 @@ from .msrc21 import ensure_msrc21, find_msrc21_tarball
 
 __all__ = [
     "DATASETS", "DatasetReport", "IGNORE_INDEX", "InputError", "Sample", "SegmentationDataset",
-    "build_dataset", "dataset_keys", "register_dataset", "check_dataset", "check_skipped_share", "default_demo_root", "describe_classes", "ensure_msrc21", "find_msrc21_tarball",
+    "build_dataset", "dataset_keys", "optional_dataset_keys", "register_dataset", "check_dataset", "check_skipped_share", "default_demo_root", "describe_classes", "ensure_msrc21", "find_msrc21_tarball",
     "generate_demo", "DEMO_CLASSES",
 ]
 
@@ -41,9 +41,18 @@ declare_dataset_keys(_declared_keys)
 
 
 def dataset_keys() -> tuple[str, ...]:
-    """Every ``dataset.*`` key some dataset reads to find its images (the splits excepted)."""
-    keys = {"name", "root"} | {key for entry in DATASETS for key in entry.info["keys"]}
-    return tuple(f"dataset.{key}" for key in sorted(keys))
+    """Every ``dataset.*`` key some dataset reads to find its images (the splits excepted), but
+    the optional ones (:func:`optional_dataset_keys`)."""
+    keys = {"dataset.name", "dataset.root"} | {f"dataset.{key}" for entry in DATASETS for key in entry.info["keys"]}
+    return tuple(sorted(keys - set(optional_dataset_keys())))
+
+
+def optional_dataset_keys() -> dict[str, Any]:
+    """The ``dataset.*`` keys that datasets declare optional, with their defaults: added after
+    runs were made, a stage hashes them only when they differ from the default, so that those
+    runs stay current."""
+    return {f"dataset.{key}": entry.info["keys"][key] for entry in DATASETS
+            for key in entry.info.get("optional_keys", ())}
 
 
 def build_dataset(config_dataset_section: Mapping[str, Any], split: str, progress: bool = True) -> SegmentationDataset:

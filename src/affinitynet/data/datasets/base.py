@@ -22,7 +22,8 @@ from ...registry import Registry
 # ``description`` (one line, for ``affinitynet datasets list``) and ``keys``: the ``dataset.*``
 # config keys it reads beyond ``name`` and ``root``, with their defaults. Every stage hashes them.
 # Optional: ``needs_root=False`` (a generated dataset), ``required``: keys that must be set, each
-# with what it names.
+# with what it names, ``optional_keys``: keys added after runs were made, hashed only when they
+# differ from their default (so that those runs stay current).
 DATASETS = Registry("dataset", package="affinitynet.data.datasets")
 register_dataset = DATASETS.register
 

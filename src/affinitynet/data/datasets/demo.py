@@ -27,7 +27,13 @@ Layout written to the root (readable by this module, and by the folder dataset t
     ImageSets/{train,val,trainval}.txt
     labels.json                {"<id>": ["class", ...]}
     classes.txt                object class names, one per line
+    annotations/instances_{train,val}.json   on request (``coco=True``): the same set as COCO JSON
     manifest.json              generation parameters; written last, so it marks a complete set
+
+The COCO files (:func:`write_coco`) hold every object as a compressed RLE mask (exact, where
+polygons would round its edge), the categories as ids 1..K in the class order, and
+``"category_ids": []`` on the images without objects (background, not unlabelled); the ``coco``
+dataset reads them with ``dataset.images_dir=JPEGImages`` to the same labels, masks and instances.
 
 Ids are ``train_00000``..., ``val_00000``...; image ``i`` of a split depends only on (seed, split,
 i), so changing the number of images keeps the others identical.
@@ -47,6 +53,7 @@ from PIL import Image
 from ...errors import InputError
 from ...files import VOC_PALETTE, read_json, write_json, write_text
 from .base import Sample, SegmentationDataset, register_dataset
+from .coco import coco_document
 from .folder import load_checked_mask, read_list_file
 
 GENERATOR_VERSION = 2     # 2: SegmentationObject (the images and class masks are those of 1)
@@ -68,8 +75,10 @@ _NUM_OBJECTS_P = (0.1, 0.4, 0.35, 0.15)
 _DIAMETER = {1: (0.40, 0.60), 2: (0.34, 0.50), 3: (0.30, 0.42)}
 _TAG_AREA = (0.10, 0.15)
 _MANIFEST = "manifest.json"
+# The coco dataset's default dataset.annotations_file, so that only images_dir needs setting.
+COCO_FILE = "annotations/instances_{split}.json"
 _OWN_ENTRIES = {"JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets", "labels.json", "classes.txt",
-                _MANIFEST}
+                "annotations", _MANIFEST}
 _ID_PATTERN = re.compile(r"^(train|val)_\d{5}\.png$")
 
 
@@ -241,13 +250,21 @@ def is_generated(root: str | os.PathLike, size: int, num_train: int, num_val: in
         return False
 
 
+def coco_files(root: str | os.PathLike) -> list[Path]:
+    """The paths of the demo's COCO files, one per split."""
+    return [Path(root) / COCO_FILE.replace("{split}", split) for split in SPLITS]
+
+
 def generate_demo(root: str | os.PathLike, size: int = 128, num_train: int = 240, num_val: int = 60,
-                  seed: int = 0, progress: bool = False, force: bool = False) -> Path:
-    """Write the demo dataset into ``root`` unless a complete one with these parameters is there."""
+                  seed: int = 0, progress: bool = False, force: bool = False, coco: bool = False) -> Path:
+    """Write the demo dataset into ``root`` unless a complete one with these parameters is there;
+    with ``coco``, its COCO files too (:func:`write_coco`)."""
     from tqdm import tqdm
 
     root = Path(root)
     if not force and is_generated(root, size, num_train, num_val, seed):
+        if coco and not all(path.is_file() for path in coco_files(root)):
+            write_coco(root)
         return root
     if root.exists():
         if not root.is_dir():
@@ -256,7 +273,10 @@ def generate_demo(root: str | os.PathLike, size: int = 128, num_train: int = 240
         if foreign:
             raise InputError(root, f"not empty and not a demo dataset (has '{foreign[0]}'); refusing to write there")
     # Remove the old manifest first: if this run is killed, the set is known to be incomplete.
+    # COCO files of an earlier generation would describe other images.
     (root / _MANIFEST).unlink(missing_ok=True)
+    for path in coco_files(root):
+        path.unlink(missing_ok=True)
     images_dir, masks_dir, sets_dir = root / "JPEGImages", root / "SegmentationClass", root / "ImageSets"
     objects_dir = root / "SegmentationObject"
     for folder in (images_dir, masks_dir, objects_dir, sets_dir):
@@ -287,8 +307,33 @@ def generate_demo(root: str | os.PathLike, size: int = 128, num_train: int = 240
     write_text(sets_dir / "trainval.txt", "".join(f"{s}\n" for split in SPLITS for s in ids[split]))
     write_text(root / "labels.json", json.dumps(labels, indent=0) + "\n")
     write_text(root / "classes.txt", "".join(f"{name}\n" for name in CLASS_NAMES))
+    if coco:
+        write_coco(root)
     write_json(root / _MANIFEST, _manifest(size, num_train, num_val, seed))
     return root
+
+
+def write_coco(root: str | os.PathLike) -> list[Path]:
+    """The generated demo in ``root`` as COCO instance files (module docstring), from its own
+    files: every object the demo dataset reads (``load_instances``), in the same order."""
+    root = Path(root)
+    written = []
+    for split, path in zip(SPLITS, coco_files(root)):
+        data = read_split(root, split)
+        images = []
+        for sample in data.samples:
+            mask = data.load_mask(sample)
+            images.append((sample.id, sample.image_path.name, mask.shape, data.load_instances(sample)))
+        document = coco_document(images, data.class_names, description=f"affinitynet demo, split '{split}'",
+                                 scores=False)
+        for entry, (_, _, _, instances) in zip(document["images"], images):
+            del entry["sample_id"]
+            if not instances:
+                entry["category_ids"] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, document)
+        written.append(path)
+    return written
 
 
 class DemoDataset(SegmentationDataset):
@@ -309,6 +354,11 @@ def build_demo(root: str | os.PathLike | None, split: str, size: int = 128, num_
         raise InputError(root or "demo", f"unknown demo split '{split}' (train, val or trainval)")
     root = Path(root) if root else default_demo_root(size, num_train, num_val, seed)
     generate_demo(root, size, num_train, num_val, seed, progress=progress)
+    return read_split(root, split)
+
+
+def read_split(root: Path, split: str) -> DemoDataset:
+    """A split of the demo generated in ``root``."""
     class_index = {name: i for i, name in enumerate(CLASS_NAMES, start=1)}
     labels = read_json(root / "labels.json")
     dataset = DemoDataset(name="demo", root=root, split=split, class_names=["background", *CLASS_NAMES])
