@@ -6,13 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from affinitynet.models.affinity import (AffinityNet, affinity_loss, affinity_loss_from_distances,
-                                  boundary_image, boundary_map, confident_regions,
-                                  downsample_labels, feature_affinities, feature_distances,
-                                  num_offsets, pair_labels)
+from affinitynet.models.affinity import (
+    AffinityNet,
+    affinity_loss,
+    affinity_loss_from_distances,
+    boundary_image,
+    boundary_map,
+    confident_regions,
+    downsample_labels,
+    feature_affinities,
+    feature_distances,
+    num_offsets,
+    pair_labels,
+)
 from affinitynet.ops.background import background_map
 from affinitynet.ops.random_walk import neighbour_offsets
-
 
 # ---------------------------------------------------------------------------- pair set (Eq. 4)
 

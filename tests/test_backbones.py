@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from affinitynet.errors import WeightsError
 from affinitynet.models.backbones import create_backbone, freeze_batchnorm, list_backbones, weights
 from affinitynet.models.backbones.vgg16 import decimate_torchvision_fc
 from affinitynet.models.backbones.weights import dilation_plan
-from affinitynet.errors import WeightsError
 
 NAMES = ("efficientnet_lite0", "efficientnet_lite2", "mobilenetv2", "resnet38d", "resnet50",
          "vgg16")

@@ -107,9 +107,9 @@ def test_gradcam_is_the_cam_divided_by_the_map_area(model):
 
 
 def test_a_cam_method_registers_itself_and_the_config_accepts_it(model):
+    from affinitynet.errors import ConfigError
     from affinitynet.models.cam import METHODS, CAMMethod
     from affinitynet.pipeline.settings import load_run_config as load_config
-    from affinitynet.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cam.method.*'cam'.*'gradcam'"):
         load_config("demo", ["cam.method=scorecam"])

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 import pytest
+import tiny_pipeline as tiny
 import torch
 
-import tiny_pipeline as tiny
 from affinitynet.models.backbones import create_backbone
 
 OTHER_BACKBONE = "efficientnet_lite0"
@@ -67,9 +67,9 @@ TRAIN_COMMAND = {"train_cam": "train-cam", "train_affinity": "train-affinity", "
 def other_backbone_state(producer: str, run: Path, data_root: Path) -> dict[str, torch.Tensor]:
     """The state dict that ``producer`` would save with the other backbone (random weights)."""
     config = tiny.config(run, data_root, f"backbone.name={OTHER_BACKBONE}")
-    from affinitynet.models.networks import NETWORKS, build_network
+    from affinitynet.models.networks import build_network, networks
 
-    kind = next(name for name, network in NETWORKS.items() if network.stage == producer)
+    kind = next(net.kind for net in networks() if net.stage == producer)
     return build_network(kind, config, 6, pretrained=False).state_dict()
 
 

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from affinitynet.pipeline import lock as run_lock
 from affinitynet.cli import main
 from affinitynet.config import defaults, flatten
+from affinitynet.pipeline import lock as run_lock
 
 # Keys whose values are paths: path separators are what they are made of.
 PATH_KEYS = {"run_dir", "dataset.root", "dataset.labels_file", "dataset.classes_file", "dataset.masks_dir",

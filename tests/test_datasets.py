@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affinitynet.data.datasets import (DATASETS, build_dataset, check_dataset, demo, ensure_msrc21, find_msrc21_tarball,
-                                  generate_demo, msrc21)
+from affinitynet.data.datasets import (
+    DATASETS,
+    build_dataset,
+    check_dataset,
+    demo,
+    ensure_msrc21,
+    find_msrc21_tarball,
+    generate_demo,
+    msrc21,
+)
 from affinitynet.errors import InputError
 from affinitynet.files import save_label_png
 

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from affinitynet.config import builtin_config_path
 from affinitynet.engine import distributed
 from affinitynet.engine.checkpoints import load_checkpoint
-from affinitynet.config import builtin_config_path
 from affinitynet.engine.precision import AmpModule, amp_dtype, for_inference, use_channels_last
 from affinitynet.engine.training import EpochDataset, train
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import tiny_pipeline as tiny
 
-from affinitynet.pipeline import lock as run_lock
 from affinitynet.engine.checkpoints import load_checkpoint
 from affinitynet.errors import InputError
 from affinitynet.files import load_image
+from affinitynet.pipeline import lock as run_lock
 
 STEPS = tiny.STEPS_PER_EPOCH
 

@@ -13,6 +13,8 @@ from affinitynet.data.datasets import build_dataset
 from affinitynet.data.datasets.coco import coco_document, rle
 from affinitynet.data.datasets.demo import build_demo, instance_mask, render
 from affinitynet.errors import InputError
+from affinitynet.files import VOC_PALETTE, save_label_png
+from affinitynet.metrics import Instance
 from affinitynet.ops.instance_labels import (
     FRAGMENT_SHARE,
     instance_seeds,
@@ -21,8 +23,6 @@ from affinitynet.ops.instance_labels import (
     save_instances,
     split_instances,
 )
-from affinitynet.files import VOC_PALETTE, save_label_png
-from affinitynet.metrics import Instance
 
 
 def test_seeds_are_each_class_map_on_each_instance_and_a_class_no_instance_sees_is_whole():

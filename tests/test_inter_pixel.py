@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from affinitynet.models.affinity import pair_labels
-from affinitynet.ops.inter_pixel import (displacement_loss, instance_map, path_cells, path_max_affinities,
-                                     refine_centroids)
 from affinitynet.metrics import Instance, average_precision, instance_average_precision
+from affinitynet.models.affinity import pair_labels
+from affinitynet.ops.inter_pixel import (
+    displacement_loss,
+    instance_map,
+    path_cells,
+    path_max_affinities,
+    refine_centroids,
+)
 from affinitynet.ops.random_walk import neighbour_offsets
 
 

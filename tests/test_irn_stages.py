@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 import tiny_pipeline as tiny
+from test_stage_contract import loose_reads
+
 from affinitynet import pipeline
 from affinitynet.files import load_label_png
-from test_stage_contract import loose_reads
 
 
 def test_irn_runs_instead_of_affinitynet_and_its_labels_train_the_network(reference, tmp_path, monkeypatch):

@@ -11,8 +11,14 @@ from PIL import Image
 from affinitynet.data.datasets import build_dataset, ensure_msrc21, find_msrc21_tarball
 from affinitynet.data.datasets.base import Sample, SegmentationDataset
 from affinitynet.files import VOC_PALETTE, save_label_png
-from affinitynet.metrics import (ConfusionMatrix, confusion_matrix, evaluate_predictions, format_table,
-                                 iou_from_confusion, nanmean)
+from affinitynet.metrics import (
+    ConfusionMatrix,
+    confusion_matrix,
+    evaluate_predictions,
+    format_table,
+    iou_from_confusion,
+    nanmean,
+)
 
 
 def reference_confusion(gt, pred, num_classes, ignore=255):

@@ -18,10 +18,10 @@ import pytest
 import torch
 from torch import nn
 
+from affinitynet.errors import WeightsError
 from affinitynet.models.backbones import create_backbone, resnet38d
 from affinitynet.models.backbones.mxnet_params import read_params, torch_key
 from affinitynet.models.backbones.weights import read_state_dict
-from affinitynet.errors import WeightsError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mxnet"
 NARROW = 64  # the channel divisor of a1_narrow_f16.params (make_mxnet_params.NARROW)

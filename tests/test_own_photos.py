@@ -16,9 +16,9 @@ import tiny_pipeline as tiny
 from PIL import Image
 
 from affinitynet.config import DEFAULTS, KEY_HELP, flatten, load_config
-from affinitynet.data.label_coverage import label_coverage
 from affinitynet.data.datasets import build_dataset, check_skipped_share, describe_classes, generate_demo
 from affinitynet.data.datasets.base import Sample, SegmentationDataset
+from affinitynet.data.label_coverage import label_coverage
 from affinitynet.errors import InputError
 from affinitynet.files import save_label_png, write_bytes
 

@@ -7,16 +7,16 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny_pipeline as tiny
 import torch
 from torch import nn
 
-import tiny_pipeline as tiny
 from affinitynet import pipeline
-from affinitynet.pipeline.settings import load_run_config as load_config
-from affinitynet.registry import Entry
 from affinitynet.data.datasets import DATASETS, build_dataset, register_dataset
 from affinitynet.errors import ConfigError, InputError
 from affinitynet.files import load_label_png, save_label_png
+from affinitynet.pipeline.settings import load_run_config as load_config
+from affinitynet.registry import Entry
 
 
 @pytest.fixture

@@ -179,8 +179,8 @@ def test_full_size_psa_files_land_where_psa_had_them(tmp_path, kind):
     """Every tensor of a full-size released file (105M parameters; psa's real widths: fc8 on
     4096 channels, f8_3/f8_4/f8_5 on 512/1024/4096) lands in the real ResNet-38 network."""
     from affinitynet.config import load_config
-    from affinitynet.released import apply_layout, mapped_state
     from affinitynet.models.networks import build_network
+    from affinitynet.released import apply_layout, mapped_state
 
     config = load_config("demo", check=False)
     apply_layout(config, kind)

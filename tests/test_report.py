@@ -2,7 +2,6 @@
 (no network is trained: every stage's files are faked in their real formats)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re

@@ -133,9 +133,9 @@ def test_segmentation_seed_retrains_the_network_alone(mine, reference, capsys):
     """``segmentation.seed`` unset keeps every stage's hash (runs made before the key existed stay
     current); set, it retrains the network on the same pseudo labels and leaves the labels alone."""
     from affinitynet.config import section_hash
+    from affinitynet.engine.checkpoints import load_checkpoint
     from affinitynet.files import read_json
     from affinitynet.pipeline import dataset_inputs, stage, stage_hash
-    from affinitynet.engine.checkpoints import load_checkpoint
 
     _, data_root = reference
     config = load_config(mine / "config.yaml")

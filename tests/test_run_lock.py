@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 import tiny_pipeline as tiny
-from affinitynet.pipeline import lock as run_lock
+
 from affinitynet.errors import RunDirBusy
+from affinitynet.pipeline import lock as run_lock
 from affinitynet.pipeline.lock import LOCK_NAME, TOKEN_ENV, RunLock, hold
 
 HOLDER_COMMAND = "affinitynet run --run-dir R (the holder)"

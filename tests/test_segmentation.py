@@ -11,24 +11,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 from tiny_backbone import TinyBackbone
+from torch import nn
 
-from affinitynet.models import segmentation
+from affinitynet.config import DEFAULTS
+from affinitynet.data.datasets.base import Sample, SegmentationDataset
+from affinitynet.engine.checkpoints import save_checkpoint
+from affinitynet.errors import TrainingError
+from affinitynet.files import load_label_png, save_label_png
 from affinitynet.models.backbones import (
     BACKBONES,
-    create_backbone,
     freeze_batchnorm,
     register_backbone,
 )
-from affinitynet.engine.checkpoints import save_checkpoint
-from affinitynet.config import DEFAULTS
-from affinitynet.data.datasets.base import Sample, SegmentationDataset
-from affinitynet.errors import TrainingError
-from affinitynet.files import load_label_png, save_label_png
-from affinitynet.predict import overlay, predict_files
 from affinitynet.models.networks import build_segmentation_model
 from affinitynet.models.segmentation import SegmentationNet, predict_scores
+from affinitynet.predict import overlay, predict_files
 
 TINY = "_test_tiny"
 

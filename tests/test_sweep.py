@@ -3,8 +3,8 @@ run's own CAM+RW score exactly at the run's (alpha, beta, t)."""
 import json
 
 import pytest
-
 import tiny_pipeline as tiny
+
 from affinitynet.files import read_json
 
 

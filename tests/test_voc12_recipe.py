@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from affinitynet.models.affinity import affinity_loss_from_distances, feature_distances, pair_labels
 from affinitynet.config import DEFAULTS, flatten, load_config
 from affinitynet.engine.training import build_optimizer
+from affinitynet.models.affinity import affinity_loss_from_distances, feature_distances, pair_labels
 
 PSA_LR, PSA_MOMENTUM, PSA_WEIGHT_DECAY = 0.1, 5e-4, 5e-4     # train_cls.py / train_aff.py as they ran
 OPTIMIZER_KEYS = {"lr", "momentum", "weight_decay"}
@@ -127,9 +127,10 @@ def find_voc12_mini() -> Path | None:
 # The values are resnet38d's initialisation (psa's file cannot be fetched here), so the recipe trains
 # from a sane scale; `backbone.weights` reads it as it would the real file.
 def resnet38_weight_file(folder: Path) -> Path:
+    from test_mxnet_params import list_bytes, ndarray_bytes
+
     from affinitynet.models.backbones import create_backbone
     from affinitynet.models.backbones.mxnet_params import torch_key
-    from test_mxnet_params import list_bytes, ndarray_bytes
 
     layout = json.loads((Path(__file__).parent / "fixtures" / "mxnet" / "a1_layout.json").read_text())
     state = create_backbone("resnet38d", pretrained=False).state_dict()

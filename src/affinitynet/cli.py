@@ -183,7 +183,6 @@ _ALL = "__all__"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-
     config = _config_from_args(args, resolve=False)
     runner = None
     if args.procs > 1 and not distributed.launched():
@@ -214,7 +213,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-
     config = _config_from_args(args)
     with _one_writer(config, args):
         preflight(config, replace=args.force, names=[args.stage_name])
@@ -223,7 +221,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
-
     spec = KINDS[args.kind]
     # Each key alone now; together once the file's layout is set (apply_layout).
     config = _config_from_args(args, check=False)
@@ -248,7 +245,6 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-
     config = _config_from_args(args)
     split = args.split or config["dataset"]["label_split"]
     data = build_dataset(config["dataset"], split)
@@ -268,7 +264,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-
     if args.action == "list":
         for entry in datasets.DATASETS:
             print(f"{entry.name:8s} {entry.info['description']}")
@@ -320,7 +315,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-
     return predict_files(args.checkpoint, args.inputs, args.out, scales=args.scales, flip=not args.no_flip,
                          crf=args.crf, device=args.device, strict=args.strict)
 
@@ -333,14 +327,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-
     path = write_report(Path(args.run_dir), gallery_size=args.gallery)
     print(f"report written to {path}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-
     config = _config_from_args(args)
     with _one_writer(config, args):
         run_sweep(config, which=args.grid)
@@ -348,7 +340,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     parser = argparse.ArgumentParser(
         prog="affinitynet",
         description="Pixel-level labels from image-level tags with AffinityNet (Ahn & Kwak, CVPR 2018), "

@@ -42,7 +42,7 @@ from .engine.checkpoints import save_checkpoint
 from .errors import ConfigError, WeightsError
 from .files import read_json, write_json
 from .models.backbones.weights import read_state_dict
-from .models.networks import NETWORKS, build_network, network_meta
+from .models.networks import build_network, network_meta, networks
 from .pipeline import SCHEMA, StageRun, descendants, imported_kind, settings, stage, stage_hash
 from .stages.common import dataset
 
@@ -210,7 +210,7 @@ def import_weights(kind: str, path: str | Path, config: dict[str, Any]) -> dict[
     data = dataset(config, "train_split")
     released = read_state_dict(path)
     check_classes(kind, path, released, data.num_object_classes, f"dataset '{data.name}'")
-    network = next(name for name, net in NETWORKS.items() if net.stage == spec.stage)
+    network = next(net.kind for net in networks() if net.stage == spec.stage)
     # Built on the meta device: every value is overwritten, so the (seconds of) random
     # initialisation of a 105M-parameter network is skipped.
     with torch.device("meta"):

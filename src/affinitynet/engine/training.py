@@ -378,7 +378,6 @@ class ImageTrainSet(EpochDataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-
         sample = self.dataset[index]
         try:
             image = self.dataset.load_image(sample)

@@ -267,7 +267,6 @@ class _PairL1(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, radius: int, mean: bool) -> torch.Tensor:
-
         distance = "mean" if mean else "sum"
         out = torch.cat([pair_distances(features[part], radius, distance) for part in _batch_slices(features)])
         ctx.save_for_backward(features)

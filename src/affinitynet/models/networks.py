@@ -16,6 +16,7 @@ from torch import nn
 from ..config import get, show_value
 from ..engine.checkpoints import load_checkpoint
 from ..errors import TrainingError
+from ..registry import Registry
 from .affinity import AffinityNet
 from .backbones import create_backbone
 from .cam import CAMNet
@@ -92,42 +93,9 @@ def dilate(head: nn.Module, factor: int) -> None:
 
 
 def _backbone(config: dict[str, Any], pretrained: bool, output_stride: int):
-
     section = config["backbone"]
     return create_backbone(section["name"], output_stride=output_stride,
                            pretrained=imagenet_weights(config, pretrained), atrous=section["atrous"])
-
-
-def _cam(config, num_classes, pretrained, output_stride):
-
-    model = CAMNet(_backbone(config, pretrained, output_stride), num_classes - 1, config["cam"]["head_channels"],
-                   config["cam"]["head"])
-    # Section 4.2's 3x3 convolution is on the map the network is trained on.
-    dilate(model.head, train_output_stride("cam", config) // output_stride)
-    return model
-
-
-def _affinity(config, num_classes, pretrained, output_stride):
-
-    section = config["affinity"]
-    # The pairs stay on the walk's grid (output_stride); the backbone may run coarser.
-    return AffinityNet(_backbone(config, pretrained, affinity_backbone_stride(config)),
-                       channels=section["channels"], radius=section["radius"], distance=section["distance"],
-                       grid_stride=output_stride)
-
-
-def _irn(config, num_classes, pretrained, output_stride):
-
-    return IRNet(_backbone(config, pretrained, output_stride))
-
-
-def _segmentation(config, num_classes, pretrained, output_stride):
-
-    # Section 4.2's dilation 12 is at backbone.output_stride (the paper's 8): at any other stride
-    # (training at a coarser one) the head spans the same pixels.
-    dilation = SEGMENTATION_DILATION * config["backbone"]["output_stride"] // output_stride
-    return SegmentationNet(_backbone(config, pretrained, output_stride), num_classes, config["segmentation"]["head"],
-                           dilation=dilation)
 
 
 @dataclass(frozen=True)
@@ -143,19 +111,65 @@ class Network:
     checked: tuple[str, ...]
 
 
-NETWORKS: dict[str, Network] = {
-    "cam": Network("cam", "train_cam", _cam, (("head", "cam.head"), ("head_channels", "cam.head_channels"),
-                                              ("train_output_stride", "cam.train_output_stride")),
-                   ("head", "atrous", "train_output_stride")),
-    "affinity": Network("affinity", "train_affinity", _affinity,
-                        (("channels", "affinity.channels"), ("radius", "affinity.radius"),
-                         ("distance", "affinity.distance"), ("backbone_stride", "affinity.backbone_stride")),
-                        ("channels", "distance", "atrous", "backbone_stride")),
-    "irn": Network("irn", "train_irn", _irn, (("radius", "irn.radius"),), ("atrous",)),
-    "segmentation": Network("segmentation", "train_seg", _segmentation,
-                            (("head", "segmentation.head"), ("supervision", "segmentation.supervision"),
-                             ("train_output_stride", "segmentation.train_output_stride")), ("train_output_stride",)),
-}
+# The pipeline's networks, each registered with the stage that trains it and the entries of its
+# model.pt that describe it (:class:`Network`).
+NETWORKS = Registry("network")
+
+
+def register_network(kind: str, *, stage: str, recorded: tuple[tuple[str, str], ...], checked: tuple[str, ...]):
+    """Decorator on a network's builder ``(config, classes with background, pretrained, output stride)``."""
+    return NETWORKS.register(kind, stage=stage, recorded=recorded, checked=checked)
+
+
+def network(kind: str) -> Network:
+    """The registered network ``kind``."""
+    entry = NETWORKS.get(kind)
+    return Network(kind, entry.info["stage"], entry.builder, entry.info["recorded"], entry.info["checked"])
+
+
+def networks() -> list[Network]:
+    """Every registered network."""
+    return [network(entry.name) for entry in NETWORKS]
+
+
+@register_network("cam", stage="train_cam", checked=("head", "atrous", "train_output_stride"),
+                  recorded=(("head", "cam.head"), ("head_channels", "cam.head_channels"),
+                            ("train_output_stride", "cam.train_output_stride")))
+def _cam(config, num_classes, pretrained, output_stride):
+    model = CAMNet(_backbone(config, pretrained, output_stride), num_classes - 1, config["cam"]["head_channels"],
+                   config["cam"]["head"])
+    # Section 4.2's 3x3 convolution is on the map the network is trained on.
+    dilate(model.head, train_output_stride("cam", config) // output_stride)
+    return model
+
+
+@register_network("affinity", stage="train_affinity", checked=("channels", "distance", "atrous", "backbone_stride"),
+                  recorded=(("channels", "affinity.channels"), ("radius", "affinity.radius"),
+                            ("distance", "affinity.distance"), ("backbone_stride", "affinity.backbone_stride")))
+def _affinity(config, num_classes, pretrained, output_stride):
+    section = config["affinity"]
+    # The pairs stay on the walk's grid (output_stride); the backbone may run coarser.
+    return AffinityNet(_backbone(config, pretrained, affinity_backbone_stride(config)),
+                       channels=section["channels"], radius=section["radius"], distance=section["distance"],
+                       grid_stride=output_stride)
+
+
+@register_network("irn", stage="train_irn", recorded=(("radius", "irn.radius"),), checked=("atrous",))
+def _irn(config, num_classes, pretrained, output_stride):
+    return IRNet(_backbone(config, pretrained, output_stride))
+
+
+@register_network("segmentation", stage="train_seg", checked=("train_output_stride",),
+                  recorded=(("head", "segmentation.head"), ("supervision", "segmentation.supervision"),
+                            ("train_output_stride", "segmentation.train_output_stride")))
+def _segmentation(config, num_classes, pretrained, output_stride):
+    # Section 4.2's dilation 12 is at backbone.output_stride (the paper's 8): at any other stride
+    # (training at a coarser one) the head spans the same pixels.
+    dilation = SEGMENTATION_DILATION * config["backbone"]["output_stride"] // output_stride
+    return SegmentationNet(_backbone(config, pretrained, output_stride), num_classes, config["segmentation"]["head"],
+                           dilation=dilation)
+
+
 # The networks whose section may set ``train_output_stride``. AffinityNet's and IRNet's pairs
 # (radius gamma of Eq. 4) are counted on the grid the walk reads, so they train at that stride
 # (AffinityNet's backbone may run coarser in training and walk alike: ``affinity.backbone_stride``).
@@ -170,7 +184,7 @@ def build_network(kind: str, config: dict[str, Any], num_classes: int, pretraine
     is trained at (:func:`train_output_stride`), else at ``backbone.output_stride``; the two have
     the same weights."""
     stride = train_output_stride(kind, config) if training else int(config["backbone"]["output_stride"])
-    return NETWORKS[kind].build(config, num_classes, pretrained, stride)
+    return network(kind).build(config, num_classes, pretrained, stride)
 
 
 def meta_config(meta: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +192,7 @@ def meta_config(meta: dict[str, Any]) -> dict[str, Any]:
     :func:`build_network` reads: a network rebuilt from its file alone (``predict``)."""
     tree: dict[str, Any] = {"backbone": {"name": meta["backbone"], "output_stride": int(meta["output_stride"]),
                                          "atrous": bool(meta.get("atrous", True)), "weights": None}}
-    for key, config_key in NETWORKS[meta["kind"]].recorded:
+    for key, config_key in network(meta["kind"]).recorded:
         if key in meta:
             section, leaf = config_key.split(".")
             tree.setdefault(section, {})[leaf] = meta[key]
@@ -194,7 +208,7 @@ def network_meta(kind: str, config: dict[str, Any], class_names, backbone) -> di
         meta["num_classes"] = len(class_names)
     meta.update({"backbone": config["backbone"]["name"], "output_stride": config["backbone"]["output_stride"],
                  "atrous": config["backbone"]["atrous"]})
-    for key, config_key in NETWORKS[kind].recorded:
+    for key, config_key in network(kind).recorded:
         value = _configured(kind, config, config_key)
         meta[key] = list(value) if isinstance(value, (list, tuple)) else value
     meta.update({"mean": list(backbone.mean), "std": list(backbone.std)})
@@ -203,8 +217,8 @@ def network_meta(kind: str, config: dict[str, Any], class_names, backbone) -> di
 
 def layout(kind: str, config: dict[str, Any]) -> dict[str, tuple[str, Any]]:
     """The meta keys of ``kind`` that must match the config, with (config key, configured value)."""
-    config_keys = dict(NETWORKS[kind].recorded, atrous="backbone.atrous")
-    return {key: (config_keys[key], _configured(kind, config, config_keys[key])) for key in NETWORKS[kind].checked}
+    config_keys = dict(network(kind).recorded, atrous="backbone.atrous")
+    return {key: (config_keys[key], _configured(kind, config, config_keys[key])) for key in network(kind).checked}
 
 
 def _configured(kind: str, config: dict[str, Any], config_key: str) -> Any:

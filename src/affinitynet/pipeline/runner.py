@@ -12,7 +12,7 @@ from ..engine import distributed
 from ..engine.training import batch_per_process
 from ..errors import InputError
 from ..files import CONFIG_FILE
-from ..models.networks import NETWORKS
+from ..models.networks import networks
 from .graph import readers, stage, stages
 from .run_dir import check_run_dir, is_complete, json_or_none, record_run, training_split
 from .size_rules import resolve_auto
@@ -57,7 +57,7 @@ def processes_runner(procs: int) -> Callable[[dict[str, Any], str, bool], None]:
     walk, scoring) as N single-threaded processes. On a 2-core CPU the trainings ran 0.89-0.97x as
     processes and the per-image stages 1.06-1.83x (docs/performance.md, Speed); a training in one process also
     keeps one process's float roundings, so the figures are those of a run without ``--procs``."""
-    trainings = {network.stage for network in NETWORKS.values()}
+    trainings = {network.stage for network in networks()}
 
     def runner(config: dict[str, Any], name: str, force: bool) -> None:
         if name in trainings or (not force and is_complete(config, name)):
@@ -81,7 +81,7 @@ def preflight(config: dict[str, Any], replace: bool = False, announce: bool = Fa
     the class list, its image counts and the dataset's warnings are printed. Returns the training
     split."""
     names = {spec.name for spec in stages(config)} if names is None else set(names)
-    for network in NETWORKS.values():
+    for network in networks():
         if network.stage in names:
             batch_per_process(config[network.kind], network.kind, int(os.environ.get("WORLD_SIZE", "1")))
     check_run_dir(config, replace=replace)      # before the dataset is read (a demo is generated)

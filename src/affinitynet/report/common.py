@@ -112,7 +112,6 @@ def _new_figure(width: float, height: float):
 
 
 def _stage_order() -> list[str]:
-
     return [spec.name for spec in stages()]
 
 

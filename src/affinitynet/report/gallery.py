@@ -51,7 +51,6 @@ class _Gallery:
     # -- where things are ----------------------------------------------------------------------
 
     def _folder(self, key: str) -> Path:
-
         name, output = {"cam": ("infer_cam", "cams"), "background": ("infer_cam", "cams"),
                         "confident": ("confident_regions", "labels"),
                         "boundaries": (self.label_stage, "boundaries"),
@@ -124,7 +123,6 @@ class _Gallery:
 
     @staticmethod
     def _demo_present(section: dict[str, Any]) -> bool:
-
         size, train, val = int(section.get("demo_size", 128)), int(section.get("demo_train", 240)), int(section.get("demo_val", 60))
         seed = int(section.get("demo_seed", 0))
         root = section.get("root") or default_demo_root(size, train, val, seed)

@@ -85,7 +85,6 @@ class _ReportBuilder:
     # -- inputs --------------------------------------------------------------------------------
 
     def _load_inputs(self) -> None:
-
         config_path = self.run_dir / CONFIG_FILE
         if config_path.is_file():
             try:
@@ -144,7 +143,6 @@ class _ReportBuilder:
         return index
 
     def _header(self) -> str:
-
         stage_times = [(self.run_dir / name / MARKER).stat().st_mtime for name in self.stages]
         last_stage = (datetime.fromtimestamp(max(stage_times)).strftime("%Y-%m-%d %H:%M")
                       if stage_times else "-")
@@ -343,7 +341,6 @@ class _ReportBuilder:
     # -- sweep ---------------------------------------------------------------------------------
 
     def _sweep_section(self) -> str:
-
         source = figure_path(self.run_dir)
         if not source.is_file():
             return ""

@@ -26,7 +26,6 @@ from ..models.affinity import downsample_labels
 from ..models.backbones import freeze_batchnorm
 from ..models.irnet import predict
 from ..models.networks import (
-    NETWORKS,
     build_network,
     check_meta,
     fine_tune_epochs,
@@ -34,6 +33,7 @@ from ..models.networks import (
     layout,
     load_checkpoint_meta,
     load_weights,
+    network,
     network_meta,
     set_geometry,
 )
@@ -69,7 +69,6 @@ def setup(config: dict[str, Any], seed: int | None = None) -> torch.device:
 
 
 def dataset(config: dict[str, Any], split_key: str) -> SegmentationDataset:
-
     return build_dataset(config["dataset"], config["dataset"][split_key])
 
 
@@ -155,7 +154,7 @@ def _fine_tuning(kind: str, config: dict[str, Any], num_classes: int, model):
 def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, step,
                 seed: int | None = None, check=None) -> dict[str, Any]:
     """What every training stage's ``run`` does: network ``kind`` (its config section has the same
-    name; ``networks.NETWORKS`` names the stage that trains it) trained by the shared loop
+    name; ``networks.network(kind)`` names the stage that trains it) trained by the shared loop
     (``training.train``) on the training split, the backbone at the base learning rate and the new
     layers at ``new_layer_lr_mult`` times it, BatchNorm frozen (the paper's setting).
     ``make_train_set(data, backbone)`` gives the stage's augmented images; ``check(data)`` refuses
@@ -164,7 +163,7 @@ def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, 
     means as ``final_loss`` and ``final_<part>``."""
 
     device = setup(config, seed)
-    job = StageRun(config, NETWORKS[kind].stage, force)
+    job = StageRun(config, network(kind).stage, force)
     data = dataset(config, "train_split")
     job.skipped.extend(data.skipped)
     if check is not None:
@@ -190,7 +189,7 @@ def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, 
 
 def model_path(kind: str, config: dict[str, Any]) -> Path:
     """The ``model.pt`` of the stage that trains ``kind``."""
-    return stage(NETWORKS[kind].stage).output("model", config)
+    return stage(network(kind).stage).output("model", config)
 
 
 def load_network(kind: str, config: dict[str, Any], device: torch.device, num_classes: int,
@@ -200,7 +199,7 @@ def load_network(kind: str, config: dict[str, Any], device: torch.device, num_cl
     classes; in eval mode on ``device``."""
     path = model_path(kind, config)
     state, meta = load_checkpoint_meta(path)
-    check_meta(path, meta, class_names, config["backbone"]["name"], stage(NETWORKS[kind].stage).command,
+    check_meta(path, meta, class_names, config["backbone"]["name"], stage(network(kind).stage).command,
                layout(kind, config))
     model = build_network(kind, config, num_classes, pretrained=False)
     load_weights(model, state, path)

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.datasets.coco import coco_document
 from ..engine import distributed
 from ..errors import InputError
 from ..files import IGNORE_INDEX, load_label_png, load_npz, write_json
 from ..metrics import format_table, instance_average_precision
 from ..models.irnet import STRIDE
-from ..data.datasets.coco import coco_document
 from ..ops.instance_labels import instance_seeds, load_instances, save_instances, split_instances
 from ..ops.inter_pixel import instance_map
 from ..ops.pseudo_labels import to_grid, to_image
