@@ -349,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="<command>")
     commands.required = True
 
+    _add_pipeline_commands(commands)
+    _add_data_commands(commands)
+    _add_model_commands(commands)
+    return parser
+
+
+def _add_pipeline_commands(commands) -> None:
+    """``run``, one command per stage, ``import-weights``."""
     run = commands.add_parser("run", help="the whole pipeline, skipping stages whose outputs are current",
                               description="Run every stage in order: " + " -> ".join(s.command for s in stages(DEFAULTS))
                               + ". Stages whose outputs are complete and current are skipped.")
@@ -370,7 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
         _add_writer_options(sub)
         sub.set_defaults(func=cmd_stage, stage_name=spec.name)
 
-
     imported = commands.add_parser(
         "import-weights", help="a released psa/irn checkpoint as the finished training stage of a run",
         description="Load the authors' released weights (psa-cam: psa's res38_cls.pth, psa-aff: psa's "
@@ -384,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_writer_options(imported)
     imported.set_defaults(func=cmd_import_weights)
 
+
+def _add_data_commands(commands) -> None:
+    """``evaluate``, ``datasets``, ``config``."""
     evaluate = commands.add_parser("evaluate", help="score index PNGs against a split's ground truth (mIoU)",
                                    description="Confusion matrix over the split, per-class IoU and mIoU "
                                                "(255 ignored), printed in the paper's table layout.")
@@ -414,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     config.set_defaults(func=cmd_config)
 
+
+def _add_model_commands(commands) -> None:
+    """``predict``, ``export``, ``report``, ``sweep``."""
     predict = commands.add_parser("predict", help="segment image files or folders with a trained model",
                                   description="Masks (VOC-palette PNG) and colour overlays for images, from a "
                                               "segmentation checkpoint alone (it carries classes, "
@@ -453,7 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", choices=["beta_t", "alpha", "both"], default="both")
     _add_writer_options(sweep)
     sweep.set_defaults(func=cmd_sweep)
-    return parser
 
 
 _OS_ERROR_HINTS = {
