@@ -120,6 +120,18 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(handle)
 
 
+def read_json_object(path: Path, text: str, expected: str) -> dict[str, Any]:
+    """A user's JSON file (its ``text``) that must hold one object: one line naming the file when
+    it is not JSON (where) or not an object (``expected`` says what it should be)."""
+    try:
+        tree = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(path, f"not valid JSON (line {error.lineno} column {error.colno}: {error.msg})") from None
+    if not isinstance(tree, dict):
+        raise InputError(path, expected)
+    return tree
+
+
 def save_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
     """Write an index map (uint8, 255 = ignore/neutral) as a VOC-palette PNG, atomically."""
     label = np.asarray(label)

@@ -37,7 +37,6 @@ the file is a warning. Ids are ``file_name`` without its extension (``/`` as ``_
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from pycocotools import mask as coco_mask
 
 from ...config import DEFAULTS
 from ...errors import InputError
+from ...files import read_json_object
 from ...metrics import Instance
 from .base import IGNORE_INDEX, Sample, SegmentationDataset, register_dataset
 from .folder import (
@@ -219,12 +219,8 @@ def _segmentation_problem(segmentation: Any, height: int | None, width: int | No
 
 
 def _parse(path: Path) -> _Document:
-    try:
-        tree = json.loads(read_text(path))
-    except json.JSONDecodeError as error:
-        raise InputError(path, f"not valid JSON (line {error.lineno} column {error.colno}: {error.msg})") from None
-    if not isinstance(tree, dict):
-        raise InputError(path, "not a COCO instances file (a JSON object with 'images' and 'categories')")
+    tree = read_json_object(path, read_text(path),
+                            "not a COCO instances file (a JSON object with 'images' and 'categories')")
 
     categories: dict[int, str] = {}
     names: dict[str, int] = {}

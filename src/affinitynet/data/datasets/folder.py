@@ -43,7 +43,6 @@ from __future__ import annotations
 import csv
 import difflib
 import io
-import json
 import os
 import posixpath
 from collections import Counter
@@ -54,7 +53,7 @@ import numpy as np
 from PIL import Image
 
 from ...errors import InputError
-from ...files import CONFIG_FILE, DATASET_FILE, STAGE_MARKER, load_label_png, plural
+from ...files import CONFIG_FILE, DATASET_FILE, STAGE_MARKER, load_label_png, plural, read_json_object
 from .base import Sample, SegmentationDataset, register_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -201,12 +200,7 @@ def _read_csv(path: Path) -> tuple[list[_Entry], bool]:
 
 
 def _read_json(path: Path) -> list[_Entry]:
-    try:
-        tree = json.loads(read_text(path))
-    except json.JSONDecodeError as error:
-        raise InputError(path, f"not valid JSON (line {error.lineno}: {error.msg})") from None
-    if not isinstance(tree, dict):
-        raise InputError(path, 'must be a JSON object {"image.jpg": ["tag", ...], ...}')
+    tree = read_json_object(path, read_text(path), 'must be a JSON object {"image.jpg": ["tag", ...], ...}')
     entries = []
     for name, value in tree.items():
         if isinstance(value, str):
