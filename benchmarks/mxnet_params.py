@@ -137,7 +137,7 @@ def in_subprocess(case, params, repeat=1, threads=1):
 
 # --- main -----------------------------------------------------------------------------------
 
-def main(bench: Benchmark, mxnet_python: str, keep: bool, repeat: int) -> int:
+def measure(bench: Benchmark, mxnet_python: str, keep: bool, repeat: int) -> int:
     threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="affinitynet-mxnet-bench-"))
     params = work / "ilsvrc-cls_rna-a1_cls1000_random.params"
@@ -187,7 +187,7 @@ def main(bench: Benchmark, mxnet_python: str, keep: bool, repeat: int) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def cli(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     bench = Benchmark(__file__, __doc__)
     parser = bench.parser
     parser.add_argument("mxnet_python", nargs="?", help="a Python with MXNet 1.x installed")
@@ -200,8 +200,8 @@ def cli(argv: list[str] | None = None) -> int:
         return 0
     if not args.mxnet_python:
         parser.error("give the path of a Python with MXNet 1.x (see the docstring)")
-    return main(bench, args.mxnet_python, args.keep, args.repeat)
+    return measure(bench, args.mxnet_python, args.keep, args.repeat)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

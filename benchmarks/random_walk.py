@@ -297,7 +297,7 @@ def under_load(threads: int, figures: dict | None = None) -> list[tuple[str, boo
 
 # --- main -----------------------------------------------------------------------------------
 
-def main(bench: Benchmark, load_only: bool = False) -> int:
+def measure(bench: Benchmark, load_only: bool = False) -> int:
     threads = torch.get_num_threads()
     loaded: dict = {}
     if load_only:
@@ -411,7 +411,7 @@ def main(bench: Benchmark, load_only: bool = False) -> int:
     return 0 if all(ok for _, ok in checks) else 1
 
 
-def cli(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     bench = Benchmark(__file__, __doc__)
     parser = bench.parser
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "H", "W"), help=argparse.SUPPRESS)
@@ -420,8 +420,8 @@ def cli(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))
         return 0
-    return main(bench, load_only=args.load)
+    return measure(bench, load_only=args.load)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())
