@@ -28,7 +28,7 @@ from .seed_spread import add_options, run
 
 def main(argv: list[str] | None = None) -> int:
     bench = Benchmark(__file__, __doc__, devices=("auto", "cpu", "cuda"))
-    add_options(bench, config_given=True)
+    add_options(bench, config_given=True, run_dir="runs/msrc21")
     args = bench.parse(argv)   # --help and option errors before the dataset is unpacked
     return run(bench, args, "msrc21", root=str(ensure_msrc21("data/msrc21")), default_run_dir="runs/msrc21")
 

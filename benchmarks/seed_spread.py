@@ -11,12 +11,14 @@ Writes ``benchmarks/results/seed_spread_<config>.json`` (``--json PATH``), which
 demo's row of the README's headline table and the demo's tables of docs/results.md
 (``python -m benchmarks.render``). ``--device`` (default: the config's) and ``--threads N``
 (default: the config's) are passed to every stage as ``device=...`` and, for the stages after the
-two trainings, ``threads=N``. ``benchmarks/msrc21.py`` is this on MSRC-21. The CAM network and the upper bound's first training
-(and its evaluation) do not depend on each other and run side by side as two single-threaded
-processes; the later stages run as ``affinitynet run --procs`` (each training in one process with
-every core, every other stage as ``--procs`` single-threaded processes under torch.distributed: on
-a 2-core machine the per-image stages are faster so than one process with two threads, and on the
-demo the trainings ran 0.89-0.97x: docs/performance.md, Speed), starting when the CAM network is done, beside
+two trainings, ``threads=N``. ``benchmarks/msrc21.py`` is this on MSRC-21.
+
+The CAM network and the upper bound's first training (and its evaluation) do not depend on each
+other and run side by side as two single-threaded processes; the later stages run as
+``affinitynet run --procs`` (each training in one process with every core, every other stage as
+``--procs`` single-threaded processes under torch.distributed: on a 2-core machine the per-image
+stages are faster so than one process with two threads, and the trainings slower:
+docs/performance.md, "Threads and processes"), starting when the CAM network is done, beside
 what is left of the bound.
 Everything is resumable: run the command again after an interruption.
 """
@@ -75,12 +77,12 @@ def run_all(commands: list[list[str]]) -> bool:
     return True
 
 
-def add_options(bench: Benchmark, config_given: bool = False) -> None:
+def add_options(bench: Benchmark, config_given: bool = False, run_dir: str = "runs/<config>_seeds") -> None:
     """This benchmark's options on ``bench``'s parser; ``--config`` unless a wrapper fixes it."""
     parser = bench.parser
     if not config_given:
         parser.add_argument("--config", required=True, help="a built-in config with ground truth (demo, msrc21)")
-    parser.add_argument("--run-dir", default=None, help="seed 0's run directory (default runs/<config>_seeds)")
+    parser.add_argument("--run-dir", default=None, help=f"seed 0's run directory (default {run_dir})")
     parser.add_argument("--procs", type=int, default=2, help="processes for the stages after the two trainings")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds of the network and of the bound")
     parser.add_argument("overrides", nargs="*")
