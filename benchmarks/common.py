@@ -10,7 +10,7 @@ Each one prints what it measured and writes it, with the environment record, to
 
     {"benchmark": NAME, "command": "python -m benchmarks.NAME ...", "options": {...},
      "environment": {"commit", "dirty", "cpu_model", "cpu_flags", "cpus", "torch", "threads",
-                     "device", "python", "platform", "date", "wall_seconds"},
+                     "device", "load_average", "python", "platform", "date", "wall_seconds"},
      "results": {..., "summary": {a few headline figures}}}
 
 ``python -m benchmarks.render`` turns those files into the tables of ``docs/results.md`` and of
@@ -183,6 +183,10 @@ def environment(device: str = "cpu", wall_seconds: float | None = None) -> dict[
                               "threads": torch.get_num_threads(), "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():
         record["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:  # how busy the machine was (other jobs move every timing on a shared machine)
+        record["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        record["load_average"] = None
     record.update(python=platform.python_version(), platform=platform.platform(),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                   wall_seconds=None if wall_seconds is None else round(wall_seconds, 1))
