@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         present = [i for i in by_id if (folder / f"{i}.png").is_file()]
         if not present:
             parser.error(f"no image of {data.split} has both its ground truth and a label in {folder}")
+        tagged = [i for i in present if len(by_id[i].labels)]   # photos with an object, if enough
+        present = tagged if len(tagged) >= args.images else present
         panels.append((data, folder, what, [by_id[i] for i in evenly(present, args.images)]))
 
     rows = max(len(samples) for *_, samples in panels)
