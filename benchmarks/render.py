@@ -106,7 +106,9 @@ def spread(values: list[float]) -> str:
 
 
 def minutes(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds / 60:.1f} min"
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def machine(env: dict[str, Any]) -> str:
