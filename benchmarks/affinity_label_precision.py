@@ -6,28 +6,29 @@ labelled from each (Eq. 4-6), and among the pairs the confident regions label wh
 have ground truth, the share whose label agrees with the ground truth's is counted, per subset
 (P+fg, P+bg, P-). Also the share of pixels that are confident.
 
-    python benchmarks/affinity_label_precision.py runs/msrc21
+    python -m benchmarks.affinity_label_precision runs/msrc21
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from affinitynet.affinity import downsample_labels, pair_labels
+from affinitynet.models.affinity import downsample_labels, pair_labels
 from affinitynet.config import load_config
 from affinitynet.files import load_label_png
-from affinitynet.stages import dataset
+from affinitynet.stages.common import dataset
+
+from .common import Benchmark
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("run_dir")
     parser.add_argument("--stride", type=int, default=8)
-    args = parser.parse_args()
+    args = bench.parse(argv)
     run_dir = Path(args.run_dir)
     config = load_config(run_dir / "config.yaml")
     data = dataset(config, "train_split")
@@ -62,6 +63,16 @@ def main() -> int:
         print(f"  {subset:6s}: {total[subset]:9d} labelled pairs with ground truth, "
               f"precision {100 * agree[subset] / max(total[subset], 1):.1f}%")
     print(f"  all   : {all_total:9d} pairs, precision {100 * all_agree / max(all_total, 1):.1f}%")
+    precision = {subset: 100 * agree[subset] / max(total[subset], 1) for subset in total}
+    bench.write({"run_dir": str(run_dir), "dataset": data.name, "split": data.split,
+                 "confident_pixels_pct": 100 * confident / pixels,
+                 "confident_right_pct": 100 * correct_pixels / max(confident_gt, 1),
+                 "pairs": {subset: {"pairs": total[subset], "precision_pct": precision[subset]} for subset in total},
+                 "all_pairs": all_total, "all_precision_pct": 100 * all_agree / max(all_total, 1),
+                 "summary": {"confident pixels (%)": 100 * confident / pixels,
+                             "confident pixels right (%)": 100 * correct_pixels / max(confident_gt, 1),
+                             "P+fg / P+bg / P- precision (%)": [precision["pos_fg"], precision["pos_bg"],
+                                                                precision["neg"]]}})
     return 0
 
 

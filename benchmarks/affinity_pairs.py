@@ -14,19 +14,20 @@ with the Section 4.2 head (3x3 conv to 512, GAP, FC) on 448x448 input when the b
 provides it, else a plain conv stack of similar size. Prints milliseconds per image and the ratio
 to the CAM forward.
 
-    python benchmarks/affinity_pairs.py [--repeats 3] [--device cpu] [--threads 0] [--compare-plain]
+    python -m benchmarks.affinity_pairs [--repeats 3] [--device cpu] [--threads 0] [--compare-plain]
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 from torch import nn
 
-from affinitynet.affinity import affinity_loss_from_distances, feature_distances, pair_labels
-from affinitynet.random_walk import neighbour_offsets
+from affinitynet.models.affinity import affinity_loss_from_distances, feature_distances, pair_labels
+from affinitynet.ops.random_walk import neighbour_offsets
+
+from .common import ANY_DEVICE, Benchmark
 
 GRID = 56
 RADIUS = 5
@@ -65,7 +66,7 @@ class _CamNet(nn.Module):
 
 def cam_network(device: torch.device) -> tuple[nn.Module, str]:
     try:
-        from affinitynet.backbones import create_backbone
+        from affinitynet.models.backbones import create_backbone
 
         backbone = create_backbone("mobilenetv2", output_stride=8, pretrained=False)
         name = "mobilenetv2 (OS 8) + CAM head"
@@ -107,17 +108,14 @@ def timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    bench = Benchmark(__file__, __doc__, devices=ANY_DEVICE)
+    parser = bench.parser
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--compare-plain", action="store_true",
                         help="also time the loss through plain autograd (slow, memory-hungry)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bench.parse(argv)
     device = torch.device(args.device)
     model, name = cam_network(device)
     print(f"device {device}, torch threads {torch.get_num_threads()}, grid {GRID}x{GRID}, "
@@ -126,6 +124,7 @@ def main() -> None:
     header = f"{'batch':>5} {'what':<10} {'ms/image':>10} {'x CAM fwd':>10}"
     print(header)
     print("-" * len(header))
+    table = []
     for batch in args.batches:
         images = torch.randn(batch, 3, 448, 448, device=device)
         with torch.no_grad():
@@ -153,6 +152,11 @@ def main() -> None:
         for what, seconds in rows:
             ms = seconds if what == "CAM fwd" else seconds * 1000 / batch
             print(f"{batch:>5} {what:<10} {ms:>10.2f} {ms / cam_ms:>10.3f}")
+            table.append({"batch": batch, "what": what, "ms_per_image": ms, "x_cam_forward": ms / cam_ms})
+    largest = max(args.batches)
+    bench.write({"cam_network": name, "grid": GRID, "radius": RADIUS, "channels": CHANNELS, "rows": table,
+                 "summary": {f"{row['what']}, batch {largest} (x CAM fwd)": row["x_cam_forward"]
+                             for row in table if row["batch"] == largest and row["what"] != "CAM fwd"}})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 EfficientNet-Lite0 and EfficientNet-Lite2 at output stride 8, 224x224, batch 8, frozen BatchNorm
 (the pipeline's training setting), with each one's ratio to MobileNetV2 and its forward GMACs.
 
-    python benchmarks/backbone_speed.py [--threads 1] [--steps 2] [--size 224] [--batch 8]
+    python -m benchmarks.backbone_speed [--threads 1] [--steps 2] [--size 224] [--batch 8]
 
 A warm-up step and two timed ones per backbone: about a minute and a quarter on a quiet core,
 longer when other processes share it.
@@ -14,14 +14,15 @@ a head to add its own cost. ImageNet top-1 of the weights for reference: MobileN
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import affinitynet  # noqa: F401  (before torch: the pipeline's OpenMP spin count)
 
 import torch  # noqa: E402
 
-from affinitynet.backbones import create_backbone, freeze_batchnorm  # noqa: E402
+from affinitynet.models.backbones import create_backbone, freeze_batchnorm  # noqa: E402
+
+from .common import Benchmark  # noqa: E402
 
 NAMES = ("mobilenetv2", "efficientnet_lite0", "efficientnet_lite2")
 
@@ -51,14 +52,14 @@ def train_step(model: torch.nn.Module, images: torch.Tensor) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+def main(argv: list[str] | None = None) -> None:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("--steps", type=int, default=2, help="timed steps per backbone")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench.parse(argv)
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, args.size, args.size)
 
@@ -80,11 +81,17 @@ def main() -> None:
 
     speed = {name: args.batch / min(times[name]) for name in NAMES}
     print(f"forward + backward, {args.size}x{args.size}, batch {args.batch}, output stride 8, "
-          f"{args.threads} thread(s), best of {args.steps} steps")
+          f"{threads} thread(s), best of {args.steps} steps")
     print(f"{'backbone':<20} {'GMACs/img':>9} {'images/s':>9} {'vs mobilenetv2':>15}")
     for name in NAMES:
         print(f"{name:<20} {macs[name] / 1e9:>9.2f} {speed[name]:>9.2f} "
               f"{speed[name] / speed['mobilenetv2']:>14.2f}x")
+    bench.write({"size": args.size, "batch": args.batch, "steps": args.steps,
+                 "backbones": {name: {"forward_gmacs_per_image": macs[name] / 1e9, "images_per_second": speed[name],
+                                      "x_mobilenetv2": speed[name] / speed["mobilenetv2"],
+                                      "step_seconds": times[name]} for name in NAMES},
+                 "summary": {f"{name} images/s (x mobilenetv2)": [speed[name], speed[name] / speed["mobilenetv2"]]
+                             for name in NAMES}})
 
 
 if __name__ == "__main__":

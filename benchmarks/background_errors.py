@@ -3,13 +3,12 @@ each label set of a finished run calls background: the pseudo labels of every ro
 the label split, and the segmentation network's predictions on the evaluation split, beside those
 of the fully supervised bound's run when one is given.
 
-    python benchmarks/background_errors.py runs/msrc21 [runs/msrc21_gt]
+    python -m benchmarks.background_errors runs/msrc21 [runs/msrc21_gt]
 
 Only saved label PNGs are read; the ground truth scores them and changes nothing.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,8 +16,10 @@ import numpy as np
 
 from affinitynet.config import load_config
 from affinitynet.metrics import ConfusionMatrix, score_samples, scored_samples
-from affinitynet.stages import dataset
+from affinitynet.stages.common import dataset
 from affinitynet.stages.evaluate_run import rows
+
+from .common import Benchmark
 
 
 def background_shares(confusion: ConfusionMatrix) -> np.ndarray:
@@ -27,11 +28,12 @@ def background_shares(confusion: ConfusionMatrix) -> np.ndarray:
     return 100.0 * counts[:, 0] / np.maximum(counts.sum(axis=1), 1)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("run_dir")
     parser.add_argument("bound_dir", nargs="?")
-    args = parser.parse_args()
+    args = bench.parse(argv)
     config = load_config(Path(args.run_dir) / "config.yaml")
     table: dict[str, np.ndarray] = {}
     sources = [(title, Path(args.run_dir) / stage / folder, split)
@@ -55,6 +57,10 @@ def main() -> int:
     print(" " * width + " | " + " | ".join(f"{n[:6]:>6}" for n in names[1:]) + " | objects")
     for title, shares in table.items():
         print(f"{title:<{width}} | " + " | ".join(f"{v:6.1f}" for v in shares[1:]) + f" | {shares[1:].mean():6.1f}")
+    bench.write({"run_dir": args.run_dir, "bound_dir": args.bound_dir, "class_names": list(names),
+                 "background_share_pct": {title: dict(zip(names, shares.tolist())) for title, shares in table.items()},
+                 "summary": {f"{title}: objects called background (%)": float(shares[1:].mean())
+                             for title, shares in table.items()}})
     return 0
 
 

@@ -2,22 +2,22 @@
 size, and the FLOP/s it achieves as a fraction of this machine's float32 matmul peak, both
 measured in the same run (this machine's speed swings from minute to minute).
 
-    python benchmarks/cam_training.py [--threads N] [--steps 5]
+    python -m benchmarks.cam_training [--threads N] [--steps 5]
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import affinitynet  # noqa: F401  (before torch: the pipeline's OpenMP spin count)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from stage_throughput import matmul_peak  # noqa: E402  (benchmarks/ is on sys.path)
 
-from affinitynet.backbones import create_backbone, freeze_batchnorm  # noqa: E402
-from affinitynet.cam import CAMNet  # noqa: E402
+from affinitynet.models.backbones import create_backbone, freeze_batchnorm  # noqa: E402
+from affinitynet.models.cam import CAMNet  # noqa: E402
 from affinitynet.config import load_config  # noqa: E402
+
+from .common import Benchmark, matmul_peak  # noqa: E402
 
 
 def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
@@ -39,13 +39,13 @@ def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
     return total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+def main(argv: list[str] | None = None) -> None:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--channels-last", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench.parse(argv)
+    threads = torch.get_num_threads()
     config = load_config("msrc21", check=False)
     section, crop, batch = config["cam"], config["cam"]["crop_size"], config["cam"]["batch_size"]
     model = CAMNet(create_backbone("mobilenetv2", 8, pretrained=True), 14, section["head_channels"])
@@ -74,11 +74,16 @@ def main() -> None:
     peak = max(peak_before, peak_after)
     best = min(times)
     achieved = flops / best
-    print(f"threads {args.threads}, channels_last {args.channels_last}, crop {crop}, batch {batch}")
+    print(f"threads {threads}, channels_last {args.channels_last}, crop {crop}, batch {batch}")
     print(f"training step: {flops / 1e9:.1f} GFLOP, best {best:.2f} s, median {sorted(times)[len(times) // 2]:.2f} s")
     print(f"throughput: {batch / best:.2f} images/s (best step)")
     print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})")
     print(f"achieved: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.2f} of the matmul peak (goal 0.40)")
+    bench.write({"channels_last": args.channels_last, "crop": crop, "batch": batch, "step_gflop": flops / 1e9,
+                 "step_seconds": times, "images_per_second": batch / best,
+                 "matmul_peak_gflops": peak / 1e9, "matmul_peak_before_after_gflops": [peak_before / 1e9, peak_after / 1e9],
+                 "achieved_gflops": achieved / 1e9, "fraction_of_peak": achieved / peak,
+                 "summary": {"images/s": batch / best, "GFLOP/s": achieved / 1e9, "of the matmul peak": achieved / peak}})
 
 
 if __name__ == "__main__":

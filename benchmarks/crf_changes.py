@@ -9,13 +9,12 @@ scores, the script counts how many the dCRF gets right and how many the walk had
 reports how much of the boundary band the ground truth leaves void. It also scores a
 "band-limited" dCRF: the dCRF's labels inside the band, the walk's elsewhere.
 
-    python benchmarks/crf_changes.py runs/msrc21
+    python -m benchmarks.crf_changes runs/msrc21
 
 Only saved label PNGs are read; nothing is recomputed, so the figures are those of the run.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,16 +24,19 @@ from tqdm import tqdm
 from affinitynet.config import load_config
 from affinitynet.files import load_label_png
 from affinitynet.metrics import IGNORE_INDEX, ConfusionMatrix
-from affinitynet.pseudo_labels import boundary_band, refinement
-from affinitynet.stages import dataset
+from affinitynet.ops.pseudo_labels import boundary_band, refinement
+from affinitynet.stages.common import dataset
+
+from .common import Benchmark
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("run_dir")
     parser.add_argument("--bands", type=int, nargs="+", default=[4, 8],
                         help="band widths in pixels around the walk's label boundaries")
-    args = parser.parse_args()
+    args = bench.parse(argv)
     run_dir = Path(args.run_dir)
     config = load_config(run_dir / "config.yaml")
     data = dataset(config, "label_split")
@@ -86,6 +88,14 @@ def main() -> int:
                   f"of the {scored} scored: dCRF right {crf_right} ({100 * crf_right / max(scored, 1):.1f}%), "
                   f"CAM+RW right {walk_right} ({100 * walk_right / max(scored, 1):.1f}%)")
     print("\nmIoU %: " + ", ".join(f"{name} {100 * cm.miou():.1f}" for name, cm in scores.items()))
+    kinds_out = {kind: dict(zip(("changed", "scored", "crf_right", "walk_right"), counts[kind].tolist()))
+                 for kind in kinds}
+    bench.write({"run_dir": str(run_dir), "dataset": data.name, "split": data.split, "images": images,
+                 "relabelled_pct": 100 * changed_total / pixels, "counts": kinds_out,
+                 "band_void_pct": {str(w): 100 * band_void[w][1] / max(band_void[w][0], 1) for w in args.bands},
+                 "miou": {name: 100 * cm.miou() for name, cm in scores.items()},
+                 "summary": {"relabelled by the dCRF (%)": 100 * changed_total / pixels,
+                             **{f"mIoU {name}": 100 * cm.miou() for name, cm in scores.items()}}})
     return 0
 
 

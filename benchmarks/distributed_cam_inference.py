@@ -1,7 +1,7 @@
 """Speed-up of the ``infer-cam`` stage (multi-scale + flip CAMs and labels of every image) when
 ``torchrun`` shards the images over processes, on this machine's CPU.
 
-    python benchmarks/distributed_cam_inference.py [--images 24] [--size 128] [--repeats 2]
+    python -m benchmarks.distributed_cam_inference [--images 24] [--size 128] [--repeats 2]
 
 Compares, on the same demo images and the same CAM network (a quickly trained MobileNetV2; its
 weights do not change the speed):
@@ -9,6 +9,10 @@ weights do not change the speed):
 - 1 process, 1 thread (``threads=1``)
 - 1 process, 2 threads (``threads=2``): intra-op parallelism
 - 2 processes under ``torchrun --nproc_per_node 2``, 1 thread each: data parallelism
+
+These three settings are the comparison, whatever ``--threads``; ``--threads`` (default: every
+core) is that of the CAM network's short training before them (two threads before it was an
+option).
 
 The time is the stage's own (``seconds`` in ``infer_cam/_stage.json``: from the stage's start,
 model loading included, to its end, scoring included), the best of ``--repeats`` runs with
@@ -31,6 +35,8 @@ from pathlib import Path
 
 from affinitynet.config import builtin_config_path
 
+from .common import Benchmark
+
 
 def command(run_dir: Path, data: Path, args: argparse.Namespace, stage: str, threads: int, nproc: int,
             force: bool) -> list[str]:
@@ -51,18 +57,20 @@ def run(cmd: list[str], cwd: Path, threads: int) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("--images", type=int, default=24, help="demo training images that get CAMs")
     parser.add_argument("--size", type=int, default=128, help="demo image side in pixels")
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting; the best counts")
-    args = parser.parse_args()
+    args = bench.parse(argv)
+    training_threads = args.threads or os.cpu_count() or 1
 
     with tempfile.TemporaryDirectory(prefix="affinitynet-bench-") as tmp:
         work = Path(tmp)
         data, trained = work / "data", work / "trained"
         print(f"training a CAM network on {args.images} demo images of {args.size}x{args.size} ...", flush=True)
-        run(command(trained, data, args, "train-cam", 2, 1, False), work, 2)
+        run(command(trained, data, args, "train-cam", training_threads, 1, False), work, training_threads)
 
         settings = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2),
                     ("2 processes x 1 thread", 2, 1)]
@@ -90,6 +98,14 @@ def main() -> None:
         two_threads, two_procs = results[settings[1][0]][0], results[settings[2][0]][0]
         print(f"2 processes over 1 process x 2 threads: {two_threads / two_procs:.2f}x (stage time)")
         print(f"sharded outputs identical to the single-process ones: {same}")
+        bench.write({"images": args.images, "size": args.size, "repeats": args.repeats,
+                     "settings": {name: {"stage_seconds": stage, "command_seconds": wall,
+                                         "speedup_stage": base_stage / stage, "speedup_command": base_wall / wall}
+                                  for name, (stage, wall, _) in results.items()},
+                     "two_processes_over_two_threads": two_threads / two_procs, "sharded_outputs_identical": same,
+                     "summary": {"2 processes x 1 thread over 1 x 1 (stage)": base_stage / two_procs,
+                                 "2 processes over 1 process x 2 threads": two_threads / two_procs,
+                                 "outputs identical": same}})
 
 
 if __name__ == "__main__":

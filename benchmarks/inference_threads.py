@@ -3,7 +3,7 @@ image and its mirror in one forward pass (as the pipeline runs them) or in two, 
 channels-last (NHWC) memory layout, and in float32 or under autocast (``--amp bf16``: on a CPU
 with native bf16), side by side in one run.
 
-    python benchmarks/inference_threads.py [--config msrc21] [--rounds 3] [--images 2] [--threads 1 2 4]
+    python -m benchmarks.inference_threads [--config msrc21] [--rounds 3] [--images 2] [--thread-counts 1 2 4]
                                            [--amp off bf16] [key=value ...]
     # key=value: e.g. backbone.name=efficientnet_lite2
 
@@ -13,11 +13,11 @@ multi-scale + flip class scores and labels (``segmentation.predict_labels`` with
 ``segmentation.scales``), at MSRC-21's image size (320x213). Random weights: speed does not
 depend on their values. Rounds interleave the cases so that a swing in the machine's speed hits
 all of them; each rate is the best round's. The ratio is to the pipeline's settings on this
-machine's cores (all threads, mirror batched, NHWC).
+machine's cores (all threads, mirror batched, NHWC). ``--threads N`` stands for "all cores" (the
+pipeline's setting, default torch's); ``--thread-counts`` are the counts timed beside it.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
@@ -26,11 +26,13 @@ import affinitynet  # noqa: F401  (before torch: the pipeline's OpenMP spin coun
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from affinitynet.cam import infer_cams  # noqa: E402
+from affinitynet.models.cam import infer_cams  # noqa: E402
 from affinitynet.config import load_config  # noqa: E402
-from affinitynet.networks import build_network  # noqa: E402
-from affinitynet.precision import AMP_CHOICES, for_inference  # noqa: E402
-from affinitynet.segmentation import predict_labels  # noqa: E402
+from affinitynet.models.networks import build_network  # noqa: E402
+from affinitynet.engine.precision import AMP_CHOICES, for_inference  # noqa: E402
+from affinitynet.models.segmentation import predict_labels  # noqa: E402
+
+from .common import Benchmark  # noqa: E402
 
 NUM_CLASSES = 15          # MSRC-21's object protocol: 14 classes + background
 HEIGHT, WIDTH = 213, 320  # MSRC-21's images
@@ -88,21 +90,22 @@ def cases(config: dict, cores: int, thread_counts: list[int], amps: list[str]) -
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("--config", default="msrc21")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=2, help="images timed per case and round")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4],
-                        help="thread counts timed besides all cores")
+    parser.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2, 4],
+                        help="thread counts timed besides all cores (--threads)")
     parser.add_argument("--amp", nargs="+", default=["off"], choices=AMP_CHOICES,
                         help="autocast settings timed besides float32 (off), e.g. --amp off bf16 on a CPU "
                              "with native bf16 (AMX or AVX512-BF16)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. backbone.name=efficientnet_lite2")
-    args = parser.parse_args()
+    args = bench.parse(argv)
     cores = torch.get_num_threads()
     config = load_config(args.config, args.overrides, check=False)
-    table = cases(config, cores, args.threads, args.amp)
+    table = cases(config, cores, args.thread_counts, args.amp)
     best = dict.fromkeys(table, float("inf"))
     with torch.no_grad():
         for _ in range(args.rounds):
@@ -124,6 +127,16 @@ def main() -> int:
                 print(f"  {name}  {1 / seconds:6.2f} images/s  x{reference / seconds:5.2f}")
     print(f"x: the rate over the pipeline's settings ({cores} threads, mirror batched, NHWC, float32) "
           "in the same rounds")
+    rates = {}
+    for stage in ("infer-cam", "predict"):
+        reference = best[f"{stage:9s} {cores} threads, mirror batched, NHWC"]
+        rates.update({" ".join(name.split()): {"images_per_second": 1 / seconds, "x_pipeline": reference / seconds}
+                      for name, seconds in best.items() if name.startswith(stage)})
+    summary = {f"{stage} images/s ({cores} threads, NHWC)":
+               1 / best[f"{stage:9s} {cores} threads, mirror batched, NHWC"] for stage in ("infer-cam", "predict")}
+    bench.write({"config": args.config, "backbone": config["backbone"]["name"], "cores": cores,
+                 "cam_scales": config["cam"]["scales"], "segmentation_scales": config["segmentation"]["scales"],
+                 "image": [WIDTH, HEIGHT], "cases": rates, "summary": summary})
     return 0
 
 

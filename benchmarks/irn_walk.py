@@ -2,7 +2,7 @@
 t = 256): this project's exact sparse walk against the dense walk of irn's released code, side by
 side in one run, on the CPU.
 
-    python benchmarks/irn_walk.py [--size 500] [--classes 21] [--threads 2]
+    python -m benchmarks.irn_walk [--size 500] [--classes 21] [--threads 2]
 
 irn (``make_sem_seg_labels.py``, ``misc/indexing.py``) builds the affinities ``1 - max B`` of
 every pair within the radius into a dense N x N matrix (N = h w, the identity on its diagonal),
@@ -22,20 +22,22 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from affinitynet.ops.inter_pixel import path_max_affinities
+from affinitynet.ops.random_walk import neighbour_offsets, random_walk
 
-from _memory import _reset_peak, _status_mb  # noqa: E402
-
-from affinitynet.inter_pixel import path_max_affinities  # noqa: E402
-from affinitynet.random_walk import neighbour_offsets, random_walk  # noqa: E402
+from .common import Benchmark, module_command, module_env
+from .common import reset_peak as _reset_peak
+from .common import status_mb as _status_mb
 
 RADIUS, BETA, T = 5, 10.0, 256
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
@@ -100,35 +102,47 @@ def worker(case: str, size: int, classes: int, threads: int) -> None:
     print(json.dumps(result))
 
 
-def in_subprocess(case: str, args) -> dict:
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", case, "--size", str(args.size),
-                           "--classes", str(args.classes), "--threads", str(args.threads)],
-                          check=True, capture_output=True, text=True, env={**os.environ, "IRN_WALK_OUT": args.out})
+def in_subprocess(case: str, args, threads: int, out: str) -> dict:
+    done = subprocess.run(module_command(__file__, "--worker", case, "--size", str(args.size),
+                                         "--classes", str(args.classes), "--threads", str(threads)),
+                          check=True, capture_output=True, text=True, env=module_env({"IRN_WALK_OUT": out}))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("--size", type=int, default=500, help="image side in pixels (the grid is a quarter of it)")
     parser.add_argument("--classes", type=int, default=21, help="maps walked at once (VOC: 21)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="/tmp/irn_walk_bench", help="prefix of the two results, compared at the end")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None,
+                        help="prefix of the two results, compared at the end (default: in a temporary folder)")
+    args = bench.parse(argv)
+    threads = torch.get_num_threads()
     if args.worker:
-        worker(args.worker, args.size, args.classes, args.threads)
+        worker(args.worker, args.size, args.classes, threads)
         return 0
+    scratch = None if args.out else tempfile.mkdtemp(prefix="affinitynet-irn-walk-")
+    out = args.out or os.path.join(scratch, "walk")
+    try:
+        return compare(bench, args, threads, out)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def compare(bench: Benchmark, args, threads: int, out: str) -> int:
     side = math.ceil(args.size / 4)
     n = side * side
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.size}x{args.size} image -> {side}x{side} grid "
+    print(f"torch {torch.__version__}, {threads} threads, {args.size}x{args.size} image -> {side}x{side} grid "
           f"(N = {n}), {args.classes} maps, radius {RADIUS}, beta {BETA:g}, t {T}, float32")
     print(f"dense: one N x N matrix {n * n * 4 / 1e9:.2f} GB, {int(math.log2(T))} squarings of "
           f"{2 * n ** 3:.1e} FLOP each")
-    base = in_subprocess("baseline", args)
-    sparse = in_subprocess("sparse", args)
-    dense = in_subprocess("dense", args)
-    a = torch.load(args.out + ".sparse.pt", weights_only=True).double()
-    b = torch.load(args.out + ".dense.pt", weights_only=True).double()
+    base = in_subprocess("baseline", args, threads, out)
+    sparse = in_subprocess("sparse", args, threads, out)
+    dense = in_subprocess("dense", args, threads, out)
+    a = torch.load(out + ".sparse.pt", weights_only=True).double()
+    b = torch.load(out + ".dense.pt", weights_only=True).double()
     difference = float((a - b).abs().max())
     sparse_mb, dense_mb = sparse["peak_mb"] - base["peak_mb"], dense["peak_mb"] - base["peak_mb"]
     ratio = dense["seconds"] / sparse["seconds"]
@@ -139,8 +153,14 @@ def main() -> int:
           f"largest difference of the results {difference:.1e} (maps in [0, 1])")
     print(f"targets: sparse <= 300 MB: {'PASS' if sparse_mb <= 300 else 'FAIL'}; "
           f">= 20x faster: {'PASS' if ratio >= 20 else 'FAIL'}")
-    print(json.dumps({"sparse_seconds": sparse["seconds"], "dense_seconds": dense["seconds"], "ratio": ratio,
-                      "sparse_peak_mb": sparse_mb, "dense_peak_mb": dense_mb, "max_difference": difference}))
+    figures = {"sparse_seconds": sparse["seconds"], "dense_seconds": dense["seconds"], "ratio": ratio,
+               "sparse_peak_mb": sparse_mb, "dense_peak_mb": dense_mb, "max_difference": difference}
+    print(json.dumps(figures))
+    bench.write({"size": args.size, "classes": args.classes, "grid": [side, side], **figures,
+                 "sparse_all_seconds": sparse["all_seconds"],
+                 "targets": {"sparse <= 300 MB": sparse_mb <= 300, ">= 20x faster": ratio >= 20},
+                 "summary": {"sparse walk s": sparse["seconds"], "dense walk s": dense["seconds"],
+                             "speed-up": ratio, "sparse peak MB": sparse_mb, "dense peak MB": dense_mb}})
     return 0
 
 

@@ -1,8 +1,10 @@
 """Loading a full-size ResNet-38 MXNet ``.params`` file: correctness against MXNet, time, memory.
 
-Run: ``python benchmarks/mxnet_params.py /work/mxnet-venv/bin/python`` (about three minutes;
-needs ~3 GB of memory and ~1 GB in the temp dir). The argument is a Python with MXNet 1.x
-(``tests/fixtures/make_mxnet_params.py`` says how to make one). In one run:
+Run: ``python -m benchmarks.mxnet_params MXNET_PYTHON`` (about three minutes; needs ~3 GB of
+memory and ~1 GB in the temp dir). The argument is a Python with MXNet 1.x
+(``tests/fixtures/make_mxnet_params.py`` says how to make one). Each case's process runs
+``--threads`` torch threads (default: torch's; the figures in the docs were measured with
+``--threads 1``, steadier on 2 noisy shared cores). In one run:
 
 1. MXNet writes a random float32 ResNet-38 Model A1 file with every real shape (193 arrays,
    109M values; ``make_mxnet_params.py --full-a1``) into a temp dir outside the repository,
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,17 +35,17 @@ from pathlib import Path
 
 import torch
 
-from affinitynet.backbones import create_backbone, resnet38d
-from affinitynet.backbones.mxnet_params import read_params, torch_key
-from affinitynet.backbones.weights import read_state_dict
+from affinitynet.models.backbones import create_backbone, resnet38d
+from affinitynet.models.backbones.mxnet_params import read_params, torch_key
+from affinitynet.models.backbones.weights import read_state_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+from .common import ROOT, Benchmark, module_command, module_env
+from .common import reset_peak as _reset_peak
+from .common import status_mb as _status_mb
+
 GENERATOR = ROOT / "tests" / "fixtures" / "make_mxnet_params.py"
 
-
 # --- subprocess workers for peak memory -----------------------------------------------------
-
-from _memory import _reset_peak, _status_mb  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def _sha256(tensor: torch.Tensor) -> str:
@@ -90,8 +91,7 @@ def _timed_loader(result: dict):
 
 
 def worker(case: str, params: str) -> None:
-    torch.set_num_threads(1)  # 2 noisy shared cores: one thread gives steadier numbers
-    params = Path(params)
+    params = Path(params)   # torch's threads: --threads, set by Benchmark.parse
     result = {"seconds": 0.0, "during_mb": None}
     resnet38d.load_state_dict_file = _timed_loader(result)
     if case != "baseline":  # baseline: the same imports, nothing else
@@ -118,14 +118,14 @@ def worker(case: str, params: str) -> None:
     print(json.dumps(result))
 
 
-def in_subprocess(case, params, repeat=1):
+def in_subprocess(case, params, repeat=1, threads=1):
     """The case's result in a fresh process, the fastest of ``repeat`` (times on this shared
     machine swing by 2-3x from run to run; the peaks do not)."""
     runs = []
     for _ in range(repeat):
         out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--worker", case, str(params)],
-            check=True, capture_output=True, text=True,
+            module_command(__file__, "--worker", case, str(params), "--threads", str(threads)),
+            check=True, capture_output=True, text=True, env=module_env(),
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     best = min(runs, key=lambda r: r["seconds"])
@@ -137,7 +137,8 @@ def in_subprocess(case, params, repeat=1):
 
 # --- main -----------------------------------------------------------------------------------
 
-def main(mxnet_python: str, keep: bool, repeat: int) -> int:
+def measure(bench: Benchmark, mxnet_python: str, keep: bool, repeat: int) -> int:
+    threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="affinitynet-mxnet-bench-"))
     params = work / "ilsvrc-cls_rna-a1_cls1000_random.params"
     try:
@@ -150,15 +151,15 @@ def main(mxnet_python: str, keep: bool, repeat: int) -> int:
               f"{time.perf_counter() - start:.1f} s")
 
         print(f"\n2. each case in a fresh subprocess, fastest of {repeat} "
-              f"(torch {torch.__version__}, 1 thread)")
-        base = in_subprocess("baseline", params)
+              f"(torch {torch.__version__}, {threads} thread(s))")
+        base = in_subprocess("baseline", params, threads=threads)
         print(f"  {'import-only process':44s} peak {base['peak_mb']:7.0f} MB")
         results = {}
         for case, what in [("read", "read_state_dict(<.params>)"),
                            ("build", "create_backbone(pretrained=False)"),
                            ("params", "create_backbone(pretrained=<.params>)"),
                            ("pth", "create_backbone(pretrained=<same as .pth>)")]:
-            r = results[case] = in_subprocess(case, params, repeat)
+            r = results[case] = in_subprocess(case, params, repeat, threads)
             during = "" if r["during_mb"] is None else f", +{r['during_mb']:.0f} MB during"
             print(f"  {what:44s} peak {r['peak_mb']:7.0f} MB (+{r['peak_mb'] - base['peak_mb']:.0f}"
                   f" over imports{during}), {r['seconds']:6.2f} s")
@@ -171,6 +172,13 @@ def main(mxnet_python: str, keep: bool, repeat: int) -> int:
         ok = not check["wrong"] and check["checked"] == check["arrays"]
         print(f"\n3. {check['checked']} of {check['arrays']} arrays equal to what MXNet wrote "
               f"(SHA-256): {'PASS' if ok else 'FAIL ' + ', '.join(check['wrong'][:8])}")
+        bench.write({"repeat": repeat, "file_mib": params.stat().st_size / 2**20, "import_only_peak_mb": base["peak_mb"],
+                     "cases": {case: {k: v for k, v in r.items() if k != "verify"} for case, r in results.items()},
+                     "verify": {**check, "pass": ok},
+                     "summary": {".params load s (build + load)": results["params"]["seconds"],
+                                 ".params peak over imports MB": results["params"]["peak_mb"] - base["peak_mb"],
+                                 ".pth load s": results["pth"]["seconds"],
+                                 "arrays equal to MXNet's": f"{check['checked']} of {check['arrays']}"}})
         return 0 if ok else 1
     finally:
         if keep:
@@ -179,16 +187,21 @@ def main(mxnet_python: str, keep: bool, repeat: int) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("mxnet_python", nargs="?", help="a Python with MXNet 1.x installed")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and its files")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each case (fastest kept)")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "PARAMS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = bench.parse(argv)
     if args.worker:
         worker(*args.worker)
-        sys.exit(0)
+        return 0
     if not args.mxnet_python:
         parser.error("give the path of a Python with MXNet 1.x (see the docstring)")
-    sys.exit(main(args.mxnet_python, args.keep, args.repeat))
+    return measure(bench, args.mxnet_python, args.keep, args.repeat)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

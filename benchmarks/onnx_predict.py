@@ -1,7 +1,7 @@
 """``affinitynet predict`` with the exported network in onnxruntime against ``model.pt`` in PyTorch:
 images/s of each on MSRC-21's val images, and their ratio, at each thread count (issue 39).
 
-    python benchmarks/onnx_predict.py RUN_DIR/train_seg/model.pt [--threads 1 2] [--rounds 3]
+    python -m benchmarks.onnx_predict RUN_DIR/train_seg/model.pt [--thread-counts 1 2] [--rounds 3]
         [--scales 1.0] [--no-flip] [--device cpu] [--data /tmp/affinitynet-msrc21] [--json PATH]
 
 The model is exported to a temporary .onnx first (``affinitynet export``'s code). Each engine does
@@ -18,12 +18,7 @@ are compared too (the fraction of equal pixels). MSRC-21 is unpacked outside the
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -40,32 +35,9 @@ from affinitynet.models.onnx_model import export_onnx, load_onnx_model  # noqa: 
 from affinitynet.predict import load_model  # noqa: E402
 from affinitynet.models.segmentation import predict_labels  # noqa: E402
 
+from .common import ANY_DEVICE, Benchmark  # noqa: E402
+
 ENGINES = ("pytorch", "onnxruntime")
-
-
-def cpu_record() -> dict[str, str]:
-    """The CPU's model name and flags, from /proc/cpuinfo (empty off Linux)."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "flags") and key not in fields:
-                fields[key] = value.strip()
-    except OSError:
-        pass
-    return {"cpu_model": fields.get("model name", platform.processor()), "cpu_flags": fields.get("flags", "")}
-
-
-def commit() -> str:
-    """This checkout's commit, with ``+dirty`` when it has uncommitted changes."""
-    here = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def timed(run, images, device: torch.device) -> tuple[float, list[np.ndarray]]:
@@ -79,20 +51,19 @@ def timed(run, images, device: torch.device) -> tuple[float, list[np.ndarray]]:
     return len(images) / (time.perf_counter() - started), labels
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__, devices=ANY_DEVICE)
+    parser = bench.parser
     parser.add_argument("model", help="a train_seg/model.pt")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts, each for both engines")
+    parser.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2],
+                        help="thread counts, each for both engines (they replace --threads in each measurement)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per thread count, engines alternating")
     parser.add_argument("--images", type=int, default=0, help="val images per round (0: all 59)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="predict's --scales")
     parser.add_argument("--no-flip", action="store_true", help="predict's --no-flip")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda (onnxruntime-gpu) for both engines")
     parser.add_argument("--data", default="/tmp/affinitynet-msrc21",
                         help="where MSRC-21 is, or is unpacked from ../shared/datasets (outside the repository)")
-    parser.add_argument("--json", default=None, help="write the figures and the environment here")
-    args = parser.parse_args()
-    started = time.perf_counter()
+    args = bench.parse(argv)
     flip = not args.no_flip
 
     samples = build_msrc21(ensure_msrc21(args.data), "val").samples
@@ -107,7 +78,7 @@ def main() -> None:
               f"{meta['backbone']}, {len(meta['class_names'])} classes; {args.model}")
         print(f"{'threads':>7s} {'pytorch':>12s} {'onnxruntime':>14s} {'ratio':>7s}  per round (ort/pt)")
         results = []
-        for threads in args.threads:
+        for threads in args.thread_counts:
             torch.set_num_threads(threads)
             onnx_model, _ = load_onnx_model(onnx_file, args.device, threads=threads)
             runs = {"pytorch": lambda image: predict_labels(torch_model, image, mean, std, args.scales, flip),
@@ -131,19 +102,11 @@ def main() -> None:
             per_round = ", ".join(f"{r['ratio']:.2f}" for r in rounds)
             print(f"{threads:7d} {row['pytorch_images_per_s']:8.2f} im/s {row['onnxruntime_images_per_s']:10.2f} im/s "
                   f"{row['ratio']:6.2f}x  {per_round}  (equal labels {row['equal_labels']:.4%})")
-    wall = time.perf_counter() - started
-    print(f"{wall:.0f} s")
-    if args.json:
-        env = {"commit": commit(), **cpu_record(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-               "numpy": np.__version__, "python": platform.python_version(), "threads": args.threads,
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "wall_s": round(wall, 1)}
-        record = {"benchmark": "onnx_predict", "model": str(args.model), "backbone": meta["backbone"],
-                  "classes": len(meta["class_names"]), "images": len(images), "scales": args.scales, "flip": flip,
-                  "device": args.device, "rounds": args.rounds, "results": results, "env": env}
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"written {args.json}")
-
+    bench.write({"model": str(args.model), "backbone": meta["backbone"], "classes": len(meta["class_names"]),
+                 "images": len(images), "scales": args.scales, "flip": flip, "rounds": args.rounds,
+                 "onnxruntime": onnxruntime.__version__, "thread_counts": results,
+                 "summary": {f"ratio_{row['threads']}_threads": row["ratio"] for row in results}})
+    return 0
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

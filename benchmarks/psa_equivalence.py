@@ -2,7 +2,8 @@
 psa's own networks and scripts (``infer_cls.py``, ``infer_aff.py``) and by this project's stages
 (``import-weights``, ``infer-cam``, ``random-walk``), on real MSRC-21 photos.
 
-    python benchmarks/psa_equivalence.py PSA_CHECKOUT [--images 5] [--long-side 160] [--work DIR]
+    python -m benchmarks.psa_equivalence PSA_CHECKOUT [--images 5] [--long-side 160] [--work DIR]
+                                         [--msrc data/msrc21]
 
 ``PSA_CHECKOUT`` is a checkout of github.com/jiwoon-ahn/psa. Its modules are imported from there
 and its two inference scripts run unchanged (``runpy``), with shims for what this machine lacks,
@@ -22,7 +23,9 @@ first of each MSRC-21 category (tags: those VOC classes), resized so the long si
 the run within reach of a 2-core CPU (ResNet-38 at 4 scales x flip); psa's procedure is the same
 at any size.
 
-What is compared (JSON in ``WORK/results.json`` and a table on stdout):
+What is compared (JSON in ``WORK/results.json`` and ``benchmarks/results/psa_equivalence.json``,
+a table on stdout; ``WORK`` is a temporary folder unless ``--work`` names one, and it keeps the
+photos, which stay out of the repository):
 
 - the networks on identical input: psa's ``forward_cam`` vs ``CAMNet.cams`` (scale 1), psa's
   affinities ``forward(x, to_dense=False)`` vs ``pair_affinities`` of ``AffinityNet`` on psa's
@@ -37,13 +40,13 @@ What is compared (JSON in ``WORK/results.json`` and a table on stdout):
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import runpy
 import shutil
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -53,15 +56,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from affinitynet.cam import labels_from_scores
+from affinitynet.ops.background import labels_from_scores
 from affinitynet.cli import main as affinitynet
 from affinitynet.config import load_config
-from affinitynet.datasets import build_dataset, ensure_msrc21
+from affinitynet.data.datasets import build_dataset, ensure_msrc21
 from affinitynet.files import load_label_png, load_npz
-from affinitynet.multiscale import scaled_size
-from affinitynet.pseudo_labels import label_maps, to_grid, to_image
-from affinitynet.random_walk import neighbour_offsets, pair_affinities, random_walk
-from affinitynet.transforms import normalize
+from affinitynet.ops.multiscale import scaled_size
+from affinitynet.ops.pseudo_labels import label_maps, to_grid, to_image
+from affinitynet.ops.random_walk import neighbour_offsets, pair_affinities, random_walk
+from affinitynet.data.transforms import normalize
+
+from .common import Benchmark
 
 VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
        "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -274,7 +279,7 @@ def run_ours(work: Path, cls_weights: Path, aff_weights: Path, tags: dict[str, l
     seen["config"] = load_config(run_dir / "config.yaml")
     seen["dir"] = run_dir
     # The stages went through the images in the dataset's order.
-    from affinitynet.stages import label_images
+    from affinitynet.stages.common import label_images
 
     order = [sample.id for sample in label_images(seen["config"]).samples]
     seen["cams"] = dict(zip(order, seen["cams"]))
@@ -328,7 +333,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare(tags: dict[str, list[int]], psa: dict, ours: dict, work: Path) -> dict:
-    from affinitynet.networks import load_network
+    from affinitynet.stages.common import load_network
 
     config = ours["config"]
     cam_model = load_network("cam", config, torch.device("cpu"), 21)
@@ -420,29 +425,32 @@ def compare(tags: dict[str, list[int]], psa: dict, ours: dict, work: Path) -> di
                                for key in ("stage", "psa_cams", "psa_cams_padded", "psa_pairs", "psa_inputs")}}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("psa", type=Path, help="a checkout of github.com/jiwoon-ahn/psa")
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--long-side", type=int, default=160, help="resize the photos to this long side (0: keep)")
-    parser.add_argument("--work", type=Path, default=Path("/work/scratch/psa-equivalence"),
-                        help="working folder, outside the repository (the photos are copied there)")
-    parser.add_argument("--msrc", type=Path, default=Path("/work/scratch/msrc21"),
-                        help="where MSRC-21 is (unpacked there from the shared tarball if absent)")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--work", type=Path, default=None,
+                        help="working folder, outside the repository (the photos are copied there; emptied "
+                             "first; default: a new temporary folder)")
+    parser.add_argument("--msrc", type=Path, default=Path("data/msrc21"),
+                        help="where MSRC-21 is (unpacked there from the shared tarball if absent; default data/msrc21)")
+    args = bench.parse(argv)
     if not (args.psa / "infer_cls.py").is_file():
         parser.error(f"{args.psa} is not a psa checkout (no infer_cls.py)")
-    torch.set_num_threads(args.threads)
-    if args.work.exists():
+    threads = torch.get_num_threads()
+    if args.work is None:
+        args.work = Path(tempfile.mkdtemp(prefix="affinitynet-psa-equivalence-"))
+    elif args.work.exists():
         shutil.rmtree(args.work)
-    args.work.mkdir(parents=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     tags = choose_images(ensure_msrc21(args.msrc), args.images, args.long_side, args.work / "images")
     first = np.asarray(Image.open(args.work / "images" / f"{next(iter(tags))}.png").convert("RGB"))
     cls_weights, aff_weights = random_psa_weights(args.psa.resolve(), args.work, first)
     psa = run_psa(args.psa.resolve(), args.work, cls_weights, aff_weights, tags)
-    ours = run_ours(args.work, cls_weights, aff_weights, tags, args.threads)
+    ours = run_ours(args.work, cls_weights, aff_weights, tags, threads)
     result = compare(tags, psa, ours, args.work)
     result["seconds"] = round(time.time() - started)
     result["settings"] = {"images": args.images, "long_side": args.long_side, "scales": SCALES,
@@ -467,6 +475,10 @@ def main() -> int:
           f"{walk['psa_cams']:.2f}% (our walk in float32 on psa's CAMs); {walk['psa_cams_padded']:.2f}% (+ psa's padded "
           f"image); {walk['psa_pairs']:.2f}% (+ psa's pairs); {walk['psa_inputs']:.2f}% (+ psa's CAM grid)")
     print(f"details: {args.work / 'results.json'}")
+    bench.write({**result, "summary": {
+        "CAM network max |diff|": m["network_cam"], "affinities max |diff|": m["network_aff"],
+        "CAM labels agree (%)": result["cam_label_agreement"], "walked labels agree (%)": walk["stage"],
+        "walked labels agree on psa's inputs (%)": walk["psa_inputs"]}})
     return 0
 
 

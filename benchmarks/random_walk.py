@@ -1,6 +1,6 @@
 """Speed and memory of the random walk (Eqs. 11-12) against the dense formulation.
 
-Run: ``python benchmarks/random_walk.py`` (one to two minutes on 2 CPU cores). C = 21 maps,
+Run: ``python -m benchmarks.random_walk`` (one to two minutes on 2 CPU cores). C = 21 maps,
 radius 5, beta 8, t = 256. Prints, in one run on this machine:
 
 1. the peak memory of ``random_walk`` at 125x125 (from features, D = 448 channels as in psa's
@@ -9,11 +9,12 @@ radius 5, beta 8, t = 256. Prints, in one run on this machine:
 2. every candidate implementation at 63x47 (a VOC image at stride 8) and 125x125 (500x500 at
    stride 4), and the dense formulation of the released code at 63x47;
 3. the time at several grid sizes and t, with the fitted exponent of time vs h*w*t;
-4. with the process's threads (torch's default) at 63x47: the walk, the walk before its thread
+4. with the process's threads (``--threads``, default torch's) at 63x47: the walk, the walk before its thread
    probe and map padding (``plain``), and the dense walk, alone and beside a second CPU-bound
    process (float32 matmuls on torch's default threads); ``--load`` runs this part alone;
 
-then a summary with PASS/FAIL against each target. Ratios are taken between timings measured
+Parts 1-3 run on one thread whatever ``--threads`` (2 noisy shared cores: one thread gives steadier
+ratios). Then a summary with PASS/FAIL against each target. Ratios are taken between timings measured
 side by side in this run; absolute times swing with the machine's load.
 """
 from __future__ import annotations
@@ -21,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from affinitynet.random_walk import (
+from affinitynet.ops.random_walk import (
     _normalised_neighbours,
     _offsets,
     _powered,
@@ -40,6 +39,10 @@ from affinitynet.random_walk import (
     pair_affinities,
     random_walk,
 )
+
+from .common import Benchmark, module_command, module_env
+from .common import reset_peak as _reset_peak
+from .common import status_mb as _status_mb
 
 C, RADIUS, BETA, T = 21, 5, 8.0, 256
 FEATURE_DIM = 448  # psa's AffinityNet: 64 + 128 + 256 channels
@@ -218,8 +221,6 @@ def rel_diff(a, b):
 
 # --- subprocess workers for peak memory -----------------------------------------------------
 
-from _memory import _reset_peak, _status_mb  # noqa: E402  (benchmarks/ is on sys.path)
-
 
 def worker(case: str, h: int, w: int) -> None:
     torch.set_num_threads(1)
@@ -240,10 +241,8 @@ def worker(case: str, h: int, w: int) -> None:
 
 
 def in_subprocess(case, h=0, w=0):
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", case, str(h), str(w)],
-        check=True, capture_output=True, text=True,
-    )
+    out = subprocess.run(module_command(__file__, "--worker", case, str(h), str(w)),
+                         check=True, capture_output=True, text=True, env=module_env())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -263,7 +262,7 @@ def cand_plain(cams, aff, t=T):
     return state.t().reshape(cams.shape)
 
 
-def under_load(threads: int) -> list[tuple[str, bool]]:
+def under_load(threads: int, figures: dict | None = None) -> list[tuple[str, bool]]:
     """Section 4: walk, plain walk and dense walk at 63x47 on ``threads`` threads, alone and
     beside a CPU-bound process; rounds interleave the three."""
     torch.set_num_threads(threads)
@@ -285,6 +284,9 @@ def under_load(threads: int) -> list[tuple[str, bool]]:
                 hog.kill()
                 hog.wait()
         walk, plain = best["dense"] / best["walk"], best["dense"] / best["plain"]
+        if figures is not None:
+            figures[label] = {"dense_seconds": best["dense"], "walk_seconds": best["walk"],
+                              "plain_seconds": best["plain"], "walk_speedup": walk, "plain_speedup": plain}
         print(f"  {threads} threads, {label}: dense {best['dense']:.2f} s, walk {best['walk'] * 1e3:.0f} ms "
               f"({walk:.0f}x), plain {best['plain'] * 1e3:.0f} ms ({plain:.0f}x)")
         target = 50 if label == "alone" else 20
@@ -295,13 +297,18 @@ def under_load(threads: int) -> list[tuple[str, bool]]:
 
 # --- main -----------------------------------------------------------------------------------
 
-def main(load_only: bool = False) -> int:
+def measure(bench: Benchmark, load_only: bool = False) -> int:
     threads = torch.get_num_threads()
+    loaded: dict = {}
     if load_only:
         print("4. the walk and the dense walk at 63x47, alone and beside a CPU-bound process")
-        checks = under_load(threads)
+        checks = under_load(threads, loaded)
         for text, ok in checks:
             print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+        bench.write({"part": "4 only (--load)", "threads": threads, "under_load": loaded,
+                     "checks": {text: ok for text, ok in checks},
+                     "summary": {f"63x47 walk over dense, {label}": f["walk_speedup"] for label, f in loaded.items()}},
+                    name="random_walk_load")
         return 0 if all(ok for _, ok in checks) else 1
     torch.set_num_threads(1)  # 2 noisy shared cores: one thread gives steadier ratios
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, C={C}, radius={RADIUS}, "
@@ -388,19 +395,33 @@ def main(load_only: bool = False) -> int:
          results["fastest_63x47"] == results["fastest_125x125"] == "csr (int32, chosen)"),
     ]
     print(f"\n4. the walk and the dense walk at 63x47 on {threads} threads, alone and beside a CPU-bound process")
-    checks += under_load(threads)
+    checks += under_load(threads, loaded)
     print("\nSUMMARY")
     for text, ok in checks:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+    bench.write({"maps": C, "radius": RADIUS, "beta": BETA, "t": T, "threads_part4": threads,
+                 "peak_mb": {f"{case} {hh}x{ww}": mb for (case, hh, ww), mb in mem.items()},
+                 "candidates_seconds": {f"{hh}x{ww} {name}": sec for (hh, ww, name), sec in times.items()},
+                 **results, "dense_63x47_seconds": dense_sec, "sparse_63x47_seconds": sparse_sec,
+                 "speedup_63x47": speedup, "max_rel_diff_63x47": rel_diff(sparse_out, dense_out),
+                 "scaling": [{"hwt": p, "seconds": sec} for p, sec in points], "exponent": slope,
+                 "under_load": loaded, "checks": {text: ok for text, ok in checks},
+                 "summary": {"sparse over dense at 63x47": speedup, "peak at 125x125 (MB)": peak_large,
+                             "time ~ (h w t)^k, k": slope}})
     return 0 if all(ok for _, ok in checks) else 1
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "H", "W"), help=argparse.SUPPRESS)
     parser.add_argument("--load", action="store_true", help="only part 4 (alone and beside a CPU-bound process)")
-    args = parser.parse_args()
+    args = bench.parse(argv)
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))
-        sys.exit(0)
-    sys.exit(main(load_only=args.load))
+        return 0
+    return measure(bench, load_only=args.load)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,20 +5,25 @@ segmentation network again on seed 0's pseudo labels (``segmentation.seed``) and
 so the network's and the bound's mIoU are given as mean +- std over the seeds. Printed as the
 paper's Tables 1, 2 and 5.
 
-    python benchmarks/seed_spread.py --config demo [--run-dir runs/demo_seeds] [--seeds 3] [key=value ...]
+    python -m benchmarks.seed_spread --config demo [--run-dir runs/demo_seeds] [--seeds 3] [key=value ...]
 
-``benchmarks/msrc21.py`` is this on MSRC-21. The CAM network and the upper bound's first training
-(and its evaluation) do not depend on each other and run side by side as two single-threaded
-processes; the later stages run as ``affinitynet run --procs`` (each training in one process with
-every core, every other stage as ``--procs`` single-threaded processes under torch.distributed: on
-a 2-core machine the per-image stages are faster so than one process with two threads, and on the
-demo the trainings ran 0.89-0.97x: docs/performance.md, Speed), starting when the CAM network is done, beside
+Writes ``benchmarks/results/seed_spread_<config>.json`` (``--json PATH``), which renders the
+demo's row of the README's headline table and the demo's tables of docs/results.md
+(``python -m benchmarks.render``). ``--device`` (default: the config's) and ``--threads N``
+(default: the config's) are passed to every stage as ``device=...`` and, for the stages after the
+two trainings, ``threads=N``. ``benchmarks/msrc21.py`` is this on MSRC-21.
+
+The CAM network and the upper bound's first training (and its evaluation) do not depend on each
+other and run side by side as two single-threaded processes; the later stages run as
+``affinitynet run --procs`` (each training in one process with every core, every other stage as
+``--procs`` single-threaded processes under torch.distributed: on a 2-core machine the per-image
+stages are faster so than one process with two threads, and the trainings slower:
+docs/performance.md, "Threads and processes"), starting when the CAM network is done, beside
 what is left of the bound.
 Everything is resumable: run the command again after an interruption.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -32,6 +37,8 @@ from affinitynet.config import load_config
 from affinitynet.files import read_json, write_json
 from affinitynet.metrics import format_table
 from affinitynet.pipeline import MARKER, ancestors, stage
+
+from .common import Benchmark
 
 
 def affinitynet(*args: str, procs: int = 1) -> list[str]:
@@ -70,21 +77,32 @@ def run_all(commands: list[list[str]]) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None, config: str | None = None, root: str | None = None,
-         description: str | None = None, default_run_dir: str | None = None) -> int:
-    """``config``, ``root`` and the run directory's default fixed by a wrapper (msrc21.py); else
-    ``--config`` names one."""
-    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
-    if config is None:
+def add_options(bench: Benchmark, config_given: bool = False, run_dir: str = "runs/<config>_seeds") -> None:
+    """This benchmark's options on ``bench``'s parser; ``--config`` unless a wrapper fixes it."""
+    parser = bench.parser
+    if not config_given:
         parser.add_argument("--config", required=True, help="a built-in config with ground truth (demo, msrc21)")
-    parser.add_argument("--run-dir", default=None, help="seed 0's run directory (default runs/<config>_seeds)")
+    parser.add_argument("--run-dir", default=None, help=f"seed 0's run directory (default {run_dir})")
     parser.add_argument("--procs", type=int, default=2, help="processes for the stages after the two trainings")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds of the network and of the bound")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    config = config or args.config
+
+
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__, devices=("auto", "cpu", "cuda"), results_name="seed_spread_<config>")
+    add_options(bench)
+    args = bench.parse(argv)
+    return run(bench, args, args.config, name=f"{bench.name}_{args.config}")
+
+
+def run(bench: Benchmark, args, config: str, root: str | None = None, default_run_dir: str | None = None,
+        name: str | None = None) -> int:
+    """The benchmark on ``config`` (a wrapper, msrc21.py, fixes it, the dataset's ``root`` and
+    the run directory's default); its results go to ``benchmarks/results/<name>.json``."""
     run_dir = args.run_dir or default_run_dir or f"runs/{config}_seeds"
-    common = ["--config", config, *([f"dataset.root={root}"] if root else []), *args.overrides]
+    placed = [f"device={args.device}"] if args.device != "auto" else []
+    threads = [f"threads={args.threads}"] if args.threads else []
+    common = ["--config", config, *([f"dataset.root={root}"] if root else []), *placed, *args.overrides]
     weak_dir, bound_dir = Path(run_dir), Path(run_dir + "_gt")
     started = time.time()
     bound_args = (*common, "--run-dir", str(bound_dir), "segmentation.supervision=gt")
@@ -100,7 +118,7 @@ def main(argv: list[str] | None = None, config: str | None = None, root: str | N
         affinitynet("infer-seg", *bound_args, beside_each_other)])))
     beside.start()
     cam = subprocess.run(affinitynet("train-cam", *common, "--run-dir", str(weak_dir), beside_each_other))
-    pipeline = cam.returncode == 0 and run_all([affinitynet("run", *common, "--run-dir", str(weak_dir),
+    pipeline = cam.returncode == 0 and run_all([affinitynet("run", *common, *threads, "--run-dir", str(weak_dir),
                                                             procs=args.procs)])
     beside.join()
     if cam.returncode != 0 or not bound[0]:
@@ -116,10 +134,10 @@ def main(argv: list[str] | None = None, config: str | None = None, root: str | N
         weak_k, bound_k = Path(f"{weak_dir}_seed{seed}"), Path(f"{bound_dir}_seed{seed}")
         link_stages(weak_dir, weak_k, shared)
         seeded = (*common, f"segmentation.seed={seed}")
-        if not run_all([affinitynet("run", *seeded, "--run-dir", str(weak_k), procs=args.procs),
+        if not run_all([affinitynet("run", *seeded, *threads, "--run-dir", str(weak_k), procs=args.procs),
                         affinitynet("train-seg", *seeded, "--run-dir", str(bound_k), "segmentation.supervision=gt"),
-                        affinitynet("infer-seg", *seeded, "--run-dir", str(bound_k), "segmentation.supervision=gt",
-                                    procs=args.procs)]):
+                        affinitynet("infer-seg", *seeded, *threads, "--run-dir", str(bound_k),
+                                    "segmentation.supervision=gt", procs=args.procs)]):
             return 1
         seed_dirs.append((weak_k, bound_k))
 
@@ -166,6 +184,14 @@ def main(argv: list[str] | None = None, config: str | None = None, root: str | N
           f"resumed run keeps: {recorded / 60:.1f} min)")
     write_json(weak_dir / "benchmark.json", summary)
     print(json.dumps(summary["table1"]))
+    bench.write({**summary, "config": config, "overrides": args.overrides, "procs": args.procs, "seeds": args.seeds,
+                 "run_dir": str(weak_dir), "dataset": results["dataset"], "backbone": results.get("backbone"),
+                 "class_names": names, "label_split": label_split, "eval_split": eval_split,
+                 "rows": {t: {"split": r["split"], "miou": r["miou"], "iou": r["iou"]} for t, r in rows.items()},
+                 "upper_bound_seed0": None if not upper else {"miou": upper["miou"], "iou": upper.get("iou")},
+                 "summary": {**{f"{t} ({rows[t]['split']}), seed 0": m for t, m in summary["table1"].items()},
+                             f"network ({eval_split}), mean over {len(networks)} seeds": statistics.mean(networks),
+                             f"upper bound ({eval_split}), mean": statistics.mean(bounds)}}, name=name)
     return 0
 
 

@@ -3,7 +3,7 @@ MSRC-21 config, images/s forward and forward + backward + optimizer step, the FL
 (FLOPs counted by ``torch.utils.flop_counter``) and its fraction of this machine's float32 matmul
 peak, measured in the same run, for the current settings and for each candidate, side by side.
 
-    python benchmarks/stage_throughput.py [--networks cam affinity segmentation irn]
+    python -m benchmarks.stage_throughput [--networks cam affinity segmentation irn]
         [--candidates before current stride8 channels_last bf16 bf16_channels_last threads1 compile]
         [--rounds 3] [--steps 2]
 
@@ -20,13 +20,12 @@ AffinityNet's ``backbone_stride`` null), ``channels_last`` (the memory layout), 
 autocast to bfloat16, as ``amp=bf16``; where the CPU has native bf16), ``bf16_channels_last``
 (both), ``threads1`` (one thread, as each of the benchmark's two processes runs), ``compile``
 (``torch.compile``; its compile time is printed apart and not counted in the rate).
-``OMP_NUM_THREADS=1`` runs them all on one thread. Rounds interleave the candidates so that a
+``--threads 1`` runs them all on one thread. Rounds interleave the candidates so that a
 swing in the machine's speed hits all of them; each rate is the best round's. Random weights
 (speed does not depend on their values) and random images of the config's crop size.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import time
@@ -36,28 +35,18 @@ import affinitynet  # noqa: F401  (before torch: the pipeline's OpenMP spin coun
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from affinitynet.affinity import affinity_loss_from_distances, feature_distances, pair_labels  # noqa: E402
-from affinitynet.backbones import freeze_batchnorm  # noqa: E402
-from affinitynet.backbones.conv_bn import separate_modules  # noqa: E402
+from affinitynet.models.affinity import affinity_loss_from_distances, feature_distances, pair_labels  # noqa: E402
+from affinitynet.models.backbones import freeze_batchnorm  # noqa: E402
+from affinitynet.models.backbones.conv_bn import separate_modules  # noqa: E402
 from affinitynet.config import load_config  # noqa: E402
-from affinitynet.networks import TRAINED_COARSER, build_network, train_output_stride  # noqa: E402
+from affinitynet.models.networks import TRAINED_COARSER, build_network, train_output_stride  # noqa: E402
+
+from .common import Benchmark, matmul_peak  # noqa: E402
 
 NETWORKS = ("cam", "affinity", "segmentation", "irn")
 CANDIDATES = ("before", "current", "stride8", "channels_last", "bf16", "bf16_channels_last", "threads1", "compile")
 SECTION = {"cam": "cam", "affinity": "affinity", "segmentation": "segmentation", "irn": "irn"}
 NUM_CLASSES = 15       # MSRC-21's object protocol: 14 classes + background
-
-
-def matmul_peak(seconds: float = 2.0, size: int = 2048) -> float:
-    """The best float32 FLOP/s of a square matmul over ``seconds``."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best, end = 0.0, time.time() + seconds
-    while time.time() < end:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
-    return best
 
 
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, _transposed,
@@ -177,8 +166,9 @@ class Case:
         return counter.get_total_flops(), both
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    bench = Benchmark(__file__, __doc__)
+    parser = bench.parser
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS)
     parser.add_argument("--candidates", nargs="+",
                         default=["before", "current", "stride8", "channels_last", "bf16", "threads1"],
@@ -186,7 +176,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps of each kind per round")
     parser.add_argument("--config", default="msrc21")
-    args = parser.parse_args()
+    args = bench.parse(argv)
     threads = torch.get_num_threads()
     config = load_config(args.config, check=False)
     candidates = list(dict.fromkeys(args.candidates))
@@ -223,6 +213,17 @@ def main() -> int:
           "image: " + ", ".join(f"{kind} ({name}) {train / case.batch / 1e9:.1f} GFLOP to train, "
                                f"{fwd / case.batch / 1e9:.1f} forward"
                                for kind, name, case, fwd, train, *_ in rows if name in (base, "current")))
+    table = [{"network": kind, "candidate": name, "crop": case.images.shape[-1], "batch": case.batch,
+              "forward_images_per_second": case.batch / forward, "x_forward": baseline[0] / forward,
+              "train_images_per_second": case.batch / train, "x_train": baseline[1] / train,
+              "train_gflops": train_flops / train / 1e9, "of_peak": train_flops / train / peak,
+              "forward_gflop_per_image": forward_flops / case.batch / 1e9,
+              "train_gflop_per_image": train_flops / case.batch / 1e9, "compile_seconds": case.compile_seconds}
+             for kind, name, case, forward_flops, train_flops, forward, train, baseline in rows]
+    bench.write({"config": args.config, "baseline": base, "matmul_peak_gflops": peak / 1e9, "rows": table,
+                 "summary": {f"{row['network']} train images/s (current, x {base})":
+                             [row["train_images_per_second"], row["x_train"]]
+                             for row in table if row["candidate"] == "current"}})
     return 0
 
 

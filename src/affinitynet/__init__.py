@@ -7,9 +7,9 @@ import os
 # libgomp reads its wait policy once, when torch loads it, so this must run before torch is
 # imported. Its default spins 300000 times at each barrier before sleeping: beside another busy
 # process a two-thread training then waits for a descheduled thread at every parallel region.
-# 10000 spins cost nothing alone (a segmentation training step 0.49 s against 0.49) and ran
-# 4.3x faster beside a single-threaded training (1.19 s against 5.07); PASSIVE (no spin) cost
-# 0.83x alone (docs/performance.md, "Speed"). A user's own setting of either variable is kept.
+# 10000 spins cost nothing alone and ran much faster beside a single-threaded training, where
+# PASSIVE (no spin) was slower alone: the measurements are in docs/performance.md ("Kept: OpenMP
+# threads that spin 10000 times"). A user's own setting of either variable is kept.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 

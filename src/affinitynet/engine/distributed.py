@@ -119,7 +119,7 @@ def launch(procs: int, argv: Sequence[str]) -> int:
     ``torch.distributed.run --standalone --nproc_per_node=procs -m affinitynet <argv>`` starts,
     each process with one thread unless ``OMP_NUM_THREADS`` or the config's ``threads`` says
     otherwise. On a 2-core CPU, against one process with two threads, the per-image stages ran
-    1.06-1.83x as fast this way and the trainings 0.89-0.97x (docs/performance.md, Speed). Per-image stages
+    faster this way and the trainings slower (docs/performance.md, "Threads and processes"). Per-image stages
     write the files one process writes; a training gives one process's weights up to float
     rounding (tests/test_distributed.py), which grows over a whole training.
 

@@ -21,7 +21,7 @@ def amp_dtype(device: torch.device, amp: str | bool | None = "auto") -> torch.dt
     ``"auto"`` (or True): bfloat16 on a CUDA GPU that supports it, else float16 (trained with a
     GradScaler); off on a CPU. ``"native"``: as ``"auto"`` on a GPU, and bfloat16 on a CPU that
     computes it natively (:func:`cpu_native_bf16`), float32 on other CPUs, where bfloat16 is
-    20-50x slower. ``"bf16"`` / ``"fp16"`` force a dtype (also on a CPU, where autocast exists
+    many times slower (docs/performance.md, "bf16 autocast"). ``"bf16"`` / ``"fp16"`` force a dtype (also on a CPU, where autocast exists
     too: that is how the tests exercise these paths). ``"off"`` (or False, None): float32
     everywhere, the paper's setting and the way to reproduce a CPU run bit for bit.
     """
@@ -56,8 +56,8 @@ def dtype_name(device: torch.device, amp: str | bool | None) -> str:
 
 def cpu_native_bf16() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), where oneDNN's bf16
-    kernels outrun float32; elsewhere they fall back to reference kernels, 0.02-0.05x float32's
-    rate (docs/performance.md, "Speed")."""
+    kernels outrun float32; elsewhere they fall back to reference kernels, far slower than
+    float32's (docs/performance.md, "bf16 autocast")."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -82,10 +82,10 @@ def use_channels_last(device: torch.device, channels_last: str | bool | None = "
     """Whether convolutions should run on NHWC tensors. ``"auto"``: on CUDA under mixed
     precision, where cuDNN's tensor-core kernels are NHWC and NCHW costs a transpose per conv;
     on a CPU for inference only where the backbone's NHWC forward pass was measured faster
-    (``cpu_nhwc``, the backbone's ``cpu_channels_last``: MobileNetV2's NHWC infer-cam and predict
-    ran 1.10x and 1.43x faster, EfficientNet-Lite2's NCHW ones 1.74x and 1.40x,
-    ``benchmarks/inference_threads.py``); never for training on a CPU, where NHWC was slower for
-    two of the four networks (``benchmarks/stage_throughput.py``)."""
+    (``cpu_nhwc``, the backbone's ``cpu_channels_last``: MobileNetV2's NHWC, EfficientNet-Lite's
+    NCHW, by ``benchmarks/inference_threads.py``); never for training on a CPU, where NHWC was
+    slower for two of the four networks (``benchmarks/stage_throughput.py``; the figures:
+    docs/performance.md, "Kept: channels-last for inference")."""
     if channels_last is None or channels_last == "auto":
         if device.type == "cpu":
             return cpu_nhwc and not training

@@ -243,8 +243,8 @@ def _offset_views(h: int, w: int, radius: int):
 
 # On the CPU, a temporary larger than glibc's mmap threshold (32 MiB at most) is mapped afresh
 # and page-faulted in on every allocation; at batch 8 x 896 x 56 x 56 that fault traffic made the
-# per-image cost ~10x that of batch 1. Working through the batch in slices whose temporaries stay
-# below it restores batch-independent cost. GPUs (caching allocator) take the whole batch at once.
+# per-image cost many times that of batch 1 (python -m benchmarks.affinity_pairs measures it).
+# Working through the batch in slices whose temporaries stay below it restores batch-independent cost. GPUs (caching allocator) take the whole batch at once.
 _CPU_CHUNK_BYTES = 16 * 2 ** 20
 
 

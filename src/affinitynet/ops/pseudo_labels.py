@@ -9,8 +9,8 @@ Refinements of the walked labels (``random_walk.crf``):
   where two of its labels meet, the true boundary lies within half a cell of the walked one: that
   is what the CRF can place better, from the image's edges. Away from boundaries the walk's label
   is already that of its cell, and a dCRF that relabels whole regions by colour there overrides
-  the affinities with the kind of cue that AffinityNet was trained to weigh (docs/label-refinement.md, "Refining the
-  walk's labels": on MSRC-21 the walk is right on 67% of those region changes, the dCRF on 32%).
+  the affinities with the kind of cue that AffinityNet was trained to weigh (docs/label-refinement.md,
+  "Refining the walk's labels"; ``python -m benchmarks.crf_changes`` measures it on a run).
   The width is half the grid's stride in image pixels, read from the network (``band_width``).
 - ``off``: the walk's labels.
 

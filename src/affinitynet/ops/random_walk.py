@@ -179,7 +179,8 @@ def _transition_csr(weights: torch.Tensor, offsets) -> torch.Tensor:
 
     n = h * w
     nnz = int(valid.sum())
-    # MKL's int32 SpMM is ~1.4x faster than its int64 one on CPU (benchmarks/random_walk.py).
+    # MKL's int32 SpMM is faster than its int64 one on CPU (benchmarks/random_walk.py compares
+    # them; docs/history.md, "Speed and memory").
     index_dtype = torch.int32 if max(n, nnz) < 2**31 - 1 else torch.int64
     shifts = torch.tensor([dy * w + dx for dy, dx in full], device=device, dtype=torch.int64)
     valid = valid.reshape(2 * num + 1, n).t()
@@ -331,9 +332,9 @@ def random_walk(
     # Pixels as rows, maps as columns: each stored entry of T then scales a contiguous row of C
     # values, and one sparse product moves every class at once.
     state = cams.to(dtype).reshape(num_maps, h * w).t()
-    # Zero columns up to a multiple of 4, which MKL's product handles in whole vector registers:
-    # 3 maps walked in 36 ms as 4 against 46 ms, 21 in 111 ms as 24 against 137 ms (63x47, 2
-    # threads). The zero maps stay zero and are dropped.
+    # Zero columns up to a multiple of 4, which MKL's product handles in whole vector registers
+    # and so walks faster than the maps alone (docs/performance.md, "The random walk against the
+    # released code's dense walk"). The zero maps stay zero and are dropped.
     state = torch.nn.functional.pad(state, (0, -num_maps % 4)).contiguous()
     state = _propagate(transition, state, t)
     return state[:, :num_maps].t().reshape(num_maps, h, w).to(out_dtype).contiguous()
@@ -350,8 +351,8 @@ def _propagate(transition: torch.Tensor, state: torch.Tensor, t: int) -> torch.T
 
     Each product is small (a fraction of a millisecond at 63x47), so with several threads each
     waits for the others at its end; when another job keeps a core busy, every such wait becomes
-    a scheduler time slice. Beside a CPU-bound process the products ran 25x faster than the
-    dense walk on 2 threads (57x alone) and 52x on one (benchmarks/random_walk.py, 63x47). The
+    a scheduler time slice, and one thread is the faster (``python -m benchmarks.random_walk
+    --load`` measures both, alone and beside a CPU-bound process; docs/performance.md). The
     thread count changes neither the products nor their order within a row."""
     threads = torch.get_num_threads()
     probed = 2 * PROBE_STEPS * PROBE_ROUNDS

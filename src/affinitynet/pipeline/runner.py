@@ -54,8 +54,8 @@ class ProcessesFailed(Exception):
 def processes_runner(procs: int) -> Callable[[dict[str, Any], str, bool], None]:
     """A runner for :func:`run_all` (``run --procs N`` on a CPU): each training stage in this
     process, with the config's threads, and every other stage (per image: inference, the CRF, the
-    walk, scoring) as N single-threaded processes. On a 2-core CPU the trainings ran 0.89-0.97x as
-    processes and the per-image stages 1.06-1.83x (docs/performance.md, Speed); a training in one process also
+    walk, scoring) as N single-threaded processes. On a 2-core CPU the trainings ran slower as
+    processes and the per-image stages faster (docs/performance.md, "Threads and processes"); a training in one process also
     keeps one process's float roundings, so the figures are those of a run without ``--procs``."""
     trainings = {network.stage for network in networks()}
 

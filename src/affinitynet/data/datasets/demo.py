@@ -167,7 +167,7 @@ def _render(seed: int, split: str, index: int, size: int):
             def radius_of_angle(theta, radius=radius, a2=a2, a3=a3, p2=p2, p3=p3):
                 return radius * (1 + a2 * np.cos(2 * theta + p2) + a3 * np.cos(3 * theta + p3))
 
-            # Only the window around the candidate can change, so test there (10x faster).
+            # Only the window around the candidate can change, so test there (far faster).
             y0, y1 = max(0, int(cy - reach - margin) - 1), min(size, int(cy + reach + margin) + 2)
             x0, x1 = max(0, int(cx - reach - margin) - 1), min(size, int(cx + reach + margin) + 2)
             dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx

@@ -82,7 +82,7 @@ def _code_table(protocol: str) -> tuple[np.ndarray, np.ndarray]:
     """A 64-entry lookup from (r >> 6, g >> 6, b >> 6) to class index, and which entries are codes.
 
     Every channel of every code colour is a multiple of 64, so 2 bits per channel identify it; a
-    pixel with other low bits is not a code colour. This is ~10x faster than matching 24-bit keys.
+    pixel with other low bits is not a code colour. This is far faster than matching 24-bit keys.
     """
     mapping = _class_of_colour(protocol)
     table = np.zeros(64, dtype=np.uint8)
@@ -105,7 +105,7 @@ def decode_ground_truth(path: str | os.PathLike, protocol: str = "object") -> np
     quarter = rgb >> 6
     key = quarter[..., 0] * np.uint8(16) + quarter[..., 1] * np.uint8(4) + quarter[..., 2]
     unknown = ~np.take(known, key)
-    if (rgb & 63).any():        # a whole-array test first: the per-pixel one is 10x slower
+    if (rgb & 63).any():        # a whole-array test first: the per-pixel one is far slower
         unknown |= (rgb & 63).any(axis=2)
     if unknown.any():
         r, g, b = (int(v) for v in rgb[unknown][0])

@@ -4,16 +4,17 @@ convolution whose CPU backward pass costs what its forward pass does.
 The same function is computed as with ``bn(conv(x))``; only the rounding of float32 differs
 (``tests/test_conv_bn.py`` checks values and gradients against the separate modules, and the
 backward pass against finite differences). Both are for speed on the CPU, where
-``benchmarks/stage_throughput.py`` found the time of the MobileNetV2 networks going to:
+``benchmarks/stage_throughput.py`` found the time of the MobileNetV2 networks going to (the
+figures: docs/performance.md, "Kept: frozen BatchNorm folded" and "Kept: the depthwise
+convolutions' backward pass"):
 
 - the BatchNorms: in eval mode (the paper's frozen BatchNorm, ``freeze_batchnorm``) each is the
   affine map ``x * scale + shift``, which folds into the convolution before it
-  (``W' = W * scale``, ``b' = shift``); the separate normalisation and its backward pass were
-  about 5% of a CAM training step;
-- the depthwise convolutions' backward pass: oneDNN's took 6-15x their forward pass at output
-  stride 8 (dilated, 28x28 maps), 20% of a CAM training step. For stride 1 the input gradient is
-  the same depthwise convolution with the kernel flipped (one fast forward call), and the weight
-  gradient is, per kernel tap, a sum of products of the output gradient and the shifted input.
+  (``W' = W * scale``, ``b' = shift``), and the separate normalisation and its backward pass go;
+- the depthwise convolutions' backward pass: oneDNN's took many times their forward pass at
+  output stride 8 (dilated maps). For stride 1 the input gradient is the same depthwise
+  convolution with the kernel flipped (one fast forward call), and the weight gradient is, per
+  kernel tap, a sum of products of the output gradient and the shifted input.
 """
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def convolve(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch
 
 def _depthwise_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     # float32 only: under CPU autocast (amp=bf16) oneDNN's bfloat16 depthwise backward pass was
-    # the faster one (this backward pass in float32 made a bf16 training step 0.86-0.90x as fast
-    # on a CPU with AMX).
+    # the faster one on a CPU with AMX (docs/performance.md, "Kept: the depthwise convolutions'
+    # backward pass").
     kernel, padding, dilation = conv.kernel_size, conv.padding, conv.dilation
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and conv.groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1)

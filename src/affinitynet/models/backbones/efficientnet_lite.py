@@ -220,8 +220,8 @@ class EfficientNetLiteBackbone(nn.Module):
     mean = (127.0 / 255.0,) * 3
     std = (128.0 / 255.0,) * 3
     # oneDNN's NHWC depthwise 5x5 convolutions, dilated at output stride 8, are the slow ones:
-    # the NCHW forward pass ran infer-cam 1.84x (Lite0) and 1.74x (Lite2), predict 1.48x and 1.40x
-    # faster on MSRC-21's images (benchmarks/inference_threads.py, one thread).
+    # the NCHW forward pass is the faster one for infer-cam and predict on MSRC-21's images
+    # (benchmarks/inference_threads.py; docs/performance.md, "Kept: channels-last for inference").
     cpu_channels_last = False
 
     def __init__(self, output_stride: int = 8, variant: LiteVariant = LITE0):

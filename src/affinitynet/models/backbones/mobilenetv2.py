@@ -115,8 +115,8 @@ class MobileNetV2Backbone(nn.Module):
 
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
-    # oneDNN's NHWC forward pass: infer-cam 1.10x and predict 1.43x on MSRC-21's images
-    # (benchmarks/inference_threads.py, one thread).
+    # oneDNN's NHWC forward pass is the faster one for infer-cam and predict on MSRC-21's images
+    # (benchmarks/inference_threads.py; docs/performance.md, "Kept: channels-last for inference").
     cpu_channels_last = True
 
     def __init__(self, output_stride: int = 8):

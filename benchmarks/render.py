@@ -1,0 +1,312 @@
+"""Render the results tables of the README and the docs from the benchmarks' JSON files.
+
+    python -m benchmarks.render            # rewrite every table from benchmarks/results/*.json
+    python -m benchmarks.render --check    # change nothing; exit 1 naming each table that differs
+
+A table lives between two marker comments in README.md, docs/index.md or docs/results.md::
+
+    <!-- results:NAME -->
+    ...rendered, never edited by hand...
+    <!-- /results:NAME -->
+
+``NAME`` is one of ``TABLES`` below, each rendered from one or more files of
+``benchmarks/results/``. A file that is missing renders as a placeholder row that says which
+command writes it. The rendering reads nothing but those files, so a table differs from its file
+only when one of them was edited or rerun without ``python -m benchmarks.render``
+(tests/test_results_render.py checks it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ("README.md", "docs/index.md", "docs/results.md")
+RESULTS = Path("benchmarks") / "results"
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+# The pipeline benchmarks: (results file, its row's title, the command that writes the file).
+PIPELINES = {
+    "msrc21": ("MSRC-21, object protocol", "python -m benchmarks.msrc21"),
+    "seed_spread_demo": ("demo (synthetic)", "python -m benchmarks.seed_spread --config demo"),
+}
+# Every other benchmark, in the order of the speed table: (results file, command that writes it).
+BENCHMARKS = {
+    "random_walk": "python -m benchmarks.random_walk",
+    "irn_walk": "python -m benchmarks.irn_walk",
+    "affinity_pairs": "python -m benchmarks.affinity_pairs",
+    "backbone_speed": "python -m benchmarks.backbone_speed",
+    "cam_training": "python -m benchmarks.cam_training",
+    "stage_throughput": "python -m benchmarks.stage_throughput",
+    "inference_threads": "python -m benchmarks.inference_threads",
+    "segmentation_inference": "python -m benchmarks.segmentation_inference",
+    "distributed_cam_inference": "python -m benchmarks.distributed_cam_inference",
+    "mxnet_params": "python -m benchmarks.mxnet_params MXNET_PYTHON",
+    "psa_equivalence": "python -m benchmarks.psa_equivalence PSA_CHECKOUT",
+    "affinity_label_precision": "python -m benchmarks.affinity_label_precision runs/msrc21",
+    "crf_changes": "python -m benchmarks.crf_changes runs/msrc21",
+    "background_errors": "python -m benchmarks.background_errors runs/msrc21 runs/msrc21_gt",
+    "onnx_predict": "python -m benchmarks.onnx_predict RUN_DIR/train_seg/model.pt",
+}
+
+
+def load(root: Path, name: str) -> dict[str, Any] | None:
+    path = root / RESULTS / f"{name}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def placeholder(command: str) -> str:
+    return f"not yet measured at this commit: run `{command}`"
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+def number(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        magnitude = abs(value)
+        if magnitude == 0:
+            return "0"
+        if magnitude >= 100:
+            return f"{value:.0f}"
+        if magnitude >= 10:
+            return f"{value:.1f}"
+        if magnitude >= 1:
+            return f"{value:.2f}"
+        if magnitude >= 0.01:
+            return f"{value:.3f}"
+        return f"{value:.1e}"
+    if isinstance(value, (list, tuple)):
+        return " / ".join(number(v) for v in value)
+    return str(value).replace("|", "\\|")
+
+
+def one(value: float | None) -> str:
+    """An mIoU (percent) to one decimal, as the paper prints them."""
+    return "-" if value is None else f"{value:.1f}"
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f} (one seed)"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def machine(env: dict[str, Any]) -> str:
+    """The CPU in a few words: its model, its cores and its widest vector unit (AMX, AVX-512,
+    AVX2: what decides how fast a convolution runs), and the GPU when one ran the networks."""
+    flags = set((env.get("cpu_flags") or "").split())
+    vector = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                   if flag in flags), None)
+    cpu = f"{env.get('cpu_model') or 'unknown CPU'} ({env.get('cpus')} CPUs{', ' + vector if vector else ''})"
+    return f"{env['gpu']}, {cpu}" if env.get("gpu") else cpu
+
+
+def provenance(record: dict[str, Any]) -> str:
+    env = record.get("environment", {})
+    head = env.get("commit")
+    commit = f"commit `{head[:7]}`" if head else "no commit"
+    if env.get("dirty"):
+        commit += " with local changes"
+    return (f"{commit}, {machine(env)}, torch {env.get('torch')}, {env.get('threads')} threads, "
+            f"{(env.get('date') or '')[:10]}")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --- the pipeline benchmarks --------------------------------------------------------------------
+
+def _labels(results: dict[str, Any], title: str) -> float | None:
+    row = results.get("rows", {}).get(title)
+    return None if row is None else row["miou"]
+
+
+def headline() -> Callable[[Path], str]:
+    def render(root: Path) -> str:
+        header = ["", "CAM (train)", "CAM+RW (train)", "pseudo labels (train)", "network (val)",
+                  "upper bound (val)", "measured"]
+        rows = []
+        for name, (title, command) in PIPELINES.items():
+            record = load(root, name)
+            if record is None:
+                rows.append([f"{title}", placeholder(command), "", "", "", "", ""])
+                continue
+            r = record["results"]
+            training = r.get("training_labels")
+            env = record["environment"]
+            rows.append([
+                f"{title} (`{record['command']}`)",
+                one(_labels(r, "CAM")), one(_labels(r, "CAM+RW")),
+                f"{one(_labels(r, training))} ({training})",
+                f"{spread(r['network_val_miou'])} ({len(r['network_val_miou'])} seeds)",
+                spread(r["upper_bound_val_miou"]),
+                f"{provenance(record)}; {minutes(env.get('wall_seconds'))}",
+            ])
+        return table(header, rows)
+    return render
+
+
+def label_table(name: str) -> Callable[[Path], str]:
+    """Table 1 (the pseudo labels on the label split) and Table 2 (seed 0's network and bound on
+    the evaluation split) per class."""
+    title, command = PIPELINES[name]
+
+    def render(root: Path) -> str:
+        record = load(root, name)
+        if record is None:
+            return table(["", "mean"], [[placeholder(command), "-"]])
+        r = record["results"]
+        classes = r["class_names"]
+        rows = []
+        for row_title, row in r["rows"].items():
+            label = f"{'network, seed 0' if row_title == 'Network' else row_title} ({row['split']})"
+            if row_title == r.get("training_labels"):
+                label += ", trains the network"
+            rows.append([label, *(one(row["iou"].get(c)) for c in classes),
+                         f"**{one(row['miou'])}**"])
+        bound = r.get("upper_bound_seed0")
+        if bound:
+            rows.append([f"upper bound, seed 0 ({r['eval_split']})",
+                         *(one((bound.get("iou") or {}).get(c)) for c in classes), f"**{one(bound['miou'])}**"])
+        return (table(["", *classes, "mean"], rows)
+                + f"\nMeasured by `{record['command']}`: {provenance(record)}.\n")
+    return render
+
+
+def seed_table(name: str) -> Callable[[Path], str]:
+    """The network and the bound over the training seeds, and the time."""
+    title, command = PIPELINES[name]
+
+    def render(root: Path) -> str:
+        record = load(root, name)
+        if record is None:
+            return table(["", "mean ± std"], [[placeholder(command), "-"]])
+        r = record["results"]
+        networks, bounds, ratios = r["network_val_miou"], r["upper_bound_val_miou"], r["ratio"]
+        seeds = [f"seed {k}" for k in range(len(networks))]
+        rows = [[f"network on the {r.get('training_labels')} labels ({r['eval_split']})",
+                 *(one(v) for v in networks), f"**{spread(networks)}**"],
+                [f"upper bound, ground truth ({r['eval_split']})", *(one(v) for v in bounds), spread(bounds)],
+                ["network / bound", *(f"{v:.3f}" for v in ratios), f"{r['ratio_of_means']:.3f} (of the means)"]]
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in r.get("stage_seconds", {}).items() if v is not None)
+        env = record["environment"]
+        return (table(["", *seeds, "mean ± std"], rows)
+                + f"\nMeasured by `{record['command']}`: {provenance(record)}. The command took "
+                  f"{minutes(env.get('wall_seconds'))}; seed 0, the pipeline with its bound beside it, "
+                  f"{minutes(r.get('recorded_seconds_seed0'))} from the stages' records. Seconds per stage "
+                  f"of seed 0: {stages}.\n")
+    return render
+
+
+# --- every other benchmark ----------------------------------------------------------------------
+
+def benchmarks_table(root: Path) -> str:
+    rows = []
+    for name, command in BENCHMARKS.items():
+        record = load(root, name)
+        if record is None:
+            rows.append([f"`{name}`", placeholder(command), "", ""])
+            continue
+        summary = record["results"].get("summary", {})
+        figures = "; ".join(f"{key}: {number(value)}" for key, value in summary.items())
+        env = record["environment"]
+        rows.append([f"`{name}`", f"{figures} (`{record['command']}`)", provenance(record),
+                     minutes(env.get("wall_seconds"))])
+    return table(["benchmark", "what it measured (`its command`)", "measured", "wall time"], rows)
+
+
+TABLES: dict[str, Callable[[Path], str]] = {
+    "headline": headline(),
+    "msrc21-labels": label_table("msrc21"),
+    "msrc21-network": seed_table("msrc21"),
+    "demo-labels": label_table("seed_spread_demo"),
+    "demo-network": seed_table("seed_spread_demo"),
+    "benchmarks": benchmarks_table,
+}
+
+
+# --- the pages ----------------------------------------------------------------------------------
+
+def render_page(text: str, root: Path) -> tuple[str, list[str]]:
+    """``text`` with every table rendered again, and the names of those that changed."""
+    changed: list[str] = []
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise KeyError(f"results:{name} is no table of benchmarks/render.py ({', '.join(TABLES)})")
+        body = TABLES[name](root)
+        if body != match["body"]:
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(replace, text), changed
+
+
+def stale(root: Path = ROOT) -> list[str]:
+    """``PAGE: results:NAME`` of every table that differs from its JSON files."""
+    found = []
+    for page in PAGES:
+        path = root / page
+        if path.is_file():
+            _, changed = render_page(path.read_text(encoding="utf-8"), root)
+            found += [f"{page}: results:{name}" for name in changed]
+    return found
+
+
+def render(root: Path = ROOT) -> list[str]:
+    """Rewrite every table; the ``PAGE: results:NAME`` that changed."""
+    written = []
+    for page in PAGES:
+        path = root / page
+        if path.is_file():
+            text, changed = render_page(path.read_text(encoding="utf-8"), root)
+            if changed:
+                path.write_text(text, encoding="utf-8")
+                written += [f"{page}: results:{name}" for name in changed]
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.render",
+                                     description=__doc__.strip().split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if a table differs from its JSON files")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the repository (default: this one)")
+    args = parser.parse_args(argv)
+    if args.check:
+        found = stale(args.root)
+        for entry in found:
+            print(f"stale: {entry} (python -m benchmarks.render rewrites it)")
+        return 1 if found else 0
+    for entry in render(args.root):
+        print(f"rendered: {entry}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
