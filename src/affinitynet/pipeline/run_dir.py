@@ -123,6 +123,20 @@ def is_complete(config: dict[str, Any], name: str) -> bool:
             and hash_matches(state.get("hash"), config, name))
 
 
+def skip_reason(config: dict[str, Any], name: str, force: bool, readers: Sequence[str] = ()) -> str | None:
+    """Why stage ``name`` does not run now, or None when it runs: its outputs are complete and
+    current, or every stage that reads them (``readers``) is, so nothing would read what it
+    wrote (after ``import-weights psa-aff``, ``confident_regions`` feeds only the imported
+    AffinityNet). ``force`` runs it anyway."""
+    if force:
+        return None
+    if is_complete(config, name):
+        return "up to date, skipped"
+    if readers and all(is_complete(config, reader) for reader in readers):
+        return f"not needed ({', '.join(readers)} up to date), skipped"
+    return None
+
+
 def imported_kind(config: dict[str, Any], name: str) -> str | None:
     """The kind of released weights ``import-weights`` wrote in stage ``name``, if it did."""
     state = json_or_none(stage(name).marker(config))

@@ -14,7 +14,7 @@ from ..errors import InputError
 from ..files import CONFIG_FILE
 from ..models.networks import networks
 from .graph import readers, stage, stages
-from .run_dir import check_run_dir, is_complete, json_or_none, record_run, training_split
+from .run_dir import check_run_dir, is_complete, json_or_none, record_run, skip_reason, training_split
 from .size_rules import resolve_auto
 
 
@@ -22,9 +22,10 @@ def run_stage(config: dict[str, Any], name: str, force: bool = False) -> dict[st
     """Run one stage, or skip it (None) when its outputs are complete and current and it is not
     forced: re-entering a finished stage would only overwrite its recorded time."""
     resolve_auto(config)
-    if not force and is_complete(config, name):
+    reason = skip_reason(config, name, force)
+    if reason:
         if distributed.is_main():
-            print(f"[{name}] up to date, skipped")
+            print(f"[{name}] {reason}")
         return None
     return stage(name).run(config, force=force)
 
@@ -37,11 +38,10 @@ def run_all(config: dict[str, Any], force: Iterable[str] = (),
     imported AffinityNet). ``runner(config, name, force)`` runs a stage (default :func:`run_stage`)."""
     forced = set(force)
     for spec in stages(config):
-        waiting = readers(config, spec.name)
-        if (spec.name not in forced and waiting and not is_complete(config, spec.name)
-                and all(is_complete(config, reader) for reader in waiting)):
+        reason = skip_reason(config, spec.name, spec.name in forced, readers(config, spec.name))
+        if reason and not is_complete(config, spec.name):
             if distributed.is_main():
-                print(f"[{spec.name}] not needed ({', '.join(waiting)} up to date), skipped")
+                print(f"[{spec.name}] {reason}")
             continue
         (runner or run_stage)(config, spec.name, spec.name in forced)
 
