@@ -9,7 +9,7 @@ peak, measured in the same run, for the current settings and for each candidate,
 
 Candidates, each as a ratio to the first one named (``before`` by default): ``before`` (each
 BatchNorm and each convolution as its own torch module and kernel, every network trained at
-``backbone.output_stride``: the code before ``backbones/conv_bn.py`` and before
+``backbone.output_stride``: the code before ``models/backbones/conv_bn.py`` and before
 ``train_output_stride`` and ``affinity.backbone_stride``), ``current`` (the pipeline's settings:
 each network at the output stride its config trains it at, float32 whatever the config's
 ``amp`` (the ``bf16`` candidates time that), contiguous tensors, the process's threads, frozen
