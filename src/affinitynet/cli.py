@@ -374,8 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     imported = commands.add_parser(
         "import-weights", help="a released psa/irn checkpoint as the finished training stage of a run",
         description="Load the authors' released weights (psa-cam: psa's res38_cls.pth, psa-aff: psa's "
-                    "resnet38_aff.pth, irn-cam: irn's res50_cam.pth) into this project's network and write "
-                    "them as RUN_DIR/train_cam/model.pt or RUN_DIR/train_affinity/model.pt, with the config "
+                    "resnet38_aff.pth, irn-cam: irn's res50_cam.pth, irn-irn: irn's res50_irn.pth) into this project's "
+                    "network and write them as RUN_DIR/train_cam/model.pt, RUN_DIR/train_affinity/model.pt or "
+                    "RUN_DIR/train_irn/model.pt, with the config "
                     "keys of the file's network set (saved as RUN_DIR/config.yaml). `affinitynet run` then "
                     "skips that training stage.")
     imported.add_argument("kind", choices=sorted(KINDS), help="which released file")

@@ -338,6 +338,9 @@ SETTINGS: dict[str, Any] = {
         # irn trains with radius 10 and walks with 5.
         "radius": Setting(5, "IRN: radius of the pairs on the stride-4 grid (boundary loss and walk)",
                           _number(2, 16, integer=True)),
+        "layout": Setting("compact", "IRNet's branches: 'compact' (this project's) or 'irn' (irn's resnet50_irn.py, "
+                                     "the network of its res50_irn.pth: import-weights irn-irn)",
+                          _choice("compact", "irn")),
         "background": Setting("alpha", "IRN: the walk's background: 'alpha' ((1 - max M)^alpha walked with the "
                                        "CAMs) or 'threshold' (irn's: the CAMs times (1 - B) walked, over their "
                                        "largest value, against the constant bg_threshold)",
