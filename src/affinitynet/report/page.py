@@ -393,6 +393,8 @@ table.gallery img.labels { image-rendering: pixelated; }
 table.gallery img.tile { width: 64px; }
 .tiles { display: flex; flex-wrap: wrap; gap: 2px; justify-content: center; max-width: 140px; margin: 2px auto 0; }
 figure.tile { margin: 0; } figure.tile figcaption { font-size: 10px; }
+ol.instances { font-size: 10px; margin: 2px auto 0; padding-left: 18px; max-width: 122px; text-align: left; }
+ol.instances i { display: inline-block; width: 9px; height: 9px; margin-right: 3px; vertical-align: -1px; }
 .sub { font-size: 10px; color: #666; font-weight: normal; }
 .missing { color: #aaa; }
 .legend { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 13px; }
