@@ -254,3 +254,25 @@ def test_tiny_pipeline_runs_irns_recipe(reference, tmp_path):
     walk = json.loads(pipeline.stage("irn_walk").marker(run_dir).read_text())
     assert walk["inputs"]["keys"]["irn.background"] == "threshold"
     assert set(json.loads(spec.marker(run_dir).read_text())["map_r"]) == {"0.25", "0.5", "0.75"}
+
+
+# --- the demo with instances of one class -------------------------------------------------------
+
+def test_demo_same_class_puts_several_objects_of_one_class_in_an_image(tmp_path):
+    from affinitynet.data.datasets import build_dataset, optional_dataset_keys
+    from affinitynet.data.datasets.demo import _render
+
+    for index in range(12):    # the default leaves every image as it was
+        assert all(np.array_equal(a, b) for a, b in zip(_render(0, "train", index, 48)[:2],
+                                                        _render(0, "train", index, 48, 0.0)[:2]))
+    section = dict(load_config("demo")["dataset"], root=str(tmp_path / "demo"), demo_size=48, demo_train=16,
+                   demo_val=2, demo_same_class=1.0)
+    data = build_dataset(section, "train", progress=False)
+    several = 0
+    for sample in data.samples:
+        instances = data.load_instances(sample)
+        if len(instances) >= 2:
+            assert len({inst.label for inst in instances}) == 1 and len(sample.labels) == 1
+            several += 1
+    assert several >= 3
+    assert optional_dataset_keys()["dataset.demo_same_class"] == 0.0      # hashed only when set

@@ -271,9 +271,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if args.action == "generate":
         ds = config["dataset"]
-        root = ds["root"] or datasets.default_demo_root(ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"])
+        root = ds["root"] or datasets.default_demo_root(ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"],
+                                                        ds["demo_same_class"])
         datasets.generate_demo(root, ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"], progress=True,
-                               coco=args.coco)
+                               coco=args.coco, same_class=ds["demo_same_class"])
         print(f"demo dataset written to {root}")
         if args.coco:
             print(f"as COCO JSON: {', '.join(str(path) for path in datasets.demo.coco_files(root))} (read them with "

@@ -229,6 +229,9 @@ SETTINGS: dict[str, Any] = {
         "demo_train": Setting(240, "demo: images in the train split", _number(1, 1_000_000, integer=True)),
         "demo_val": Setting(60, "demo: images in the val split", _number(1, 1_000_000, integer=True)),
         "demo_seed": Setting(0, "demo: generator seed", _number(0, 2**32 - 1, integer=True)),
+        "demo_same_class": Setting(0.0, "demo: share of the images of 2 or 3 objects whose objects are all of one "
+                                        "class (instances of one class, for IRN); 0: every object its own class",
+                                   _number(0, 1)),
         "masks_dir": Setting(None, "folder: optional ground-truth masks (index PNGs named <id>.png)",
                              _string(optional=True)),
         "annotations_file": Setting("annotations/instances_{split}.json", "coco: a split's instances JSON, inside "

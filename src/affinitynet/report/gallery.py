@@ -174,9 +174,9 @@ class _Gallery:
     @staticmethod
     def _demo_present(section: dict[str, Any]) -> bool:
         size, train, val = int(section.get("demo_size", 128)), int(section.get("demo_train", 240)), int(section.get("demo_val", 60))
-        seed = int(section.get("demo_seed", 0))
-        root = section.get("root") or default_demo_root(size, train, val, seed)
-        return is_generated(root, size, train, val, seed)
+        seed, same_class = int(section.get("demo_seed", 0)), float(section.get("demo_same_class") or 0.0)
+        root = section.get("root") or default_demo_root(size, train, val, seed, same_class)
+        return is_generated(root, size, train, val, seed, same_class)
 
     def _sample(self, sample_id: str):
         for data in self.datasets:
