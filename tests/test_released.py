@@ -110,10 +110,8 @@ def psa_aff_file(path: Path, scale: int = 1, seed: int = 10, distinct: bool = Fa
     return path
 
 
-def irn_cam_file(path: Path, classes: int, seed: int = 20) -> Path:
-    """res50_cam.pth: irn's Net registers its torchvision-style ResNet-50 as ``resnet50`` and the
-    same modules again as stage1..4 and ``backbone``; the classifier also as ``newly_added``."""
-    w = _Weights(seed)
+def irn_resnet50(w: _Weights) -> dict[str, torch.Tensor]:
+    """irn's torchvision-style ResNet-50 (net/resnet50.py), as its Nets hold it under ``resnet50.``."""
     resnet: dict[str, torch.Tensor] = {"conv1.weight": w.conv(64, 3, 7)}
     w.bn("bn1", 64, resnet, tracked=True)
     cin = 64
@@ -130,6 +128,14 @@ def irn_cam_file(path: Path, classes: int, seed: int = 20) -> Path:
                 resnet[f"{p}.downsample.0.weight"] = w.conv(width * 4, cin, 1)
                 w.bn(f"{p}.downsample.1", width * 4, resnet, tracked=True)
             cin = width * 4
+    return resnet
+
+
+def irn_cam_file(path: Path, classes: int, seed: int = 20) -> Path:
+    """res50_cam.pth: irn's Net registers its torchvision-style ResNet-50 as ``resnet50`` and the
+    same modules again as stage1..4 and ``backbone``; the classifier also as ``newly_added``."""
+    w = _Weights(seed)
+    resnet = irn_resnet50(w)
     classifier = w.conv(classes, 2048, 1, gain=0.05)
     state = {f"resnet50.{k}": v for k, v in resnet.items()}
     stage_of = {"conv1": "stage1.0", "bn1": "stage1.1", "layer1": "stage1.4", "layer2": "stage2.0",

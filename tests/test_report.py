@@ -20,6 +20,8 @@ from affinitynet.config import load_config, save_resolved
 from affinitynet.data.datasets import build_dataset, generate_demo
 from affinitynet.errors import InputError
 from affinitynet.files import save_label_png, save_npz, save_rgb_png, write_json, write_text
+from affinitynet.metrics import Instance
+from affinitynet.ops.instance_labels import save_instances
 from affinitynet.report import write_report
 
 SIZE = 64
@@ -31,9 +33,9 @@ def demo_root(tmp_path_factory) -> Path:
     return generate_demo(tmp_path_factory.mktemp("data") / "demo", size=SIZE, num_train=4, num_val=3)
 
 
-def _config(run_dir: Path, root: str) -> dict:
+def _config(run_dir: Path, root: str, *extra: str) -> dict:
     return load_config("demo", [f"run_dir={run_dir}", f"dataset.root={root}", f"dataset.demo_size={SIZE}",
-                                "dataset.demo_train=4", "dataset.demo_val=3"])
+                                "dataset.demo_train=4", "dataset.demo_val=3", *extra])
 
 
 def _iou(seed: int) -> dict:
@@ -41,12 +43,15 @@ def _iou(seed: int) -> dict:
     return {name: float(rng.uniform(0, 100)) for name in CLASSES}
 
 
-def make_run(run_dir: Path, demo_root: Path, config_root: str | None = None) -> dict:
-    """A complete run in the formats the stages write; returns results.json's content."""
+def make_run(run_dir: Path, demo_root: Path, config_root: str | None = None, method: str = "affinitynet") -> dict:
+    """A complete run in the formats the stages write; returns results.json's content. ``method``
+    ``irn``: IRN's stages instead of AffinityNet's, with instance labels (two of one class)."""
+    extra = (f"labels.method={method}",)
     if config_root is None:
-        config = _config(run_dir, str(demo_root))
+        config = _config(run_dir, str(demo_root), *extra)
     else:       # as saved by a run started in run_dir's grandparent
-        config = _config(Path(run_dir.parent.name) / run_dir.name, config_root)
+        config = _config(Path(run_dir.parent.name) / run_dir.name, config_root, *extra)
+    walk = "irn_walk" if method == "irn" else "random_walk"
     save_resolved(config, run_dir / "config.yaml")
     train = build_dataset(config["dataset"] | {"root": str(demo_root)}, "train", progress=False)
     val = build_dataset(config["dataset"] | {"root": str(demo_root)}, "val", progress=False)
@@ -61,10 +66,20 @@ def make_run(run_dir: Path, demo_root: Path, config_root: str | None = None) -> 
         confident = label.copy()
         confident[(cams.max(0) > 0.3) & (cams.max(0) < 0.6)] = 255
         save_label_png(run_dir / "confident_regions" / "labels" / f"{sample.id}.png", confident)
-        save_rgb_png(run_dir / "random_walk" / "boundaries" / f"{sample.id}.png",
+        save_rgb_png(run_dir / walk / "boundaries" / f"{sample.id}.png",
                      rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
-        save_label_png(run_dir / "random_walk" / "rw_labels" / f"{sample.id}.png", label)
-        save_label_png(run_dir / "random_walk" / "pseudo_labels" / f"{sample.id}.png", label)
+        save_label_png(run_dir / walk / "rw_labels" / f"{sample.id}.png", label)
+        save_label_png(run_dir / walk / "pseudo_labels" / f"{sample.id}.png", label)
+        if method == "irn":     # the first class's region split in two instances, the others one each
+            found = []
+            for k, cls in enumerate(classes):
+                region = label == cls
+                halves = (region & (xx < 0.5), region & (xx >= 0.5)) if k == 0 else (region,)
+                for half in halves:
+                    if half.any():
+                        found.append(Instance(int(cls), half, 0.9 - 0.1 * len(found)))
+            save_instances(run_dir / "irn_instances" / "SegmentationObject" / f"{sample.id}.png",
+                           run_dir / "irn_instances" / "detections" / f"{sample.id}.json", found, label.shape)
     for sample in val.samples:
         save_label_png(run_dir / "infer_seg" / "predictions" / f"{sample.id}.png",
                        rng.integers(0, len(CLASSES), (SIZE, SIZE), dtype=np.uint8))
@@ -83,12 +98,14 @@ def make_run(run_dir: Path, demo_root: Path, config_root: str | None = None) -> 
     del rows["Network"]["iou"]["dot_tag"]       # a class absent from a split has no IoU
     stages = ("train_cam", "infer_cam", "confident_regions", "train_affinity", "random_walk", "train_seg",
               "infer_seg", "evaluate_run")
+    if method == "irn":
+        stages = stages[:3] + ("train_irn", "irn_walk", "irn_instances") + stages[5:]
     for stage in stages:
         state = {"stage": stage, "hash": "0" * 16, "complete": True, "seconds": 3725.5, "images": 4,
                  "reused": 1, "skipped": []}
         if stage == "infer_seg":
             state["skipped"] = ["data/x.png: truncated or damaged image <b>"]
-        if stage == "random_walk":
+        if stage == walk:
             state["table1"] = {t: {"miou": r["miou"], "iou": r["iou"]} for t, r in rows.items() if t != "Network"}
         write_json(run_dir / stage / "_stage.json", state)
     results = {"run_dir": str(run_dir), "dataset": "demo", "backbone": "mobilenetv2", "class_names": CLASSES,
@@ -301,3 +318,36 @@ def test_report_renders_in_headless_chromium(tmp_path, demo_root):
     assert pixels.std() > 10                                       # not a blank page
     if os.environ.get("AFFINITYNET_REPORT_SCREENSHOT"):           # to look at it by hand
         shutil.copy(shot, os.environ["AFFINITYNET_REPORT_SCREENSHOT"])
+
+
+def test_instance_gallery_renders_in_headless_chromium(tmp_path, demo_root):
+    """An IRN run: the gallery's instance column draws each image's masks with their classes and
+    scores, and the browser loads every picture."""
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    run_dir = tmp_path / "run"
+    make_run(run_dir, demo_root, method="irn")
+    index = write_report(run_dir, gallery_size=2)
+    page = _parse(index)
+    assert "gallery/train_00000_instances.png" in page.images
+    result = _run_chromium(binary, tmp_path / "profile", "--virtual-time-budget=5000", "--dump-dom",
+                           index.resolve().as_uri())
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    loaded = int(re.search(r'data-images-loaded="(\d+)"', body).group(1))
+    assert loaded == int(re.search(r'data-images-total="(\d+)"', body).group(1)) == len(page.images)
+    assert "<th" in dom and ">instances<" in dom
+    cell = re.search(r'<tr data-id="train_00000">.*?<td data-column="instances">(.*?)</td>', dom, re.S).group(1)
+    assert '<img src="gallery/train_00000_instances.png"' in cell
+    listed = re.findall(r'<li data-class="([^"]+)" data-score="([\d.]+)">', cell)
+    first = CLASSES[int(np.load(run_dir / "infer_cam" / "cams" / "train_00000.npz")["classes"][0])]
+    assert listed[:2] == [(first, "0.900"), (first, "0.800")]     # the class split in two, highest first
+    picture = np.asarray(Image.open(index.parent / "gallery" / "train_00000_instances.png").convert("RGB"))
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 3
+    # AffinityNet's run has no instance column.
+    other = tmp_path / "affinitynet"
+    make_run(other, demo_root)
+    assert "instances" not in _parse(write_report(other, gallery_size=1)).images[0]
+    assert 'data-column="instances"' not in (other / "report" / "index.html").read_text(encoding="utf-8")

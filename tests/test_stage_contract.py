@@ -17,6 +17,7 @@ import tiny_pipeline as tiny
 
 from affinitynet import pipeline
 from affinitynet.config import DEFAULTS, flatten, get, load_config
+from affinitynet.data.datasets import optional_dataset_keys
 
 
 def covered(key: str, hashed: tuple[str, ...] | set[str]) -> bool:
@@ -32,7 +33,7 @@ def covering_keys(config: dict[str, Any], name: str) -> set[str]:
     """What the stage's hash covers: its keys, and its optional keys and the datasets' (hashed
     once set; unset, they mean a hashed key's value)."""
     return (set(own_keys(config, name)) | set(pipeline.stage(name).optional_keys)
-            | set(pipeline.optional_dataset_keys()))
+            | set(optional_dataset_keys()))
 
 
 def transitive_keys(config: dict[str, Any], name: str) -> set[str]:
@@ -46,7 +47,7 @@ def test_every_default_key_is_hashed_or_declared_runtime():
     config = copy.deepcopy(DEFAULTS)
     every = pipeline.all_stages().values()      # the stages of every label method's graph
     hashed = {key for spec in every for key in own_keys(config, spec.name)}
-    hashed |= {key for spec in every for key in spec.optional_keys} | set(pipeline.optional_dataset_keys())
+    hashed |= {key for spec in every for key in spec.optional_keys} | set(optional_dataset_keys())
     loose = [key for key in flatten(DEFAULTS) if not covered(key, hashed) and key not in pipeline.RUNTIME_KEYS]
     assert loose == [], f"neither hashed by a stage nor in pipeline.RUNTIME_KEYS: {loose}"
     both = [key for key in pipeline.RUNTIME_KEYS if covered(key, hashed)]

@@ -271,9 +271,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if args.action == "generate":
         ds = config["dataset"]
-        root = ds["root"] or datasets.default_demo_root(ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"])
+        root = ds["root"] or datasets.default_demo_root(ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"],
+                                                        ds["demo_same_class"])
         datasets.generate_demo(root, ds["demo_size"], ds["demo_train"], ds["demo_val"], ds["demo_seed"], progress=True,
-                               coco=args.coco)
+                               coco=args.coco, same_class=ds["demo_same_class"])
         print(f"demo dataset written to {root}")
         if args.coco:
             print(f"as COCO JSON: {', '.join(str(path) for path in datasets.demo.coco_files(root))} (read them with "
@@ -381,8 +382,9 @@ def _add_pipeline_commands(commands) -> None:
     imported = commands.add_parser(
         "import-weights", help="a released psa/irn checkpoint as the finished training stage of a run",
         description="Load the authors' released weights (psa-cam: psa's res38_cls.pth, psa-aff: psa's "
-                    "resnet38_aff.pth, irn-cam: irn's res50_cam.pth) into this project's network and write "
-                    "them as RUN_DIR/train_cam/model.pt or RUN_DIR/train_affinity/model.pt, with the config "
+                    "resnet38_aff.pth, irn-cam: irn's res50_cam.pth, irn-irn: irn's res50_irn.pth) into this project's "
+                    "network and write them as RUN_DIR/train_cam/model.pt, RUN_DIR/train_affinity/model.pt or "
+                    "RUN_DIR/train_irn/model.pt, with the config "
                     "keys of the file's network set (saved as RUN_DIR/config.yaml). `affinitynet run` then "
                     "skips that training stage.")
     imported.add_argument("kind", choices=sorted(KINDS), help="which released file")

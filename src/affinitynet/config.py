@@ -229,6 +229,9 @@ SETTINGS: dict[str, Any] = {
         "demo_train": Setting(240, "demo: images in the train split", _number(1, 1_000_000, integer=True)),
         "demo_val": Setting(60, "demo: images in the val split", _number(1, 1_000_000, integer=True)),
         "demo_seed": Setting(0, "demo: generator seed", _number(0, 2**32 - 1, integer=True)),
+        "demo_same_class": Setting(0.0, "demo: share of the images of 2 or 3 objects whose objects are all of one "
+                                        "class (instances of one class, for IRN); 0: every object its own class",
+                                   _number(0, 1)),
         "masks_dir": Setting(None, "folder: optional ground-truth masks (index PNGs named <id>.png)",
                              _string(optional=True)),
         "annotations_file": Setting("annotations/instances_{split}.json", "coco: a split's instances JSON, inside "
@@ -295,6 +298,14 @@ SETTINGS: dict[str, Any] = {
         "alpha_low": Setting(4.0, "low alpha: amplified background, confident objects (3.2.1)", _number(1, 1000)),
         "alpha_high": Setting(24.0, "high alpha: weakened background, confident background (3.2.1)",
                               _number(1, 1000)),   # the released code: 32
+        # irn's cam_to_ir_label.py: constant CAM thresholds (set on VOC) and its label dCRF.
+        "confidence": Setting("alpha", "confident regions: 'alpha' (alpha_low / alpha_high and the dCRF of 'crf', "
+                                       "3.2.1) or 'threshold' (irn's: conf_fg_threshold / conf_bg_threshold, each "
+                                       "argmax refined by irn's label dCRF)", _choice("alpha", "threshold")),
+        "conf_fg_threshold": Setting(0.30, "confidence 'threshold': an object where its CAM beats this (irn's "
+                                           "conf_fg_thres)", _number(0, 1)),
+        "conf_bg_threshold": Setting(0.05, "confidence 'threshold': background where every CAM is below this (irn's "
+                                           "conf_bg_thres)", _number(0, 1)),
         "radius": Setting(5, "gamma of Eq. 4: pairs within this radius on the feature grid",
                           _number(1, 64, integer=True)),
         "distance": Setting("mean", "Eq. 3 over feature channels: 'mean' (released code) or 'sum' (L1 norm)",
@@ -330,8 +341,18 @@ SETTINGS: dict[str, Any] = {
         # irn trains with radius 10 and walks with 5.
         "radius": Setting(5, "IRN: radius of the pairs on the stride-4 grid (boundary loss and walk)",
                           _number(2, 16, integer=True)),
-        # irn: a constant background score of 0.25.
+        "layout": Setting("compact", "IRNet's branches: 'compact' (this project's) or 'irn' (irn's resnet50_irn.py, "
+                                     "the network of its res50_irn.pth: import-weights irn-irn)",
+                          _choice("compact", "irn")),
+        "background": Setting("alpha", "IRN: the walk's background: 'alpha' ((1 - max M)^alpha walked with the "
+                                       "CAMs) or 'threshold' (irn's: the CAMs times (1 - B) walked, over their "
+                                       "largest value, against the constant bg_threshold)",
+                              _choice("alpha", "threshold")),
         "alpha": Setting(16.0, "IRN: background (1 - max M)^alpha of the walk's input CAMs (Eq. 2)", _number(1, 1000)),
+        "bg_threshold": Setting(0.25, "IRN, background 'threshold': the constant background score of the walked "
+                                      "labels (irn's sem_seg_bg_thres)", _number(0, 1)),
+        "instance_bg_threshold": Setting(0.25, "IRN, background 'threshold': the constant background score of the "
+                                               "walked instances (irn's ins_seg_bg_thres)", _number(0, 1)),
         "beta": Setting(10.0, "IRN: Hadamard power of the path-max affinities", _number(0, 1000, strict_low=True)),
         "t": Setting(256, "IRN: walk iterations", _number(1, 1_000_000, integer=True)),
         "crf": Setting("band", "IRN: refinement of the walked labels: 'band', 'full' (the dCRF) or 'off', as "

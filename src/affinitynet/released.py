@@ -12,10 +12,13 @@ The authors released trained networks with their code, for PASCAL VOC 2012's 20 
 - ``irn-cam``, irn's ``res50_cam.pth``: the CAM network of IRNet, ResNet-50 with strides
   (2, 2, 2, 1) and no dilation (output stride 16, ``backbone.atrous: false``) and a 1x1
   ``classifier`` (no bias) on its 2048 channels (``cam.head: irn``).
+- ``irn-irn``, irn's ``res50_irn.pth`` (``net/resnet50_irn.py``, loaded by its
+  ``EdgeDisplacement``): the same ResNet-50 and IRNet's boundary branch ``fc_edge1..6`` and
+  displacement branch ``fc_dp1..7`` with its ``mean_shift`` (``irn.layout: irn``, ``irnet.py``).
 
 :func:`import_weights` renames the file's keys to this project's model, loads them strictly (with
-``torch.load(..., weights_only=True)``), and writes ``train_cam/model.pt`` or
-``train_affinity/model.pt`` as the training stage would: the same state dict, the meta that the
+``torch.load(..., weights_only=True)``), and writes ``train_cam/model.pt``,
+``train_affinity/model.pt`` or ``train_irn/model.pt`` as the training stage would: the same state dict, the meta that the
 later stages check (classes, backbone, layout), and a complete ``_stage.json`` whose hash is
 :func:`affinitynet.pipeline.stage_hash` of the config. ``affinitynet run`` then skips the stage.
 The config keys the file's network fixes (its layout) are set in the config, which is saved as
@@ -94,17 +97,30 @@ KINDS: dict[str, ReleasedLayout] = {layout.kind: layout for layout in (
                    # irn's Net registers the same modules again as stage1..4, backbone and newly_added.
                    aliases=("stage1.", "stage2.", "stage3.", "stage4.", "backbone.", "newly_added."),
                    classifier="classifier.weight"),
+    ReleasedLayout("irn-irn", "irn", "res50_irn.pth", "train_irn",
+                   (("backbone.name", "resnet50"), ("backbone.output_stride", 16), ("backbone.atrous", False),
+                    ("irn.layout", "irn")),
+                   (("resnet50.", "backbone."),
+                    *((f"fc_edge{i + 1}.", f"boundary_units.{i}.") for i in range(5)), ("fc_edge6.", "boundary_out."),
+                    *((f"fc_dp{i + 1}.", f"displacement_units.{i}.") for i in range(5)),
+                    ("fc_dp6.", "displacement_mix."), ("fc_dp7.", "displacement_out."),
+                    ("mean_shift.running_mean", "displacement_mean")),
+                   # irn's Net registers the same modules again as stage1..5, backbone, edge_layers and
+                   # dp_layers, its mean shift also inside fc_dp7; train_irn.py saves the loss module,
+                   # whose path indices and displacement targets are buffers (EdgeDisplacement loads
+                   # the file with strict=False and ignores them).
+                   aliases=("stage1.", "stage2.", "stage3.", "stage4.", "stage5.", "backbone.", "edge_layers.",
+                            "dp_layers.", "fc_dp7.4.", "path_indices", "disp_target")),
 )}
 
 
 def imported_kinds(config: dict[str, Any]) -> dict[str, str]:
     """{training stage: kind} of the stages of ``config['run_dir']`` written by import-weights."""
-
     found = {}
-    for stage in sorted({spec.stage for spec in KINDS.values()}):
-        kind = imported_kind(config, stage)
+    for name in sorted({spec.stage for spec in KINDS.values()}):
+        kind = imported_kind(config, name)
         if kind in KINDS:
-            found[stage] = kind
+            found[name] = kind
     return found
 
 

@@ -25,14 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..files import IGNORE_INDEX
-from ..ops.background import background_map
-from ..ops.crf import CRFParams, dense_crf
+from ..ops.background import background_map, with_background
+from ..ops.crf import IRN_GT_PROB, IRN_LABEL_CRF, CRFParams, dense_crf, dense_crf_labels
 from ..ops.random_walk import neighbour_offsets, pair_distances
 
 __all__ = ["NEUTRAL", "AffinityNet", "affinity_loss", "affinity_loss_from_distances",
            "boundary_image", "boundary_map", "confident_regions",
            "downsample_labels", "feature_affinities", "feature_distances", "num_offsets",
-           "pair_labels"]
+           "pair_labels", "threshold_confident_regions"]
 
 # The neutral region of 3.2.1: no affinity label is drawn from it.
 NEUTRAL = IGNORE_INDEX
@@ -85,16 +85,7 @@ def confident_regions(image: np.ndarray, cams, classes: Sequence[int], alpha_low
 
     Returns a uint8 (H, W) map with values in {0, 255} and ``classes``.
     """
-    image = np.asarray(image)
-    cams = cams.detach().cpu().numpy() if isinstance(cams, torch.Tensor) else np.asarray(cams)
-    cams = cams.astype(np.float32, copy=False)
-    if cams.ndim != 3 or cams.shape[1:] != image.shape[:2]:
-        raise ValueError(f"cams must be (K, H, W) with (H, W) = {image.shape[:2]}, got {cams.shape}")
-    classes = np.asarray(list(classes), dtype=np.int64)
-    if classes.shape != (cams.shape[0],):
-        raise ValueError(f"{len(classes)} class indices for {cams.shape[0]} CAMs")
-    if np.any((classes < 1) | (classes >= NEUTRAL)):
-        raise ValueError(f"class indices must be in 1..254, got {classes.tolist()}")
+    image, cams, classes = _checked(image, cams, classes)
     height, width = cams.shape[1:]
     if cams.shape[0] == 0:
         return np.zeros((height, width), dtype=np.uint8)
@@ -113,6 +104,50 @@ def confident_regions(image: np.ndarray, cams, classes: Sequence[int], alpha_low
     lookup = np.concatenate([[NEUTRAL], classes]).astype(np.uint8)
     labels = lookup[low]
     labels[high == 0] = 0
+    return labels
+
+
+def _checked(image, cams, classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, cams float32 (K, H, W), classes int64 (K,)), or ValueError."""
+    image = np.asarray(image)
+    cams = cams.detach().cpu().numpy() if isinstance(cams, torch.Tensor) else np.asarray(cams)
+    cams = cams.astype(np.float32, copy=False)
+    if cams.ndim != 3 or cams.shape[1:] != image.shape[:2]:
+        raise ValueError(f"cams must be (K, H, W) with (H, W) = {image.shape[:2]}, got {cams.shape}")
+    classes = np.asarray(list(classes), dtype=np.int64)
+    if classes.shape != (cams.shape[0],):
+        raise ValueError(f"{len(classes)} class indices for {cams.shape[0]} CAMs")
+    if np.any((classes < 1) | (classes >= NEUTRAL)):
+        raise ValueError(f"class indices must be in 1..254, got {classes.tolist()}")
+    return image, cams, classes
+
+
+def threshold_confident_regions(image: np.ndarray, cams, classes: Sequence[int], fg_threshold: float,
+                                bg_threshold: float, crf_params: CRFParams = IRN_LABEL_CRF,
+                                gt_prob: float = IRN_GT_PROB) -> np.ndarray:
+    """Confident regions as irn makes them (``affinity.confidence: threshold``; irn's
+    ``cam_to_ir_label.py``): constant background scores instead of Eq. 2's power.
+
+    1. the argmax of ``[fg_threshold, M_1, ..., M_K]`` (an object where its CAM beats 0.30),
+       refined as a label map by irn's dCRF (``crf.dense_crf_labels``): the foreground labels;
+    2. the same with ``bg_threshold`` (0.05): the background labels;
+    3. a pixel takes its foreground label where that is an object, is neutral (255) where it is
+       background, and is background (0) where both are background.
+
+    Same arguments and result as :func:`confident_regions`; no class present: all background."""
+    image, cams, classes = _checked(image, cams, classes)
+    if cams.shape[0] == 0:
+        return np.zeros(cams.shape[1:], dtype=np.uint8)
+    lookup = np.concatenate([[0], classes]).astype(np.uint8)
+
+    def refined(threshold: float) -> np.ndarray:
+        labels = np.argmax(with_background(cams, threshold=threshold), axis=0)
+        return lookup[dense_crf_labels(image, labels, len(lookup), gt_prob, crf_params)]
+
+    foreground, background = refined(fg_threshold), refined(bg_threshold)
+    labels = foreground.copy()
+    labels[foreground == 0] = NEUTRAL
+    labels[(foreground == 0) & (background == 0)] = 0
     return labels
 
 

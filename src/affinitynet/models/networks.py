@@ -154,9 +154,10 @@ def _affinity(config, num_classes, pretrained, output_stride):
                        grid_stride=output_stride)
 
 
-@register_network("irn", stage="train_irn", recorded=(("radius", "irn.radius"),), checked=("atrous",))
+@register_network("irn", stage="train_irn", recorded=(("radius", "irn.radius"), ("layout", "irn.layout")),
+                  checked=("atrous", "layout"))
 def _irn(config, num_classes, pretrained, output_stride):
-    return IRNet(_backbone(config, pretrained, output_stride))
+    return IRNet(_backbone(config, pretrained, output_stride), layout=config["irn"].get("layout", "compact"))
 
 
 @register_network("segmentation", stage="train_seg", checked=("train_output_stride",),

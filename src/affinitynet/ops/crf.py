@@ -77,20 +77,64 @@ def dense_crf(image_rgb_uint8: np.ndarray, probs: np.ndarray, *, gaussian_sxy: f
     if num_labels == 1:
         # A single label has nothing to compete with: its marginal is 1 everywhere.
         return np.ones_like(scores, dtype=np.float32)
+    unary = -np.log(np.clip(scores.astype(np.float32, copy=False), _MIN_PROB, None))
+    return _mean_field(image, unary.reshape(num_labels, -1), CRFParams(
+        gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat, int(iterations)))
 
+
+def _mean_field(image: np.ndarray, unary: np.ndarray, params: CRFParams) -> np.ndarray:
+    """Q (C, H, W) float32 of the dense CRF with unary energies (C, H * W) on an RGB uint8 image."""
     # Imported here so that the rest of the package stays importable where the compiled
     # extension is missing (the CRF is optional for some stages).
     from pydensecrf import densecrf
 
+    height, width = image.shape[:2]
+    num_labels = unary.shape[0]
     crf = densecrf.DenseCRF2D(width, height, num_labels)
-    unary = -np.log(np.clip(scores.astype(np.float32, copy=False), _MIN_PROB, None))
     # The C++ side reads raw memory: the arrays must be C-contiguous and of the exact dtype.
-    crf.setUnaryEnergy(np.ascontiguousarray(unary.reshape(num_labels, -1), dtype=np.float32))
-    crf.addPairwiseGaussian(sxy=float(gaussian_sxy), compat=float(gaussian_compat))
-    crf.addPairwiseBilateral(sxy=float(bilateral_sxy), srgb=float(bilateral_srgb),
-                             rgbim=np.ascontiguousarray(image), compat=float(bilateral_compat))
-    q = crf.inference(int(iterations))
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=float(params.gaussian_sxy), compat=float(params.gaussian_compat))
+    crf.addPairwiseBilateral(sxy=float(params.bilateral_sxy), srgb=float(params.bilateral_srgb),
+                             rgbim=np.ascontiguousarray(image), compat=float(params.bilateral_compat))
+    q = crf.inference(int(params.iterations))
     return np.asarray(q, dtype=np.float32).reshape(num_labels, height, width)
+
+
+# irn's dCRF of a label map (its cam_to_ir_label.py, through misc/imutils.crf_inference_label):
+# each pixel's label is right with probability 0.7, the others share the rest; Gaussian kernel
+# sxy 3, compat 3; bilateral kernel sxy 50, srgb 5, compat 10; 10 iterations on the raw image.
+IRN_LABEL_CRF = CRFParams(bilateral_sxy=50.0, bilateral_srgb=5.0)
+IRN_GT_PROB = 0.7
+
+
+def label_unary(labels: np.ndarray, num_labels: int, gt_prob: float) -> np.ndarray:
+    """Unary energies (num_labels, H * W) float32 of a label map (H, W) of values 0..num_labels-1:
+    -log(gt_prob) at each pixel's label, -log((1 - gt_prob) / (num_labels - 1)) at the others (no
+    label means "unsure")."""
+    if not 0 < gt_prob < 1:
+        raise ValueError(f"gt_prob must be in (0, 1), got {gt_prob}")
+    flat = np.asarray(labels).reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= num_labels):
+        raise ValueError(f"labels must be in 0..{num_labels - 1}")
+    unary = np.full((num_labels, flat.size), -np.log((1.0 - gt_prob) / (num_labels - 1)), dtype=np.float32)
+    unary[flat, np.arange(flat.size)] = -np.log(gt_prob)
+    return unary
+
+
+def dense_crf_labels(image_rgb_uint8: np.ndarray, labels: np.ndarray, num_labels: int,
+                     gt_prob: float = IRN_GT_PROB, params: CRFParams = IRN_LABEL_CRF) -> np.ndarray:
+    """A label map (H, W) of values 0..num_labels-1 refined by the dense CRF (irn's use: the
+    unary of :func:`label_unary`); the argmax of Q, int64 (H, W)."""
+    image = np.asarray(image_rgb_uint8)
+    labels = np.asarray(labels)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels must be (H, W) = {image.shape[:2]}, got {labels.shape}")
+    if num_labels == 1:
+        return np.zeros(labels.shape, dtype=np.int64)
+    q = _mean_field(image, label_unary(labels, num_labels, gt_prob), params)
+    return np.argmax(q, axis=0)
 
 
 def dense_crf_with(image_rgb_uint8: np.ndarray, probs: np.ndarray,

@@ -94,6 +94,47 @@ def split_instances(semantic: np.ndarray, walked: np.ndarray, owners: Sequence[i
     return sorted(found, key=lambda inst: -inst.score)
 
 
+def group_seeds(cams: np.ndarray, classes: Sequence[int], instance_ids: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """irn's seeds (``make_ins_seg_labels.py``): every class's map (``cams`` (K, h, w) on the grid)
+    restricted to every group of cells of ``instance_ids`` (h, w), the cells whose walk ends in no
+    centroid region (id 0) being one group more, as in irn; class-major, all K x G of them, empty
+    ones included (they walk to zero). Returns (seeds (K G, h, w), the class of each seed)."""
+    groups = np.unique(instance_ids)
+    cells = (instance_ids[None] == groups.reshape(-1, 1, 1)).astype(np.float32)       # (G, h, w)
+    cams = np.asarray(cams, dtype=np.float32)
+    seeds = (cams[:, None] * cells[None]).reshape(-1, *instance_ids.shape)
+    return seeds, [int(label) for label in classes for _ in groups]
+
+
+def threshold_instances(walked: np.ndarray, owners: Sequence[int], threshold: float,
+                        fragment_share: float = FRAGMENT_SHARE) -> list[Instance]:
+    """Instances as irn makes them (``irn.background: threshold``): the walked seeds (S, H, W)
+    over their largest value; each pixel goes to the seed that is largest there, or to the
+    background where none beats ``threshold`` (irn's ``ins_seg_bg_thres``); each connected part
+    (4-neighbourhood) of a seed's pixels is one instance of the seed's class, scored by the largest
+    scaled walked value in it, 0 for a part under ``fragment_share`` of the image. Highest score
+    first (stable: equal scores keep the seeds' order). The semantic labels are not used."""
+    from scipy import ndimage
+
+    walked = np.asarray(walked, dtype=np.float32)
+    count, height, width = walked.shape
+    top = walked.max() if walked.size else 0.0
+    scaled = walked / top if top > 0 else np.zeros_like(walked)
+    stack = np.concatenate([np.full((1, height, width), threshold, dtype=np.float32), scaled])
+    pick = np.argmax(stack, axis=0)
+    found: list[Instance] = []
+    for row, label in enumerate(owners):
+        member = pick == row + 1
+        if not member.any():
+            continue
+        parts, parts_count = ndimage.label(member)
+        for k in range(1, parts_count + 1):
+            mask = parts == k
+            small = mask.sum() < fragment_share * height * width
+            found.append(Instance(int(label), mask, 0.0 if small else float((scaled[row] * mask).max())))
+    return sorted(found, key=lambda inst: -inst.score)
+
+
 def object_map(instances: Sequence[Instance], shape: tuple[int, int], void: np.ndarray | None = None) -> np.ndarray:
     """The SegmentationObject-style index map: instance k (in the given order) is k + 1, 0
     elsewhere, 255 on ``void``. The masks must not overlap."""

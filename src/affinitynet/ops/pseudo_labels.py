@@ -69,6 +69,30 @@ def walk_scores(cams: np.ndarray, affinities: torch.Tensor, alpha: float, beta: 
     return to_image(revised.float().cpu(), cams.shape[1], cams.shape[2], stride)
 
 
+def threshold_walk_scores(cams: np.ndarray, boundary: torch.Tensor, affinities: torch.Tensor, threshold: float,
+                          beta: float, t: int, radius: int, stride: int) -> torch.Tensor:
+    """Revised scores (1 + K, H, W) as irn makes them (``irn.background: threshold``; irn's
+    ``make_sem_seg_labels.py`` and ``indexing.propagate_to_edge``): the CAMs alone on the grid,
+    times ``1 - B`` (the boundary map (h, w)), walked with T^t, upsampled, divided by their largest
+    value over every class and pixel, under a constant background score ``threshold``. No class,
+    or CAMs that walk to zero everywhere: background alone."""
+    height, width = cams.shape[1:]
+    cams_t = torch.from_numpy(np.asarray(cams, dtype=np.float32))
+    background = torch.full((1, height, width), float(threshold), dtype=torch.float32)
+    if cams_t.shape[0] == 0:
+        return background
+    grid = to_grid(cams_t, stride).to(affinities.device, affinities.dtype)
+    if tuple(grid.shape[-2:]) != tuple(affinities.shape[-2:]) or tuple(boundary.shape) != tuple(grid.shape[-2:]):
+        raise ValueError(f"CAM grid {tuple(grid.shape[-2:])} does not match the affinity grid "
+                         f"{tuple(affinities.shape[-2:])} and the boundary map {tuple(boundary.shape)}")
+    grid = grid * (1 - boundary.to(grid.device, grid.dtype))
+    revised = to_image(random_walk(grid, affinities=affinities, radius=radius, beta=beta, t=t).float().cpu(),
+                       height, width, stride)
+    top = revised.max()
+    revised = revised / top if top > 0 else torch.zeros_like(revised)
+    return torch.cat([background, revised])
+
+
 def refine_with_crf(image: np.ndarray, scores: torch.Tensor, crf: CRFParams) -> np.ndarray:
     """Dense CRF on the revised scores, read as per-pixel class probabilities."""
     probs = scores.clamp_min(0).numpy()
@@ -121,9 +145,17 @@ def band_limited(walked: np.ndarray, refined: np.ndarray, width: int) -> np.ndar
 
 def label_maps(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], affinities: torch.Tensor,
                alpha: float, beta: float, t: int, radius: int, stride: int,
-               crf: CRFParams | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(CAM+RW label, CAM+RW+dCRF label over the whole image or None) for one image."""
-    scores = walk_scores(cams, affinities, alpha, beta, t, radius, stride)
+               crf: CRFParams | None, threshold: float | None = None,
+               boundary: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(CAM+RW label, CAM+RW+dCRF label over the whole image or None) for one image. The
+    background is Eq. 2's with ``alpha``; given a ``threshold`` (and IRN's ``boundary`` map), irn's
+    constant score (:func:`threshold_walk_scores`)."""
+    if threshold is None:
+        scores = walk_scores(cams, affinities, alpha, beta, t, radius, stride)
+    elif boundary is None:
+        raise ValueError("a threshold background needs the boundary map")
+    else:
+        scores = threshold_walk_scores(cams, boundary, affinities, threshold, beta, t, radius, stride)
     walked = labels_from_scores(scores.numpy(), classes)
     if crf is None:
         return walked, None

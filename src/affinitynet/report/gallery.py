@@ -11,12 +11,24 @@ from ..config import DEFAULTS
 from ..data.datasets.demo import default_demo_root, is_generated
 from ..errors import InputError
 from ..files import VOC_PALETTE, load_image, load_label_png, load_npz
-from ..pipeline import label_stage, stage
+from ..ops.instance_labels import load_instances
+from ..pipeline import companion_stages, label_stage, stage
 from ..stages.common import dataset
 from .common import _colour_labels, _esc, _number, _resize_float, _resize_rgb, _thumb_size
 
 # ----------------------------------------------------------------------------------------------
 # Gallery
+
+# The instance masks' colours, in the order of their scores (matplotlib's tab10).
+INSTANCE_COLOURS = np.asarray([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                               (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)],
+                              dtype=np.float64)
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """``mask`` less its pixels with a 4-neighbour outside it (the image's edge counts as inside)."""
+    padded = np.pad(mask, 1, mode="edge")
+    return (mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
 
 class _Gallery:
     """Fig. 5-style rows: one image per row, one stage's output per column."""
@@ -31,6 +43,7 @@ class _Gallery:
         ("boundaries", "(d) affinity boundaries", "from AffinityNet's features"),
         ("rw", "CAM+RW", "random walk result"),
         ("pseudo", "(e) pseudo label", "the segmentation network's supervision (random_walk.crf)"),
+        ("instances", "instances", "instance pseudo labels: each mask its colour, listed with class and score"),
         ("prediction", "network", "prediction of the segmentation network"),
     )
 
@@ -45,6 +58,9 @@ class _Gallery:
             self.alpha = alpha
 
         self.label_stage = label_stage(report.config or DEFAULTS).name
+        # The label method's instance labels (IRN's irn-instances), where it makes them.
+        self.instance_stage = next((spec for spec in companion_stages(report.config or DEFAULTS)
+                                    if {"objects", "detections"} <= set(spec.outputs)), None)
         self.datasets = self._open_datasets()
         self.class_names = report._class_names() or (self.datasets[0].class_names if self.datasets else [])
 
@@ -59,6 +75,40 @@ class _Gallery:
                         "prediction": ("infer_seg", "predictions"),
                         "camlabel": ("infer_cam", "labels")}[key]
         return stage(name).output(output, self.run_dir)
+
+    def _instances(self, sample_id: str) -> tuple[list, tuple[int, int]] | None:
+        """The image's instances (highest score first) and the size of their map; None without."""
+        if self.instance_stage is None:
+            return None
+        png = self.instance_stage.output("objects", self.run_dir) / f"{sample_id}.png"
+        detections = self.instance_stage.output("detections", self.run_dir) / f"{sample_id}.json"
+        if not (png.is_file() and detections.is_file()):
+            return None
+        try:
+            return load_instances(png, detections)
+        except InputError as error:
+            self.notes.append(str(error))
+            return None
+
+    def _instance_cell(self, sample_id: str, found: list, shape: tuple[int, int], image: np.ndarray | None,
+                       size: tuple[int, int]) -> str:
+        """The masks blended on the image in the colours of ``INSTANCE_COLOURS`` (their outlines
+        darker), and the list of their classes and scores, highest first."""
+        picture = np.full(tuple(shape) + (3,), 255.0) if image is None else \
+            _resize_rgb(image, (shape[1], shape[0]), nearest=False).astype(np.float64)
+        for index, inst in enumerate(found):
+            colour = INSTANCE_COLOURS[index % len(INSTANCE_COLOURS)]
+            picture[inst.mask] = 0.4 * picture[inst.mask] + 0.6 * colour
+            picture[inst.mask & ~_eroded(inst.mask)] = 0.5 * colour
+        rgb = _resize_rgb(np.clip(picture, 0, 255).astype(np.uint8), size, nearest=True)
+        items = []
+        for index, inst in enumerate(found):
+            r, g, b = (int(v) for v in INSTANCE_COLOURS[index % len(INSTANCE_COLOURS)])
+            name = self.class_names[inst.label] if 0 <= inst.label < len(self.class_names) else f"class {inst.label}"
+            items.append(f'<li data-class="{_esc(name)}" data-score="{inst.score:.3f}"><i style="background: '
+                         f'rgb({r},{g},{b})"></i>{_esc(name)} {inst.score:.2f}</li>')
+        listing = f'<ol class="instances">{"".join(items)}</ol>' if items else '<div class="sub">no instance</div>'
+        return self._img(sample_id, "instances", rgb, f"{len(found)} instance masks") + listing
 
     def _source(self, key: str, sample_id: str) -> Path:
         return self._folder(key) / f"{sample_id}.{'npz' if key in ('cam', 'background') else 'png'}"
@@ -124,9 +174,9 @@ class _Gallery:
     @staticmethod
     def _demo_present(section: dict[str, Any]) -> bool:
         size, train, val = int(section.get("demo_size", 128)), int(section.get("demo_train", 240)), int(section.get("demo_val", 60))
-        seed = int(section.get("demo_seed", 0))
-        root = section.get("root") or default_demo_root(size, train, val, seed)
-        return is_generated(root, size, train, val, seed)
+        seed, same_class = int(section.get("demo_seed", 0)), float(section.get("demo_same_class") or 0.0)
+        root = section.get("root") or default_demo_root(size, train, val, seed, same_class)
+        return is_generated(root, size, train, val, seed, same_class)
 
     def _sample(self, sample_id: str):
         for data in self.datasets:
@@ -201,7 +251,8 @@ class _Gallery:
         keys = [k for k, _, _ in self.LABEL_COLUMNS if any(k in cells for _, cells in rows)]
         # Ground truth is optional by nature, and label-split images rarely have a prediction.
         expected = ("image", "prediction") if table_id == "gallery-eval" else \
-            [k for k, _, _ in self.LABEL_COLUMNS if k not in ("gt", "prediction")]
+            [k for k, _, _ in self.LABEL_COLUMNS if k not in ("gt", "prediction")
+             and (k != "instances" or self.instance_stage is not None)]
         missing = [h for k, h, _ in self.LABEL_COLUMNS if k in expected and k not in keys]
         head = "".join(f'<th title="{_esc(c)}">{_esc(h)}' + (f'<br><span class="sub">{_esc(c)}</span>' if c else "")
                        + "</th>" for k, h, c in self.LABEL_COLUMNS if k in keys)
@@ -276,6 +327,10 @@ class _Gallery:
             if key in labels:
                 cells[key] = self._img(sample_id, key, _resize_rgb(_colour_labels(labels[key]), size, True), alt,
                                        css="labels")
+        instances = self._instances(sample_id) if "instances" in wanted else None
+        if instances is not None:
+            found, instance_shape = instances
+            cells["instances"] = self._instance_cell(sample_id, found, instance_shape, image, size)
         if "boundaries" in wanted and self._source("boundaries", sample_id).is_file():
             try:
                 boundaries = load_image(self._source("boundaries", sample_id))

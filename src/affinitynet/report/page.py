@@ -17,7 +17,6 @@ from ..data.label_coverage import RARE_PIXEL_PERCENT
 from ..errors import InputError
 from ..files import save_rgb_png, write_bytes, write_text
 from ..pipeline import CONFIG_FILE, MARKER, label_stage, stage
-from ..pipeline import stage as stage_named
 from ..sweep import figure_path
 from .charts import _curves_figure, _iou_bar_chart, _iou_table, write_tensorboard
 from .common import (
@@ -296,31 +295,31 @@ class _ReportBuilder:
         parts = ["<h2>Training curves</h2>"]
         logs: dict[str, dict[str, list[float]]] = {}
 
-        for stage in _training_stages():
-            path = stage_named(stage).output("log", self.run_dir)
-            imported = (self.stages.get(stage) or {}).get("imported")
+        for trained in _training_stages():
+            path = stage(trained).output("log", self.run_dir)
+            imported = (self.stages.get(trained) or {}).get("imported")
             if isinstance(imported, dict) and not path.is_file():
-                parts.append(f'<p class="note">{_esc(stage)}: weights imported ({_esc(imported.get("kind"))}, '
+                parts.append(f'<p class="note">{_esc(trained)}: weights imported ({_esc(imported.get("kind"))}, '
                              f'<code>{_esc(imported.get("file"))}</code>), not trained in this run.</p>')
                 continue
             if not path.is_file():
-                parts.append(f'<p class="note">{_esc(stage)}: no <code>log.csv</code> yet.</p>')
+                parts.append(f'<p class="note">{_esc(trained)}: no <code>log.csv</code> yet.</p>')
                 continue
             try:
                 columns = read_log_csv(path)
             except (OSError, csv.Error, UnicodeDecodeError) as error:
-                parts.append(f'<p class="note">{_esc(stage)}/log.csv unreadable ({_esc(error)}).</p>')
+                parts.append(f'<p class="note">{_esc(trained)}/log.csv unreadable ({_esc(error)}).</p>')
                 continue
             if "epoch" not in columns or not _curve_names(columns):
-                parts.append(f'<p class="note">{_esc(stage)}/log.csv has no epochs yet.</p>')
+                parts.append(f'<p class="note">{_esc(trained)}/log.csv has no epochs yet.</p>')
                 continue
-            logs[stage] = columns
-            name = self._save_png(f"curves_{stage}.png", _curves_figure(stage, columns))
+            logs[trained] = columns
+            name = self._save_png(f"curves_{trained}.png", _curves_figure(trained, columns))
             last = {k: v[-1] for k, v in columns.items()}
             summary = ", ".join(f"{_esc(k)} {_esc(_fmt_scalar(v))}" for k, v in last.items() if math.isfinite(v))
-            parts.append(f'<figure id="curves-{_esc(stage)}"><img src="{name}" alt="{_esc(stage)} training curves" '
-                         f'class="chart"><figcaption><b>{_esc(stage)}</b>: last epoch: {summary}. '
-                         f'Source: <code>{_esc(stage)}/log.csv</code>.</figcaption></figure>')
+            parts.append(f'<figure id="curves-{_esc(trained)}"><img src="{name}" alt="{_esc(trained)} training curves" '
+                         f'class="chart"><figcaption><b>{_esc(trained)}</b>: last epoch: {summary}. '
+                         f'Source: <code>{_esc(trained)}/log.csv</code>.</figcaption></figure>')
         missing = write_tensorboard(logs, self.out / "tensorboard") if logs else "no logs"
         if missing is None:
             parts.append('<p class="note">The same logs as TensorBoard event files: '
@@ -393,6 +392,8 @@ table.gallery img.labels { image-rendering: pixelated; }
 table.gallery img.tile { width: 64px; }
 .tiles { display: flex; flex-wrap: wrap; gap: 2px; justify-content: center; max-width: 140px; margin: 2px auto 0; }
 figure.tile { margin: 0; } figure.tile figcaption { font-size: 10px; }
+ol.instances { font-size: 10px; margin: 2px auto 0; padding-left: 18px; max-width: 122px; text-align: left; }
+ol.instances i { display: inline-block; width: 9px; height: 9px; margin-right: 3px; vertical-align: -1px; }
 .sub { font-size: 10px; color: #666; font-weight: normal; }
 .missing { color: #aaa; }
 .legend { display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 13px; }

@@ -1,5 +1,7 @@
 """Stage ``confident-regions``: confident object / background / neutral label maps from the CAMs
-with low and high alpha, each refined by the dense CRF (3.2.1, Fig. 4a)."""
+with low and high alpha, each refined by the dense CRF (3.2.1, Fig. 4a); or, with
+``affinity.confidence: threshold``, irn's: constant foreground and background thresholds, each
+argmax refined by irn's label dCRF."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +10,7 @@ import torch
 
 from ..engine import distributed
 from ..files import load_label_png, load_npz, save_label_png
-from ..models.affinity import NEUTRAL, confident_regions
+from ..models.affinity import NEUTRAL, confident_regions, threshold_confident_regions
 from ..ops.crf import CRFParams
 from ..pipeline import Stage, StageRun, map_images, register_stage, stage
 from .common import dataset, setup
@@ -29,8 +31,12 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     def work(sample):
         image = data.load_image(sample)
         stored = load_npz(cam_dir / f"{sample.id}.npz")
-        labels = confident_regions(image, stored["cams"].astype("float32"), stored["classes"].tolist(),
-                                   section["alpha_low"], section["alpha_high"], crf_params)
+        cams, classes = stored["cams"].astype("float32"), stored["classes"].tolist()
+        if section["confidence"] == "threshold":
+            labels = threshold_confident_regions(image, cams, classes, section["conf_fg_threshold"],
+                                                 section["conf_bg_threshold"])
+        else:
+            labels = confident_regions(image, cams, classes, section["alpha_low"], section["alpha_high"], crf_params)
         save_label_png(out_dir / f"{sample.id}.png", labels)
         counted[sample.id] = (int((labels != NEUTRAL).sum()), labels.size)
 
@@ -53,4 +59,5 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
 STAGE = register_stage(Stage("confident_regions", "confident-regions",
               "confident object/background regions from low/high alpha + dCRF (3.2.1)",
               keys=("affinity.alpha_low", "affinity.alpha_high", "crf"), upstream=("infer_cam",),
-              outputs={"labels": "labels"}, run=run))
+              outputs={"labels": "labels"}, run=run,
+              optional_keys=("affinity.confidence", "affinity.conf_fg_threshold", "affinity.conf_bg_threshold")))

@@ -1,7 +1,10 @@
 """Stage ``irn-instances`` (``labels.method: irn``): IRN's instance pseudo labels (IRN 3.4;
 ``instance_labels``). Per image: IRNet's displacement field (image and mirror averaged) gives the
 instances' seed areas, each class's CAM restricted to each is walked on the boundary affinities at
-stride 4, and the semantic pseudo labels of ``irn-walk`` are split among the instances.
+stride 4, and the semantic pseudo labels of ``irn-walk`` are split among the instances; with
+``irn.background: threshold``, irn's way: every class in every group of cells walked with the CAMs
+times ``1 - B``, and each pixel given to the largest walked seed or, under
+``irn.instance_bg_threshold``, to the background.
 
 Writes a SegmentationObject-style PNG and a JSON of classes and scores per image, and one
 COCO-style ``instances.json``. Where the label split has instance ground truth (VOC's
@@ -19,7 +22,14 @@ from ..errors import InputError
 from ..files import IGNORE_INDEX, load_label_png, load_npz, write_json
 from ..metrics import format_table, instance_average_precision
 from ..models.irnet import STRIDE
-from ..ops.instance_labels import instance_seeds, load_instances, save_instances, split_instances
+from ..ops.instance_labels import (
+    group_seeds,
+    instance_seeds,
+    load_instances,
+    save_instances,
+    split_instances,
+    threshold_instances,
+)
 from ..ops.inter_pixel import instance_map
 from ..ops.pseudo_labels import to_grid, to_image
 from ..ops.random_walk import random_walk
@@ -35,15 +45,20 @@ def instances_of(model, image: np.ndarray, cams: np.ndarray, classes, semantic: 
     (K, H, W) of ``classes`` and its semantic pseudo labels (H, W)."""
     if len(classes) == 0:
         return []
-    _, displacement, affinities = relations(model, image, section["radius"], device)
+    boundary, displacement, affinities = relations(model, image, section["radius"], device)
     ids = instance_map(displacement.cpu().numpy())
     grid = to_grid(torch.from_numpy(np.asarray(cams, dtype=np.float32)), STRIDE).numpy()
-    seeds, owners = instance_seeds(grid, classes, ids)
+    irn = section["background"] == "threshold"
+    seeds, owners = group_seeds(grid, classes, ids) if irn else instance_seeds(grid, classes, ids)
     if not owners:
         return []
-    walked = random_walk(torch.from_numpy(seeds), affinities=affinities, radius=section["radius"],
-                         beta=section["beta"], t=section["t"])
+    seeds = torch.from_numpy(seeds)
+    if irn:   # irn's walk input: the seeds times (1 - B)
+        seeds = seeds * (1 - boundary.float().cpu())
+    walked = random_walk(seeds, affinities=affinities, radius=section["radius"], beta=section["beta"], t=section["t"])
     walked = to_image(walked.float().cpu(), image.shape[0], image.shape[1], STRIDE).numpy()
+    if irn:
+        return threshold_instances(walked, owners, section["instance_bg_threshold"])
     return split_instances(semantic, walked, owners)
 
 
@@ -110,4 +125,4 @@ STAGE = register_stage(Stage("irn_instances", "irn-instances",
               "IRN's instance pseudo labels: centroids, a walk per instance, COCO and VOC files (IRN 3.4)",
               keys=("irn.radius", "irn.beta", "irn.t"), upstream=("infer_cam", "train_irn", "irn_walk"),
               outputs={"objects": "SegmentationObject", "detections": "detections", "coco": "instances.json"},
-              run=run, companion_of="irn"))
+              run=run, companion_of="irn", optional_keys=("irn.background", "irn.instance_bg_threshold")))

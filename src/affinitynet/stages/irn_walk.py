@@ -1,7 +1,9 @@
 """Stage ``irn-walk`` (``labels.method: irn``): IRN's semantic pseudo labels (IRN 3.4). Per image
 the class-boundary map of IRNet (the image and its mirror averaged), affinities ``1 - max B``
 along each pair's path, and the walk of Eq. 11-12 on the stride-4 grid, sparse and exact; the
-labels refined as ``irn.crf`` says. Table 1's rows IRN, IRN+dCRF."""
+labels refined as ``irn.crf`` says. Table 1's rows IRN, IRN+dCRF. The walk's background is Eq. 2's
+(``irn.alpha``) or, with ``irn.background: threshold``, irn's constant ``irn.bg_threshold`` over
+the CAMs times ``1 - B``."""
 from __future__ import annotations
 
 from typing import Any
@@ -39,9 +41,10 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         image = data.load_image(sample)
         stored = load_npz(cam_dir / f"{sample.id}.npz")
         boundary, _, affinities = relations(model, image, section["radius"], device)
+        threshold = section["bg_threshold"] if section["background"] == "threshold" else None
         walked, refined = label_maps(image, stored["cams"].astype(np.float32), stored["classes"].tolist(),
                                      affinities, section["alpha"], section["beta"], section["t"],
-                                     section["radius"], STRIDE, crf)
+                                     section["radius"], STRIDE, crf, threshold=threshold, boundary=boundary.cpu())
         picture = np.round(boundary.cpu().numpy() * 255).astype(np.uint8)
         big = np.asarray(Image.fromarray(picture).resize(image.shape[1::-1], Image.NEAREST))
         save_rgb_png(dirs["boundaries"] / f"{sample.id}.png", np.repeat(big[:, :, None], 3, axis=2))
@@ -57,4 +60,5 @@ STAGE = register_stage(Stage("irn_walk", "irn-walk", "IRN's semantic pseudo labe
               keys=("irn.alpha", "irn.beta", "irn.t", "irn.radius", "irn.crf", "crf"),
               upstream=("infer_cam", "train_irn"),
               outputs={name: name for name in ("boundaries", "rw_labels", "crf_labels", "pseudo_labels")},
-              run=run, label_method="irn", label_rows=label_rows))
+              run=run, label_method="irn", label_rows=label_rows,
+              optional_keys=("irn.background", "irn.bg_threshold")))

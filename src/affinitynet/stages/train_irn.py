@@ -32,4 +32,5 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
 
 STAGE = register_stage(Stage("train_irn", "train-irn", "train IRNet's boundary and displacement branches (IRN 3.2-3.3)",
               keys=("seed", "backbone", "irn.radius") + training_keys("irn"),
-              upstream=("confident_regions",), outputs={"model": "model.pt", "log": "log.csv"}, run=run))
+              upstream=("confident_regions",), outputs={"model": "model.pt", "log": "log.csv"}, run=run,
+              optional_keys=("irn.layout",)))

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ...config import DEFAULTS
 from ...errors import InputError
 from ...files import VOC_PALETTE, read_json, write_json, write_text
 from .base import Sample, SegmentationDataset, register_dataset
@@ -123,17 +124,21 @@ def _tag_pattern(name: str, u: np.ndarray, v: np.ndarray, r: np.ndarray, radius:
     raise ValueError(name)
 
 
-def render(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def render(seed: int, split: str, index: int, size: int, same_class: float = 0.0
+           ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """One image: (RGB uint8 (S, S, 3), mask uint8 (S, S), sorted class indices 1..K present)."""
-    return _render(seed, split, index, size)[:3]
+    return _render(seed, split, index, size, same_class)[:3]
 
 
-def instance_mask(seed: int, split: str, index: int, size: int) -> np.ndarray:
+def instance_mask(seed: int, split: str, index: int, size: int, same_class: float = 0.0) -> np.ndarray:
     """uint8 (S, S) instance ids of one image: 0 background, 1..N its objects in placement order."""
-    return _render(seed, split, index, size)[4]
+    return _render(seed, split, index, size, same_class)[4]
 
 
-def _render(seed: int, split: str, index: int, size: int):
+def _render(seed: int, split: str, index: int, size: int, same_class: float = 0.0):
+    """``same_class``: the probability that an image of 2 or 3 objects has them all of its first
+    class (a draw of its own generator, so that with 0 every image is the one it always was; with
+    any value, only the classes of those images' objects change)."""
     rng = np.random.default_rng([seed, _split_code(split), index])
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
@@ -148,6 +153,9 @@ def _render(seed: int, split: str, index: int, size: int):
 
     num_objects = int(rng.choice(4, p=_NUM_OBJECTS_P))
     classes = rng.permutation(len(CLASS_NAMES))[:num_objects] + 1
+    if same_class > 0 and num_objects >= 2 and \
+            np.random.default_rng([seed, _split_code(split), index, 1]).random() < same_class:
+        classes[:] = classes[0]
     occupied = np.zeros((size, size), dtype=bool)
     tags = np.zeros((size, size), dtype=bool)
     margin = max(2.0, size / 32)
@@ -238,14 +246,16 @@ def _replace(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def _manifest(size: int, num_train: int, num_val: int, seed: int) -> dict:
+def _manifest(size: int, num_train: int, num_val: int, seed: int, same_class: float = 0.0) -> dict:
     return {"generator": "affinitynet.demo", "version": GENERATOR_VERSION, "size": size,
-            "num_train": num_train, "num_val": num_val, "seed": seed, "classes": list(CLASS_NAMES)}
+            "num_train": num_train, "num_val": num_val, "seed": seed, "classes": list(CLASS_NAMES),
+            **({"same_class": same_class} if same_class else {})}
 
 
-def is_generated(root: str | os.PathLike, size: int, num_train: int, num_val: int, seed: int) -> bool:
+def is_generated(root: str | os.PathLike, size: int, num_train: int, num_val: int, seed: int,
+                 same_class: float = 0.0) -> bool:
     try:
-        return read_json(Path(root) / _MANIFEST) == _manifest(size, num_train, num_val, seed)
+        return read_json(Path(root) / _MANIFEST) == _manifest(size, num_train, num_val, seed, same_class)
     except (OSError, ValueError):
         return False
 
@@ -256,13 +266,14 @@ def coco_files(root: str | os.PathLike) -> list[Path]:
 
 
 def generate_demo(root: str | os.PathLike, size: int = 128, num_train: int = 240, num_val: int = 60,
-                  seed: int = 0, progress: bool = False, force: bool = False, coco: bool = False) -> Path:
+                  seed: int = 0, progress: bool = False, force: bool = False, coco: bool = False,
+                  same_class: float = 0.0) -> Path:
     """Write the demo dataset into ``root`` unless a complete one with these parameters is there;
-    with ``coco``, its COCO files too (:func:`write_coco`)."""
+    with ``coco``, its COCO files too (:func:`write_coco`). ``same_class``: :func:`_render`'s."""
     from tqdm import tqdm
 
     root = Path(root)
-    if not force and is_generated(root, size, num_train, num_val, seed):
+    if not force and is_generated(root, size, num_train, num_val, seed, same_class):
         if coco and not all(path.is_file() for path in coco_files(root)):
             write_coco(root)
         return root
@@ -290,7 +301,7 @@ def generate_demo(root: str | os.PathLike, size: int = 128, num_train: int = 240
     # the manifest, written last with fsync, is what marks the set complete, and a set without
     # one is generated again.
     for split, i in tqdm(jobs, desc="generate demo", unit="img", disable=not progress, leave=False):
-        rgb, mask, present, _, objects = _render(seed, split, i, size)
+        rgb, mask, present, _, objects = _render(seed, split, i, size, same_class)
         sample_id = ids[split][i]
         _replace(images_dir / f"{sample_id}.png", _png_bytes(rgb, palette=False))
         _replace(masks_dir / f"{sample_id}.png", _png_bytes(mask, palette=True))
@@ -309,7 +320,7 @@ def generate_demo(root: str | os.PathLike, size: int = 128, num_train: int = 240
     write_text(root / "classes.txt", "".join(f"{name}\n" for name in CLASS_NAMES))
     if coco:
         write_coco(root)
-    write_json(root / _MANIFEST, _manifest(size, num_train, num_val, seed))
+    write_json(root / _MANIFEST, _manifest(size, num_train, num_val, seed, same_class))
     return root
 
 
@@ -341,19 +352,19 @@ class DemoDataset(SegmentationDataset):
         return load_checked_mask(self, sample)
 
 
-def default_demo_root(size: int, num_train: int, num_val: int, seed: int) -> Path:
+def default_demo_root(size: int, num_train: int, num_val: int, seed: int, same_class: float = 0.0) -> Path:
     """Where the demo lives when the config gives no root: one folder per parameter set, in
     ``$AFFINITYNET_DATA`` or ``~/.cache/affinitynet``, so configs do not overwrite each other."""
     base = Path(os.environ.get("AFFINITYNET_DATA") or Path.home() / ".cache" / "affinitynet")
-    return base / f"demo-{size}px-{num_train}+{num_val}-seed{seed}"
+    return base / (f"demo-{size}px-{num_train}+{num_val}-seed{seed}" + (f"-same{same_class:g}" if same_class else ""))
 
 
 def build_demo(root: str | os.PathLike | None, split: str, size: int = 128, num_train: int = 240,
-               num_val: int = 60, seed: int = 0, progress: bool = True) -> DemoDataset:
+               num_val: int = 60, seed: int = 0, progress: bool = True, same_class: float = 0.0) -> DemoDataset:
     if split not in (*SPLITS, "trainval"):
         raise InputError(root or "demo", f"unknown demo split '{split}' (train, val or trainval)")
-    root = Path(root) if root else default_demo_root(size, num_train, num_val, seed)
-    generate_demo(root, size, num_train, num_val, seed, progress=progress)
+    root = Path(root) if root else default_demo_root(size, num_train, num_val, seed, same_class)
+    generate_demo(root, size, num_train, num_val, seed, progress=progress, same_class=same_class)
     return read_split(root, split)
 
 
@@ -380,7 +391,10 @@ def read_split(root: Path, split: str) -> DemoDataset:
 # Generated, so no root is needed: without one it goes to a cache folder (default_demo_root).
 @register_dataset("demo", description="synthetic blobs whose class shows only in a small tag (generated, 5 classes + "
                                       "background)", keys={"demo_size": 128, "demo_train": 240, "demo_val": 60,
-                                                           "demo_seed": 0}, needs_root=False)
+                                                           "demo_seed": 0,
+                                                           "demo_same_class": DEFAULTS["dataset"]["demo_same_class"]},
+                  needs_root=False, optional_keys=("demo_same_class",))
 def from_config(section, split: str, progress: bool = True) -> DemoDataset:
     return build_demo(section["root"], split, size=int(section["demo_size"]), num_train=int(section["demo_train"]),
-                      num_val=int(section["demo_val"]), seed=int(section["demo_seed"]), progress=progress)
+                      num_val=int(section["demo_val"]), seed=int(section["demo_seed"]), progress=progress,
+                      same_class=float(section.get("demo_same_class") or 0.0))

@@ -1,0 +1,60 @@
+"""IRN's instance pseudo labels where instance separation matters: the demo with several objects
+of one class in an image (``dataset.demo_same_class``), mAP^r at IoU 0.25, 0.5 and 0.75 on its
+label split (Table 3 of ``irn-instances``), with the spread over seeds (each seed trains the CAM
+network and IRNet again, on the same images).
+
+    python benchmarks/irn_same_class.py [--run-dir runs/demo_same_class] [--seeds 3] [key=value ...]
+
+Runs ``train-cam``, ``infer-cam``, ``confident-regions``, ``train-irn``, ``irn-walk`` and
+``irn-instances`` per seed (the segmentation network is not needed); resumable. Also prints, per
+seed, IRNet's last-epoch displacement losses, to read against a flat field (foreground loss 2.0
+on radius 5's pairs, ``docs/irn.md``): a field that did not learn gives one instance per class."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+STAGES = ("train-cam", "infer-cam", "confident-regions", "train-irn", "irn-walk", "irn-instances")
+THRESHOLDS = ("0.25", "0.5", "0.75")
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f} (one seed)"
+    return f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="runs/demo_same_class", help="seed N runs in RUN_DIR/seedN")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--same-class", type=float, default=0.5, help="dataset.demo_same_class")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    scores: dict[str, list[float]] = {t: [] for t in THRESHOLDS}
+    for seed in range(args.seeds):
+        run_dir = Path(args.run_dir) / f"seed{seed}"
+        common = ["--config", "demo", f"run_dir={run_dir}", f"seed={seed}", "labels.method=irn",
+                  f"dataset.demo_same_class={args.same_class}", *args.overrides]
+        for command in STAGES:
+            if subprocess.run([sys.executable, "-m", "affinitynet", command, *common]).returncode != 0:
+                print(f"benchmark: {command} failed for seed {seed}; run again to resume", file=sys.stderr)
+                return 1
+        state = json.loads((run_dir / "irn_instances" / "_stage.json").read_text())
+        train = json.loads((run_dir / "train_irn" / "_stage.json").read_text())
+        for t in THRESHOLDS:
+            scores[t].append(state["map_r"][t])
+        print(f"seed {seed}: mAP^r " + ", ".join(f"{t}: {state['map_r'][t]:.1f}" for t in THRESHOLDS)
+              + f" on {state['instance_images']} images; displacement loss fg {train.get('final_disp_fg', float('nan')):.3f}"
+              f" bg {train.get('final_disp_bg', float('nan')):.3f}")
+    for t in THRESHOLDS:
+        print(f"mAP^r at {t}: {spread(scores[t])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
