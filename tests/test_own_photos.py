@@ -101,6 +101,7 @@ def test_skipping_more_than_the_allowed_share_stops_the_run(tmp_path, capsys):
 
 
 def test_size_rules_give_the_msrc21_and_demo_settings():
+    from affinitynet.config import AUTO_KEYS
     from affinitynet.pipeline.size_rules import rules
 
     msrc = load_config("msrc21", check=False)
@@ -112,6 +113,8 @@ def test_size_rules_give_the_msrc21_and_demo_settings():
     voc = rules(375, 500)
     assert voc["cam.scales"] == [0.5, 1.0, 1.5, 2.0] and voc["random_walk.t"] == 256
     assert voc["segmentation.scales"] == [0.5, 0.75, 1.0, 1.25, 1.5]
+    # The keys the config lets be 'auto' are exactly those the rules set.
+    assert sorted(voc) == sorted(AUTO_KEYS)
 
 
 def test_label_coverage_counts_pixels_and_vanished_tags(tmp_path):

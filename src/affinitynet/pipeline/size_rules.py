@@ -21,12 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import get, set_value
+from ..config import AUTO, AUTO_KEYS, get, set_value
 from ..data.datasets.folder import image_size
 from ..errors import InputError
 from .run_dir import training_split
 
-AUTO = "auto"
 # VOC's typical photo (long x short side) and the feature grid the paper's t = 256 was set on.
 VOC_SIZE = (500, 375)
 VOC_GRID_AREA = 63 * 47
@@ -64,8 +63,6 @@ def rules(height: int, width: int, output_stride: int = 8) -> dict[str, Any]:
             "segmentation.scales": kept_scales(SEGMENTATION_SCALES, long_side, short_side),
             "random_walk.t": walk_length(long_side, short_side, output_stride)}
 
-
-AUTO_KEYS = tuple(rules(375, 500))
 
 
 def typical_size(data) -> tuple[int, int]:
