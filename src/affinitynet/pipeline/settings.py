@@ -14,7 +14,6 @@ from ..config import (
     RULES,
     Named,
     did_you_mean,
-    flatten,
     get,
     load_config,
     show_value,
@@ -148,5 +147,5 @@ def reference_page() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["builtin_choices", "check", "check_names", "check_parts", "choices", "flatten", "key_help",
+__all__ = ["builtin_choices", "check", "check_names", "check_parts", "choices", "key_help",
            "load_run_config", "reference_page", "registry"]

@@ -1,7 +1,7 @@
-"""One module per pipeline stage, each with ``run(config, force=False)`` (irn's structure).
-
-Helpers here are what every stage needs: the datasets of the configured splits, the device,
-threads and seeds.
+"""What several stages share (a stage never imports another): the datasets of the configured
+splits, the device, threads and seeds, scoring (Table 1), the training-stage helper
+:func:`train_stage` and its :class:`AffinityTrainSet`, a stage's network loaded from its
+``model.pt``, and IRN's inference start.
 """
 from __future__ import annotations
 
