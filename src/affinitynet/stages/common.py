@@ -224,3 +224,14 @@ def relations(model, image: np.ndarray, radius: int, device: torch.device):
         boundary, displacement = predict(model, transforms.normalize(image, model.backbone.mean,
                                                                      model.backbone.std).to(device))
         return boundary, displacement, path_max_affinities(boundary, radius).float().cpu()
+
+
+def train_on_pairs(config: dict[str, Any], force: bool, kind: str, stride: int, step) -> dict[str, Any]:
+    """:func:`train_stage` for a network that learns from the pairs of the confident regions
+    (AffinityNet, IRNet): :class:`AffinityTrainSet` with the labels on the grid of ``stride``."""
+    labels = stage("confident_regions").output("labels", config)
+    section = config[kind]
+    return train_stage(config, force, kind,
+                       lambda data, backbone: AffinityTrainSet(data, labels, section, backbone.mean, backbone.std,
+                                                               stride, config["seed"]),
+                       step)

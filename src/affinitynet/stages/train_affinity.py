@@ -9,8 +9,8 @@ from ..models.affinity import (
     feature_distances,
     pair_labels,
 )
-from ..pipeline import Stage, register_stage, stage, training_keys
-from .common import AffinityTrainSet, train_stage
+from ..pipeline import Stage, register_stage, training_keys
+from .common import train_on_pairs
 
 
 def make_step(radius: int, distance: str):
@@ -25,12 +25,9 @@ def make_step(radius: int, distance: str):
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     section = config["affinity"]
-    labels = stage("confident_regions").output("labels", config)
-    return train_stage(config, force, "affinity",
-                       # The labels go onto the walk's grid, whatever stride the backbone runs at.
-                       lambda data, backbone: AffinityTrainSet(data, labels, section, backbone.mean, backbone.std,
-                                                               config["backbone"]["output_stride"], config["seed"]),
-                       make_step(section["radius"], section["distance"]))
+    # The labels go onto the walk's grid, whatever stride the backbone runs at.
+    return train_on_pairs(config, force, "affinity", config["backbone"]["output_stride"],
+                          make_step(section["radius"], section["distance"]))
 
 
 STAGE = register_stage(Stage("train_affinity", "train-affinity", "train AffinityNet on the affinity labels (3.2.2, Eq. 7-10)",

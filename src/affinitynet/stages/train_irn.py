@@ -7,8 +7,8 @@ from typing import Any
 
 from ..models.affinity import pair_labels
 from ..models.irnet import STRIDE, irn_loss
-from ..pipeline import Stage, register_stage, stage, training_keys
-from .common import AffinityTrainSet, train_stage
+from ..pipeline import Stage, register_stage, training_keys
+from .common import train_on_pairs
 
 
 def make_step(radius: int):
@@ -21,13 +21,8 @@ def make_step(radius: int):
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    section = config["irn"]
-    labels = stage("confident_regions").output("labels", config)
     # The confident regions' flips and crops of AffinityNet's training, labels on IRN's grid.
-    return train_stage(config, force, "irn",
-                       lambda data, backbone: AffinityTrainSet(data, labels, section, backbone.mean, backbone.std,
-                                                               STRIDE, config["seed"]),
-                       make_step(section["radius"]))
+    return train_on_pairs(config, force, "irn", STRIDE, make_step(config["irn"]["radius"]))
 
 
 STAGE = register_stage(Stage("train_irn", "train-irn", "train IRNet's boundary and displacement branches (IRN 3.2-3.3)",
