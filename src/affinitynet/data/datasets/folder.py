@@ -47,7 +47,7 @@ import os
 import posixpath
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -91,6 +91,22 @@ def read_list_file(path: Path) -> list[tuple[int, str]]:
         if text and not text.startswith("#"):
             lines.append((number, text))
     return lines
+
+
+def listed_ids(list_path: Path, parse: Callable[[str], str], skipped: list[str],
+               seen: set[str]) -> Iterator[tuple[str, str]]:
+    """The sample ids of a split list, each once (``seen`` holds those met before): ``(where, id)``
+    with ``where`` naming the line, for the messages about its files. A line that ``parse`` refuses
+    (ValueError) is one line in ``skipped``."""
+    for number, text in read_list_file(list_path):
+        try:
+            sample_id = parse(text)
+        except ValueError as error:
+            skipped.append(str(InputError(list_path, f"line {number}: {error}")))
+            continue
+        if sample_id not in seen:
+            seen.add(sample_id)
+            yield f"listed at {list_path.name} line {number}", sample_id
 
 
 def relative_inside(name: str) -> str:

@@ -38,7 +38,7 @@ import numpy as np
 from ...errors import InputError
 from ...files import load_rgb_raw
 from .base import IGNORE_INDEX, Sample, SegmentationDataset, register_dataset
-from .folder import image_size, read_list_file, relative_inside
+from .folder import image_size, listed_ids, relative_inside
 
 DIRECTORY = "MSRC_ObjCategImageDatabase_v2"
 TARBALL = "msrc21-trainval.tar.xz"
@@ -154,6 +154,14 @@ class MSRC21Dataset(SegmentationDataset):
         return self.check_mask(sample, mask, image_size(sample.image_path))
 
 
+def _image_id(text: str) -> str:
+    """The image id on a list line; ValueError if it is a path rather than a plain id."""
+    sample_id = relative_inside(text)
+    if "/" in sample_id:
+        raise ValueError(f"'{text}' is not an image id")
+    return sample_id
+
+
 def build_msrc21(root: str | os.PathLike, split: str, protocol: str = "object") -> MSRC21Dataset:
     root = resolve_root(root)
     if protocol not in ("object", "standard21"):
@@ -171,19 +179,7 @@ def build_msrc21(root: str | os.PathLike, split: str, protocol: str = "object") 
 
     seen: set[str] = set()
     for list_path in lists:
-        for number, text in read_list_file(list_path):
-            where = f"listed at {list_path.name} line {number}"
-            try:
-                sample_id = relative_inside(text)
-            except ValueError as error:
-                dataset.skipped.append(str(InputError(list_path, f"line {number}: {error}")))
-                continue
-            if "/" in sample_id:
-                dataset.skipped.append(str(InputError(list_path, f"line {number}: '{text}' is not an image id")))
-                continue
-            if sample_id in seen:
-                continue
-            seen.add(sample_id)
+        for where, sample_id in listed_ids(list_path, _image_id, dataset.skipped, seen):
             image_path = root / "Images" / f"{sample_id}.bmp"
             gt_path = root / "GroundTruth" / f"{sample_id}_GT.bmp"
             if not image_path.is_file():

@@ -29,7 +29,7 @@ import numpy as np
 from ...errors import InputError
 from ...files import load_label_png
 from .base import IGNORE_INDEX, Sample, SegmentationDataset, register_dataset
-from .folder import load_checked_mask, read_list_file, relative_inside
+from .folder import listed_ids, load_checked_mask, relative_inside
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -92,16 +92,7 @@ def build_voc12(root: str | os.PathLike, split: str) -> VOC12Dataset:
     list_path = split_list(root, split)
     dataset = VOC12Dataset(name="voc12", root=root, split=split, class_names=list(CLASS_NAMES))
     seen: set[str] = set()
-    for number, text in read_list_file(list_path):
-        where = f"listed at {list_path.name} line {number}"
-        try:
-            sample_id = _parse_line(text)
-        except ValueError as error:
-            dataset.skipped.append(str(InputError(list_path, f"line {number}: {error}")))
-            continue
-        if sample_id in seen:
-            continue
-        seen.add(sample_id)
+    for where, sample_id in listed_ids(list_path, _parse_line, dataset.skipped, seen):
         image_path = root / "JPEGImages" / f"{sample_id}.jpg"
         if not image_path.is_file():
             dataset.skipped.append(str(InputError(image_path, f"image file not found ({where})")))
