@@ -116,10 +116,10 @@ def all_stages() -> dict[str, Stage]:
 
 def stage(name: str) -> Stage:
     """The stage declared under ``name`` (``stage("random_walk").output("pseudo_labels", config)``)."""
-    try:
-        return all_stages()[name]
-    except KeyError:
-        raise StageError(f"unknown stage '{name}' (stages: {', '.join(all_stages())})") from None
+    # One entry looked up, not the whole table rebuilt: hashing asks for stages many times a run.
+    if name not in STAGES:
+        raise StageError(f"unknown stage '{name}' (stages: {', '.join(STAGES.names())})")
+    return STAGES.get(name).info["spec"]
 
 
 def label_methods() -> dict[str, Stage]:
