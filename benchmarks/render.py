@@ -48,6 +48,7 @@ BENCHMARKS = {
     "distributed_cam_inference": "python -m benchmarks.distributed_cam_inference",
     "mxnet_params": "python -m benchmarks.mxnet_params MXNET_PYTHON",
     "psa_equivalence": "python -m benchmarks.psa_equivalence PSA_CHECKOUT",
+    "irn_equivalence": "python -m benchmarks.irn_equivalence IRN_CHECKOUT",
     "affinity_label_precision": "python -m benchmarks.affinity_label_precision runs/msrc21",
     "crf_changes": "python -m benchmarks.crf_changes runs/msrc21",
     "background_errors": "python -m benchmarks.background_errors runs/msrc21 runs/msrc21_gt",
