@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = bench.parse(argv)
     scores: dict[str, list[float]] = {t: [] for t in THRESHOLDS}
+    seeds = []
     for seed in range(args.seeds):
         run_dir = Path(args.run_dir) / f"seed{seed}"
         common = ["--config", "demo", f"run_dir={run_dir}", f"seed={seed}", "labels.method=irn",
@@ -48,12 +49,16 @@ def main(argv: list[str] | None = None) -> int:
         train = json.loads((run_dir / "train_irn" / "_stage.json").read_text())
         for t in THRESHOLDS:
             scores[t].append(state["map_r"][t])
+        seeds.append({"seed": seed, "map_r": state["map_r"], "instance_images": state["instance_images"],
+                      "displacement_loss": {part: train.get(f"final_disp_{part}") for part in ("fg", "bg")},
+                      "stage_seconds": {name: json.loads((run_dir / name.replace("-", "_") / "_stage.json").read_text())
+                                        .get("seconds") for name in STAGES}})
         print(f"seed {seed}: mAP^r " + ", ".join(f"{t}: {state['map_r'][t]:.1f}" for t in THRESHOLDS)
               + f" on {state['instance_images']} images; displacement loss fg {train.get('final_disp_fg', float('nan')):.3f}"
               f" bg {train.get('final_disp_bg', float('nan')):.3f}")
     for t in THRESHOLDS:
         print(f"mAP^r at {t}: {spread(scores[t])}")
-    bench.write({"map_r": scores, "summary": {f"map_r_{t}": statistics.mean(scores[t]) for t in THRESHOLDS}})
+    bench.write({"map_r": scores, "seeds": seeds, "same_class": args.same_class, "summary": {f"map_r_{t}": statistics.mean(scores[t]) for t in THRESHOLDS}})
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("README.md", "docs/index.md", "docs/results.md")
+PAGES = ("README.md", "docs/index.md", "docs/results.md", "docs/irn.md")
 RESULTS = Path("benchmarks") / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
@@ -242,6 +242,55 @@ def benchmarks_table(root: Path) -> str:
     return table(["benchmark", "what it measured (`its command`)", "measured", "wall time"], rows)
 
 
+def irn_equivalence(root: Path) -> str:
+    """``benchmarks/irn_equivalence.py``'s comparison of irn's steps and this project's stages."""
+    command = "python -m benchmarks.irn_equivalence IRN_CHECKOUT"
+    record = load(root, "irn_equivalence")
+    if record is None:
+        return table(["compared", "irn's step", "this project's stage", "result"], [[placeholder(command), "", "", ""]])
+    r = record["results"]
+    worst, walk, inst = r["max"], r["walk_agreement"], r["instances"]
+    rows = [
+        ["networks on irn's padded image and mirror", "`EdgeDisplacement` (`Net.forward`)", "`IRNet`, `irn.layout: irn`",
+         f"boundary logits max \\|diff\\| {number(worst['network_boundary_logits_max'])}, displacements "
+         f"{number(worst['network_displacement_max'])}"],
+        ["CAMs (`high_res`, present classes)", "`make_cam`", "`infer-cam`", f"max \\|diff\\| {number(worst['cam_max'])}"],
+        ["confident regions", "`cam_to_ir_label`", "`confident-regions` (`affinity.confidence: threshold`)",
+         f"{r['confident_region_agreement']:.2f}% of pixels agree"],
+        ["boundary maps", "`make_sem_seg_labels` (image padded to 512)", "`irn-walk` (image unpadded)",
+         f"max \\|diff\\| {number(worst['boundary_max'])}, mean {number(r['boundary_mean'])}"],
+        ["walked semantic labels", "`make_sem_seg_labels`", "`irn-walk` (`irn.background: threshold`)",
+         f"{walk['stage']:.2f}% of pixels agree"],
+        ["the same, on irn's CAMs and boundary map", "`make_sem_seg_labels`", "`ops.random_walk`",
+         f"{walk['irn_inputs']:.2f}% of pixels agree"],
+        ["instances", "`make_ins_seg_labels`", "`irn-instances`",
+         f"irn {inst['irn']}, ours {inst['ours']}; {inst['matched_at_0.5']} matched at IoU >= 0.5 (mean IoU "
+         f"{number(inst['mean_iou_of_matched'])}); their scores differ by {number(inst['score_mean_abs_diff_of_matched'])} "
+         f"on average, {number(inst['score_max_abs_diff_of_matched'])} at most"],
+    ]
+    settings = r["settings"]
+    return (table(["compared", "irn's step", "this project's stage", "result"], rows)
+            + f"\n{settings['images']} voc12-mini photos at long side {settings['long_side']}, measured by "
+              f"`{record['command']}`: {provenance(record)}.\n")
+
+
+def irn_same_class(root: Path) -> str:
+    """``benchmarks/irn_same_class.py``: Table 3 (mAP^r) on the demo with same-class objects, per seed."""
+    record = load(root, "irn_same_class")
+    if record is None:
+        return table(["mAP^r (%)", "mean ± std"], [[placeholder("python -m benchmarks.irn_same_class"), ""]])
+    r = record["results"]
+    seeds = r.get("seeds", [])
+    rows = [[f"IoU {t}", *(one(v) for v in values), f"**{spread(values)}**"] for t, values in r["map_r"].items()]
+    if seeds:
+        rows.append(["displacement loss, last epoch (fg / bg)",
+                     *(f"{number(s['displacement_loss']['fg'])} / {number(s['displacement_loss']['bg'])}" for s in seeds), ""])
+    count = len(next(iter(r["map_r"].values())))
+    return (table(["mAP^r (%)", *(f"seed {k}" for k in range(count)), "mean ± std"], rows)
+            + f"\nMeasured by `{record['command']}`: {provenance(record)}; "
+              f"{minutes(record['environment'].get('wall_seconds'))}.\n")
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "headline": headline(),
     "msrc21-labels": label_table("msrc21"),
@@ -249,6 +298,8 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "demo-labels": label_table("seed_spread_demo"),
     "demo-network": seed_table("seed_spread_demo"),
     "benchmarks": benchmarks_table,
+    "irn-equivalence": irn_equivalence,
+    "irn-same-class": irn_same_class,
 }
 
 
