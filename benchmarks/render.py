@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("README.md", "docs/index.md", "docs/results.md", "docs/irn.md")
+PAGES = ("README.md", "docs/index.md", "docs/results.md", "docs/irn.md", "docs/deploy.md")
 RESULTS = Path("benchmarks") / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
@@ -291,6 +291,26 @@ def irn_same_class(root: Path) -> str:
               f"{minutes(record['environment'].get('wall_seconds'))}.\n")
 
 
+def onnx_predict(root: Path) -> str:
+    """``benchmarks/onnx_predict.py``: predict's rate with each engine, per thread count."""
+    header = ["threads", "PyTorch (model.pt)", "onnxruntime (.onnx)", "ratio ort/pt (per round)", "labels equal"]
+    record = load(root, "onnx_predict")
+    if record is None:
+        return table(header, [[placeholder(BENCHMARKS["onnx_predict"]), "", "", "", ""]])
+    r = record["results"]
+    rows = [[str(row["threads"]), f"{row['pytorch_images_per_s']:.2f} images/s",
+             f"{row['onnxruntime_images_per_s']:.2f} images/s",
+             f"{row['ratio']:.2f}x ({', '.join(format(x['ratio'], '.2f') for x in row['rounds'])})",
+             f"{100 * row['equal_labels']:.4f}%"] for row in r["thread_counts"]]
+    load_average = record["environment"].get("load_average")
+    return (table(header, rows)
+            + f"\n{r['images']} MSRC-21 val images, scales {r['scales']}, flip {number(r['flip'])}, the medians of "
+              f"{r['rounds']} rounds; a {r['backbone']} segmentation network of {r['classes']} classes; onnxruntime "
+              f"{r['onnxruntime']}. Measured by `{record['command']}`: {provenance(record)}; "
+              f"{minutes(record['environment'].get('wall_seconds'))}"
+              + (f"; load average {number(load_average)} at the end" if load_average else "") + ".\n")
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "headline": headline(),
     "msrc21-labels": label_table("msrc21"),
@@ -300,6 +320,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "benchmarks": benchmarks_table,
     "irn-equivalence": irn_equivalence,
     "irn-same-class": irn_same_class,
+    "onnx-predict": onnx_predict,
 }
 
 
