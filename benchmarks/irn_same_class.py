@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
               f" bg {train.get('final_disp_bg', float('nan')):.3f}")
     for t in THRESHOLDS:
         print(f"mAP^r at {t}: {spread(scores[t])}")
-    bench.write({"map_r": scores, "seeds": seeds, "same_class": args.same_class, "summary": {f"map_r_{t}": statistics.mean(scores[t]) for t in THRESHOLDS}})
+    bench.write({"map_r": scores, "seeds": seeds, "same_class": args.same_class,
+                 "summary": {f"map_r_{t}": statistics.mean(scores[t]) for t in THRESHOLDS}})
     return 0
 
 

@@ -244,10 +244,10 @@ def benchmarks_table(root: Path) -> str:
 
 def irn_equivalence(root: Path) -> str:
     """``benchmarks/irn_equivalence.py``'s comparison of irn's steps and this project's stages."""
-    command = "python -m benchmarks.irn_equivalence IRN_CHECKOUT"
     record = load(root, "irn_equivalence")
     if record is None:
-        return table(["compared", "irn's step", "this project's stage", "result"], [[placeholder(command), "", "", ""]])
+        return table(["compared", "irn's step", "this project's stage", "result"],
+                     [[placeholder(BENCHMARKS["irn_equivalence"]), "", "", ""]])
     r = record["results"]
     worst, walk, inst = r["max"], r["walk_agreement"], r["instances"]
     rows = [
@@ -278,7 +278,7 @@ def irn_same_class(root: Path) -> str:
     """``benchmarks/irn_same_class.py``: Table 3 (mAP^r) on the demo with same-class objects, per seed."""
     record = load(root, "irn_same_class")
     if record is None:
-        return table(["mAP^r (%)", "mean ± std"], [[placeholder("python -m benchmarks.irn_same_class"), ""]])
+        return table(["mAP^r (%)", "mean ± std"], [[placeholder(BENCHMARKS["irn_same_class"]), ""]])
     r = record["results"]
     seeds = r.get("seeds", [])
     rows = [[f"IoU {t}", *(one(v) for v in values), f"**{spread(values)}**"] for t, values in r["map_r"].items()]
