@@ -342,7 +342,7 @@ def walk_on_irn_inputs(cam: torch.Tensor, edge: torch.Tensor, keys: np.ndarray, 
     return np.pad(keys + 1, (1, 0))[scores.argmax(0).numpy()]
 
 
-def match_instances(theirs: dict, ours: list, height: int, width: int) -> list[dict]:
+def match_instances(theirs: dict, ours: list) -> list[dict]:
     """irn's instances (``detect_instance``'s dict) matched one to one with ours of the same class
     by IoU (Hungarian), each match's IoU and both scores; unmatched ones with IoU 0."""
     irn = [(int(c) + 1, m.astype(bool), float(s)) for c, m, s in zip(theirs["class"], theirs["mask"], theirs["score"])]
@@ -401,7 +401,7 @@ def compare(tags: dict[str, list[int]], root: Path, irn: dict, ours: dict) -> di
         theirs = np.load(irn["dirs"]["ins_seg"] / f"{name}.npy", allow_pickle=True).item()
         mine, _ = load_instances(ours["dir"] / "irn_instances" / "SegmentationObject" / f"{name}.png",
                                  ours["dir"] / "irn_instances" / "detections" / f"{name}.json")
-        image_matches = match_instances(theirs, mine, height, width)
+        image_matches = match_instances(theirs, mine)
         matches += image_matches
         per_image.append({
             "id": name, "size": [width, height], "tags": classes,
