@@ -235,7 +235,7 @@ def benchmarks_table(root: Path) -> str:
             rows.append([f"`{name}`", placeholder(command), "", ""])
             continue
         summary = record["results"].get("summary", {})
-        figures = "; ".join(f"{key}: {number(value)}" for key, value in summary.items())
+        figures = "; ".join(f"{number(key)}: {number(value)}" for key, value in summary.items())
         env = record["environment"]
         rows.append([f"`{name}`", f"{figures} (`{record['command']}`)", provenance(record),
                      minutes(env.get("wall_seconds"))])
