@@ -147,6 +147,15 @@ def _labels(results: dict[str, Any], title: str) -> float | None:
     return None if row is None else row["miou"]
 
 
+def time_of(results: dict[str, Any], env: dict[str, Any]) -> str:
+    """Seed 0's time with its bound from the stages' records (a resumed command keeps them; its own
+    wall time is only the resumed part's), else the command's wall time."""
+    recorded = results.get("recorded_seconds_seed0")
+    if recorded is None:
+        return minutes(env.get("wall_seconds"))
+    return f"seed 0 with its bound {minutes(recorded)} (stages' records)"
+
+
 def headline() -> Callable[[Path], str]:
     def render(root: Path) -> str:
         header = ["", "CAM (train)", "CAM+RW (train)", "pseudo labels (train)", "network (val)",
@@ -166,7 +175,7 @@ def headline() -> Callable[[Path], str]:
                 f"{one(_labels(r, training))} ({training})",
                 f"{spread(r['network_val_miou'])} ({len(r['network_val_miou'])} seeds)",
                 spread(r["upper_bound_val_miou"]),
-                f"{provenance(record)}; {minutes(env.get('wall_seconds'))}",
+                f"{provenance(record)}; {time_of(r, env)}",
             ])
         return table(header, rows)
     return render

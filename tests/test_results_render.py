@@ -87,7 +87,7 @@ def test_a_new_file_and_then_an_edited_value_make_the_tables_stale(tmp_path):
     assert render.stale(root) == []
     readme = (root / "README.md").read_text(encoding="utf-8")
     assert "| 64.8 | 77.2 | 77.3 (CAM+RW+dCRF in band) | 68.8 ± 0.8 (3 seeds) | 76.4 ± 0.2 |" in readme
-    assert "commit `0123456`, Some CPU (2 CPUs, AVX2), torch 2.13.0+cpu, 2 threads, 2027-01-02; 90.0 min" in readme
+    assert "commit `0123456`, Some CPU (2 CPUs, AVX2), torch 2.13.0+cpu, 2 threads, 2027-01-02; seed 0 with its bound 27.6 min (stages' records)" in readme
 
     record["results"]["network_val_miou"][1] = 71.7
     write(path, record)
