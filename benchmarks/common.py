@@ -33,8 +33,10 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -135,6 +137,17 @@ def check_device(device: str, supported: Sequence[str]) -> str | None:
 
 
 # --- the environment record ---------------------------------------------------------------------
+
+def work_folder(path: Path | None, prefix: str) -> Path:
+    """An empty working folder outside the repository for a benchmark that runs another project's
+    code beside this one: ``path`` emptied first, or a new temporary folder named ``prefix...``."""
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
 
 def git(*args: str) -> str | None:
     try:

@@ -53,10 +53,8 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import sys
 import tarfile
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -76,7 +74,7 @@ from affinitynet.ops.inter_pixel import path_max_affinities
 from affinitynet.ops.random_walk import random_walk
 from affinitynet.stages.common import label_images, load_network
 
-from .common import ROOT, Benchmark
+from .common import ROOT, Benchmark, work_folder
 
 SCALES = (1.0, 0.5, 1.5, 2.0)           # run_sample.py's cam_scales
 BETA, EXP_TIMES, RADIUS = 10, 8, 5       # run_sample.py; make_*_labels.py call propagate_to_edge with radius 5
@@ -456,11 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.voc.is_file():
         parser.error(f"{args.voc}: the voc12-mini tarball is not there")
     threads = torch.get_num_threads()
-    if args.work is None:
-        args.work = Path(tempfile.mkdtemp(prefix="affinitynet-irn-equivalence-"))
-    elif args.work.exists():
-        shutil.rmtree(args.work)
-    args.work.mkdir(parents=True, exist_ok=True)
+    args.work = work_folder(args.work, "affinitynet-irn-equivalence-")
     started = time.time()
     root, tags = unpack_photos(args.voc, args.work, args.images, args.long_side)
     first = np.asarray(Image.open(root / "JPEGImages" / f"{next(iter(tags))}.jpg").convert("RGB"))

@@ -44,9 +44,7 @@ import contextlib
 import io
 import json
 import runpy
-import shutil
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -66,7 +64,7 @@ from affinitynet.ops.pseudo_labels import label_maps, to_grid, to_image
 from affinitynet.ops.random_walk import neighbour_offsets, pair_affinities, random_walk
 from affinitynet.data.transforms import normalize
 
-from .common import Benchmark
+from .common import Benchmark, work_folder
 
 VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
        "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -440,11 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.psa / "infer_cls.py").is_file():
         parser.error(f"{args.psa} is not a psa checkout (no infer_cls.py)")
     threads = torch.get_num_threads()
-    if args.work is None:
-        args.work = Path(tempfile.mkdtemp(prefix="affinitynet-psa-equivalence-"))
-    elif args.work.exists():
-        shutil.rmtree(args.work)
-    args.work.mkdir(parents=True, exist_ok=True)
+    args.work = work_folder(args.work, "affinitynet-psa-equivalence-")
     started = time.time()
     tags = choose_images(ensure_msrc21(args.msrc), args.images, args.long_side, args.work / "images")
     first = np.asarray(Image.open(args.work / "images" / f"{next(iter(tags))}.png").convert("RGB"))
