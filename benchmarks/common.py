@@ -138,6 +138,28 @@ def check_device(device: str, supported: Sequence[str]) -> str | None:
 
 # --- the environment record ---------------------------------------------------------------------
 
+class Patches:
+    """Attributes replaced for a while (shims for another project's code) and put back by
+    ``undo()``, last first; an attribute that was absent is removed again."""
+
+    _absent = object()
+
+    def __init__(self):
+        self.saved: list[tuple[Any, str, Any]] = []
+
+    def patch(self, owner: Any, name: str, value: Any) -> None:
+        self.saved.append((owner, name, getattr(owner, name, self._absent)))
+        setattr(owner, name, value)
+
+    def undo(self) -> None:
+        for owner, name, value in reversed(self.saved):
+            if value is self._absent:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+        self.saved.clear()
+
+
 def work_folder(path: Path | None, prefix: str) -> Path:
     """An empty working folder outside the repository for a benchmark that runs another project's
     code beside this one: ``path`` emptied first, or a new temporary folder named ``prefix...``."""

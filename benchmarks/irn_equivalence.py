@@ -74,7 +74,7 @@ from affinitynet.ops.inter_pixel import path_max_affinities
 from affinitynet.ops.random_walk import random_walk
 from affinitynet.stages.common import label_images, load_network
 
-from .common import ROOT, Benchmark, work_folder
+from .common import ROOT, Benchmark, Patches, work_folder
 
 SCALES = (1.0, 0.5, 1.5, 2.0)           # run_sample.py's cam_scales
 BETA, EXP_TIMES, RADIUS = 10, 8, 5       # run_sample.py; make_*_labels.py call propagate_to_edge with radius 5
@@ -143,11 +143,8 @@ def loader(dataset, **options):
 def irn_environment(irn: Path, tags: dict[str, list[int]]):
     """The shims irn's steps need on this machine, undone on exit. irn reads
     ``voc12/cls_labels.npy`` relative to its checkout, so the working directory is the checkout."""
-    saved, absent = [], object()
-
-    def patch(owner, name, value):
-        saved.append((owner, name, getattr(owner, name, absent)))
-        setattr(owner, name, value)
+    patches = Patches()
+    patch = patches.patch
 
     previous = Path.cwd()
     sys.path.insert(0, str(irn))
@@ -172,11 +169,7 @@ def irn_environment(irn: Path, tags: dict[str, list[int]]):
         patch(torch.multiprocessing, "spawn", lambda fn, nprocs=1, args=(), join=True: [fn(i, *args) for i in range(nprocs)])
         yield
     finally:
-        for owner, name, value in reversed(saved):
-            if value is absent:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, value)
+        patches.undo()
         os.chdir(previous)
         sys.path.remove(str(irn))
 

@@ -64,7 +64,7 @@ from affinitynet.ops.pseudo_labels import label_maps, to_grid, to_image
 from affinitynet.ops.random_walk import neighbour_offsets, pair_affinities, random_walk
 from affinitynet.data.transforms import normalize
 
-from .common import Benchmark, work_folder
+from .common import Benchmark, Patches, work_folder
 
 VOC = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
        "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -142,12 +142,8 @@ def random_psa_weights(psa: Path, work: Path, image: np.ndarray) -> tuple[Path, 
 def psa_environment(psa: Path, images: Path, tags: dict[str, list[int]]):
     """The shims psa's scripts need on this machine, undone on exit."""
     sys.path.insert(0, str(psa))
-    saved = []
-    absent = object()
-
-    def patch(owner, name, value):
-        saved.append((owner, name, getattr(owner, name, absent)))
-        setattr(owner, name, value)
+    patches = Patches()
+    patch = patches.patch
 
     def compose(steps):
         def apply(x):
@@ -177,11 +173,7 @@ def psa_environment(psa: Path, images: Path, tags: dict[str, list[int]]):
     try:
         yield
     finally:
-        for owner, name, value in reversed(saved):
-            if value is absent:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, value)
+        patches.undo()
         sys.modules.pop("torchvision", None)
 
 
