@@ -25,8 +25,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .label_levers import LEVERS
+
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("README.md", "docs/index.md", "docs/results.md", "docs/irn.md", "docs/deploy.md")
+PAGES = ("README.md", "docs/index.md", "docs/results.md", "docs/irn.md", "docs/deploy.md", "docs/label-refinement.md")
 RESULTS = Path("benchmarks") / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
@@ -320,6 +322,31 @@ def onnx_predict(root: Path) -> str:
               + (f"; load average {number(load_average)} at the end" if load_average else "") + ".\n")
 
 
+def label_levers(root: Path) -> str:
+    """``benchmarks/label_levers.py``: each lever's A/B against the MSRC-21 benchmark's runs (issue 41)."""
+    header = ["lever", "training labels, train, seed 0", "CAM+RW, train", "network, val (per seed)",
+              "baseline network, val", "time of the lever's stages, seed 0", "decision"]
+    rows, sources = [], []
+    for lever, (overrides, aim) in LEVERS.items():
+        record = load(root, f"label_levers_{lever}")
+        if record is None:
+            rows.append([f"`{lever}`", placeholder(f"python -m benchmarks.label_levers {lever}"), "", "", "", "", ""])
+            continue
+        r = record["results"]
+        first = r["seeds"][0]
+        training = first["training_labels"]
+        base_training = first["baseline_training_labels"]
+        networks, baseline = r["network_val_miou"], r["baseline_network_val_miou"]
+        rows.append([f"`{lever}` ({', '.join(f'`{o}`' for o in overrides)}; aim: {aim})",
+                     f"{one(first['table1'][training])} ({training}; baseline {one(first['baseline_table1'][base_training])})",
+                     one(first["table1"].get("CAM+RW")),
+                     f"**{spread(networks)}** ({', '.join(one(v) for v in networks)})",
+                     f"{spread(baseline)} ({', '.join(one(v) for v in baseline)})",
+                     minutes(first["lever_seconds"]), r["decision"]])
+        sources.append(f"`{lever}`: `{record['command']}`, {provenance(record)}")
+    return table(header, rows) + ("\nMeasured by " + "; ".join(sources) + ".\n" if sources else "")
+
+
 TABLES: dict[str, Callable[[Path], str]] = {
     "headline": headline(),
     "msrc21-labels": label_table("msrc21"),
@@ -330,6 +357,7 @@ TABLES: dict[str, Callable[[Path], str]] = {
     "irn-equivalence": irn_equivalence,
     "irn-same-class": irn_same_class,
     "onnx-predict": onnx_predict,
+    "label-levers": label_levers,
 }
 
 

@@ -36,7 +36,8 @@ from pathlib import Path
 from affinitynet.config import load_config
 from affinitynet.files import read_json, write_json
 from affinitynet.metrics import format_table
-from affinitynet.pipeline import MARKER, ancestors, stage
+from affinitynet.pipeline import DATASET_FILE, MARKER, is_complete, stage, stage_hash, stages
+from affinitynet.pipeline.size_rules import resolve_auto
 
 from .common import Benchmark
 
@@ -45,21 +46,46 @@ def affinitynet(*args: str, procs: int = 1) -> list[str]:
     return [sys.executable, "-m", "affinitynet", *args, f"--procs={procs}"]
 
 
-def link_stages(source: Path, target: Path, shared: list[str]) -> None:
-    """``target`` holding seed 0's stages ``shared`` (every stage before the network) as hard
-    links (no copy of the affinities and CAMs; every stage writes by atomic rename, so neither run
-    can change the other's files)."""
-    for name in ("config.yaml", "_dataset.json"):
-        if (source / name).exists() and not (target / name).exists():
-            target.mkdir(parents=True, exist_ok=True)
-            os.link(source / name, target / name)
-    for name in shared:
-        for path in sorted((source / name).rglob("*")):
-            if path.is_file() and path.name != "checkpoint.pt":
-                linked = target / path.relative_to(source)
-                if not linked.exists():
-                    linked.parent.mkdir(parents=True, exist_ok=True)
-                    os.link(path, linked)
+def finished_stages(sources: list[Path]) -> dict[str, Path]:
+    """Recorded hash -> directory of every finished stage in ``sources`` (the first one wins)."""
+    found: dict[str, Path] = {}
+    for source in sources:
+        for marker in sorted(source.glob(f"*/{MARKER}")):
+            state = read_json(marker)
+            if state.get("complete") is True and state.get("hash"):
+                found.setdefault(state["hash"], marker.parent)
+    return found
+
+
+def link_finished(config: dict, sources: list[Path]) -> list[str]:
+    """Link into ``config``'s run directory every stage of its graph whose hash a finished stage
+    of ``sources`` recorded: the work another seed or a lever leaves unchanged is not done twice.
+    Hard links, no copies of the affinities and CAMs: every stage writes by atomic rename, so
+    neither run can change the other's files. The stage's record is its own copy, under its own
+    name (the refinement round's first network is found as another run's ``train_seg``). The
+    names of the stages linked, in pipeline order."""
+    resolve_auto(config)   # the 'auto' keys as the stages hashed them
+    target = Path(config["run_dir"])
+    finished = finished_stages(sources)
+    linked = []
+    for spec in stages(config):
+        source = finished.get(stage_hash(config, spec.name))
+        if source is None:
+            continue
+        linked.append(spec.name)
+        if is_complete(config, spec.name):
+            continue
+        for path in sorted(source.rglob("*")):
+            if path.is_file() and path.name not in ("checkpoint.pt", MARKER):
+                copy = target / spec.name / path.relative_to(source)
+                if not copy.exists():
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(path, copy)
+        write_json(spec.marker(config), {**read_json(source / MARKER), "stage": spec.name,
+                                         "linked_from": str(source)})
+    if linked and not (target / DATASET_FILE).exists():
+        os.link(sources[-1] / DATASET_FILE, target / DATASET_FILE)
+    return linked
 
 
 def spread(values: list[float]) -> str:
@@ -129,11 +155,10 @@ def run(bench: Benchmark, args, config: str, root: str | None = None, default_ru
     wall = time.time() - started
     # Further seeds: the network on seed 0's labels, the bound on the ground truth.
     seed_dirs = [(weak_dir, bound_dir)]
-    shared = ancestors(load_config(config, common[2:], check=False), "train_seg")
     for seed in range(1, args.seeds):
         weak_k, bound_k = Path(f"{weak_dir}_seed{seed}"), Path(f"{bound_dir}_seed{seed}")
-        link_stages(weak_dir, weak_k, shared)
         seeded = (*common, f"segmentation.seed={seed}")
+        link_finished(load_config(config, [*seeded[2:], f"run_dir={weak_k}"], check=False), [weak_dir])
         if not run_all([affinitynet("run", *seeded, *threads, "--run-dir", str(weak_k), procs=args.procs),
                         affinitynet("train-seg", *seeded, "--run-dir", str(bound_k), "segmentation.supervision=gt"),
                         affinitynet("infer-seg", *seeded, *threads, "--run-dir", str(bound_k),

@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
                  if p.stem not in {"__init__", "common", "render", "figure"})
 REQUIRED = {"affinity_label_precision": ["runs/x"], "background_errors": ["runs/x"], "crf_changes": ["runs/x"],
-            "psa_equivalence": ["psa"], "irn_equivalence": ["irn"], "seed_spread": ["--config", "demo"], "onnx_predict": ["model.pt"]}
+            "psa_equivalence": ["psa"], "irn_equivalence": ["irn"], "seed_spread": ["--config", "demo"], "onnx_predict": ["model.pt"],
+            "label_levers": ["refine"]}
 
 
 def test_there_are_the_benchmarks():
-    assert len(SCRIPTS) == 19 and "seed_spread" in SCRIPTS and "msrc21" in SCRIPTS
+    assert len(SCRIPTS) == 20 and "seed_spread" in SCRIPTS and "label_levers" in SCRIPTS and "msrc21" in SCRIPTS
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -278,7 +278,7 @@ def test_training_overfits_a_tiny_dataset_and_predicts_its_masks(tmp_path, tiny_
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_data, monkeypatch):
-    from affinitynet.stages import train_seg
+    from affinitynet.stages import common, train_seg
 
     config = _config(tmp_path)
     config["segmentation"]["epochs"] = 3
@@ -287,7 +287,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_data, monkey
     train_seg.run(straight)
     expected = torch.load(tmp_path / "straight" / "train_seg" / "model.pt", weights_only=True)["model"]
 
-    real_step, calls = train_seg.segmentation_step, []
+    real_step, calls = common.segmentation_step, []
 
     def dying_step(model, batch):
         calls.append(1)
@@ -295,10 +295,10 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_data, monkey
             raise KeyboardInterrupt
         return real_step(model, batch)
 
-    monkeypatch.setattr(train_seg, "segmentation_step", dying_step)
+    monkeypatch.setattr(common, "segmentation_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train_seg.run(config)
-    monkeypatch.setattr(train_seg, "segmentation_step", real_step)
+    monkeypatch.setattr(common, "segmentation_step", real_step)
     train_seg.run(config)
     resumed = torch.load(Path(config["run_dir"]) / "train_seg" / "model.pt", weights_only=True)
     assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
@@ -308,33 +308,31 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_data, monkey
 
 def test_pseudo_supervision_reads_the_random_walk_labels(tmp_path, tiny_data):
     from affinitynet.errors import InputError
-    from affinitynet.stages.train_seg import (
-        check_labels_exist,
-        label_loader,
-        pseudo_label_dir,
-    )
+    from affinitynet.pipeline import training_label_stage
+    from affinitynet.stages.common import check_labels_exist, label_loader
 
     config = _config(tmp_path, "pseudo")
+    labels = training_label_stage(config)
     with pytest.raises(TrainingError, match="no pseudo labels"):
-        check_labels_exist(config, tiny_data)
-    label_dir = pseudo_label_dir(config)
+        check_labels_exist(config, tiny_data, labels)
+    label_dir = labels.output("pseudo_labels", config)
     assert label_dir == Path(config["run_dir"]) / "random_walk" / "pseudo_labels"
     pseudo = np.full((64, 64), 2, np.uint8)
     save_label_png(label_dir / "img0.png", pseudo)
     save_label_png(label_dir / "img1.png", np.full((64, 64), 7, np.uint8))
-    check_labels_exist(config, tiny_data)
-    load = label_loader(config, tiny_data)
+    check_labels_exist(config, tiny_data, labels)
+    load = label_loader(config, tiny_data, labels)
     np.testing.assert_array_equal(load(tiny_data[0]), pseudo)
     with pytest.raises(InputError, match="out of range"):
         load(tiny_data[1])
     with pytest.raises(InputError, match="file not found"):
         load(tiny_data[2])
-    gt = label_loader(_config(tmp_path, "gt"), tiny_data)
+    gt = label_loader(_config(tmp_path, "gt"), tiny_data, labels)
     np.testing.assert_array_equal(gt(tiny_data[0]), load_label_png(tiny_data[0].mask_path))
 
 
 def test_a_batch_without_labelled_pixels_gives_a_finite_zero_loss():
-    from affinitynet.stages.train_seg import segmentation_step
+    from affinitynet.stages.common import segmentation_step
 
     model = _tiny_model()
     labels = torch.full((2, 24, 24), 255, dtype=torch.long)

@@ -256,6 +256,12 @@ SETTINGS: dict[str, Any] = {
     "labels": {
         "method": Setting("affinitynet", "pseudo-label method whose labels train the segmentation network: a stage "
                                          "that declares one", Named("label method")),
+        "refine": Setting(False, "a refinement round: a first segmentation network trained on the method's labels "
+                                 "segments the training images, and its agreement with them, or its confident "
+                                 "label, trains the network (docs/label-refinement.md)", _boolean()),
+        "refine_confidence": Setting(0.9, "refinement round: where the first network and the method's labels "
+                                          "differ, its probability (over the image's tagged classes) that takes "
+                                          "its label; below it the pixel is ignored", _number(0, 1)),
     },
     "cam": {
         "head": Setting("conv", "a registered CAM head: 'conv' is Sec. 4.2's 3x3 conv + GAP + 1x1; the others, "

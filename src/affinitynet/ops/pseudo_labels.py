@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import save_label_png
+from ..files import IGNORE_INDEX, save_label_png
 from .background import background_map, labels_from_scores
 from .crf import CRFParams, dense_crf
 from .random_walk import random_walk
@@ -160,6 +160,30 @@ def label_maps(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], affi
     if crf is None:
         return walked, None
     return walked, labels_from_scores(refine_with_crf(image, scores, crf), classes)
+
+
+def tagged_prediction(probs: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(label uint8 (H, W), its probability (H, W)) of a network's class probabilities (C, H, W)
+    restricted to the background and the image's tagged object ``classes`` and renormalised over
+    them: an image's labels never name a class it is not tagged with (as :func:`labels_from_scores`
+    for the walk)."""
+    allowed = np.asarray([0, *sorted(set(int(c) for c in classes))])
+    restricted = np.asarray(probs, dtype=np.float32)[allowed]
+    restricted = restricted / np.maximum(restricted.sum(0, keepdims=True), 1e-12)
+    best = restricted.argmax(0)
+    return allowed[best].astype(np.uint8), np.take_along_axis(restricted, best[None], 0)[0]
+
+
+def network_refinement(labels: np.ndarray, network: np.ndarray, confidence: np.ndarray,
+                       threshold: float) -> np.ndarray:
+    """A refinement round's labels (``labels.refine``): a label method's ``labels`` (H, W) where the
+    network trained on them agrees (its tagged ``network`` labels, :func:`tagged_prediction`), the
+    network's label where they differ and its ``confidence`` is at least ``threshold``, and
+    ignore (255) where they differ and it is less sure: the network trained on every image's labels
+    at once corrects the errors it did not learn, and a pixel neither vouches for trains nothing."""
+    agree = network == labels
+    refined = np.where(confidence >= threshold, network, IGNORE_INDEX)
+    return np.where(agree, labels, refined).astype(np.uint8)
 
 
 def refined_rows(walk_title: str, mode: str) -> list[tuple[str, str]]:

@@ -30,6 +30,7 @@ from .graph import (
     stage,
     stages,
     training_keys,
+    training_label_stage,
     upstream_stages,
 )
 from .hashing import hash_matches, stage_hash, stage_inputs
@@ -56,5 +57,5 @@ __all__ = [
     "dataset_inputs", "descendants", "hash_matches", "imported_kind", "is_complete", "label_methods", "label_stage",
     "map_images", "preflight", "processes_runner", "readers", "record_run", "recorded_identity", "register_stage",
     "rerun_reason", "run_all", "run_stage", "run_summary", "stage", "stage_hash", "stage_inputs", "stages",
-    "training_keys", "training_split", "upstream_stages",
+    "training_keys", "training_label_stage", "training_split", "upstream_stages",
 ]

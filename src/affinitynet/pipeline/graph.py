@@ -28,6 +28,7 @@ RUNTIME_KEYS: dict[str, str] = {
     "strict": "whether a bad input stops the command or is skipped",
     "dataset.max_skipped": "a check before the stages run",
     "labels.method": "chooses the label stage, whose hash the network's stages hash",
+    "labels.refine": "chooses the stage of the network's training labels, whose hash train_seg hashes",
     "report.gallery_size": "affinitynet report, not a stage",
     "sweep.betas": "affinitynet sweep, not a stage",
     "sweep.ts": "affinitynet sweep, not a stage",
@@ -79,6 +80,9 @@ class Stage:
     # A further product of a label method that ``affinitynet run`` makes with it (IRN's
     # instance labels): the method's name.
     companion_of: str | None = None
+    # The refinement round (``labels.refine``): this stage's ``pseudo_labels``, made from the label
+    # method's with a first network, train the segmentation network in their place.
+    refines_labels: bool = False
 
     def upstream_of(self, config: dict[str, Any]) -> tuple[str, ...]:
         return tuple(self.upstream(config)) if callable(self.upstream) else self.upstream
@@ -130,6 +134,15 @@ def label_methods() -> dict[str, Stage]:
 def label_stage(config: dict[str, Any]) -> Stage:
     """The stage whose ``pseudo_labels`` train the segmentation network under this config."""
     return label_methods()[config["labels"]["method"]]
+
+
+def training_label_stage(config: dict[str, Any]) -> Stage:
+    """The stage whose ``pseudo_labels`` train the segmentation network (``train_seg``): the label
+    method's, or with ``labels.refine`` the refinement round's (whose first network would be the
+    bound's own: the bound, ``segmentation.supervision: gt``, has no round)."""
+    if config["labels"]["refine"] and config["segmentation"]["supervision"] != "gt":
+        return next(spec for spec in all_stages().values() if spec.refines_labels)
+    return label_stage(config)
 
 
 def companion_stages(config: dict[str, Any]) -> tuple[Stage, ...]:

@@ -12,7 +12,7 @@ from ..data.datasets.demo import default_demo_root, is_generated
 from ..errors import InputError
 from ..files import VOC_PALETTE, load_image, load_label_png, load_npz
 from ..ops.instance_labels import load_instances
-from ..pipeline import companion_stages, label_stage, stage
+from ..pipeline import companion_stages, label_stage, stage, training_label_stage
 from ..stages.common import dataset
 from .common import _colour_labels, _esc, _number, _resize_float, _resize_rgb, _thumb_size
 
@@ -58,6 +58,8 @@ class _Gallery:
             self.alpha = alpha
 
         self.label_stage = label_stage(report.config or DEFAULTS).name
+        # The labels that trained the network: the method's, or the refinement round's.
+        self.training_labels = training_label_stage(report.config or DEFAULTS).name
         # The label method's instance labels (IRN's irn-instances), where it makes them.
         self.instance_stage = next((spec for spec in companion_stages(report.config or DEFAULTS)
                                     if {"objects", "detections"} <= set(spec.outputs)), None)
@@ -71,7 +73,7 @@ class _Gallery:
                         "confident": ("confident_regions", "labels"),
                         "boundaries": (self.label_stage, "boundaries"),
                         "rw": (self.label_stage, "rw_labels"),
-                        "pseudo": (self.label_stage, "pseudo_labels"),
+                        "pseudo": (self.training_labels, "pseudo_labels"),
                         "prediction": ("infer_seg", "predictions"),
                         "camlabel": ("infer_cam", "labels")}[key]
         return stage(name).output(output, self.run_dir)

@@ -1,16 +1,18 @@
 """What several stages share (a stage never imports another): the datasets of the configured
 splits, the device, threads and seeds, scoring (Table 1), the training-stage helper
-:func:`train_stage` and its :class:`AffinityTrainSet`, a stage's network loaded from its
-``model.pt``, and IRN's inference start.
+:func:`train_stage` and its :class:`AffinityTrainSet`, the segmentation network's training on
+a stage's labels (:func:`train_segmentation`, for ``train_seg`` and the refinement round's
+``draft_seg``), a stage's network loaded from its ``model.pt``, and IRN's inference start.
 """
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -20,7 +22,8 @@ from ..data.datasets.base import SegmentationDataset
 from ..engine import distributed
 from ..engine.precision import for_inference
 from ..engine.training import AugmentedTrainSet, resolve_device, train
-from ..files import load_label_png
+from ..errors import InputError, TrainingError
+from ..files import IGNORE_INDEX, load_label_png
 from ..metrics import ConfusionMatrix, format_table, score_samples, scored_samples, summarize_scores
 from ..models.affinity import downsample_labels
 from ..models.backbones import freeze_batchnorm
@@ -38,7 +41,7 @@ from ..models.networks import (
     set_geometry,
 )
 from ..ops.inter_pixel import path_max_affinities
-from ..pipeline import StageRun, stage
+from ..pipeline import Stage, StageRun, stage, training_keys
 
 
 class AffinityTrainSet(AugmentedTrainSet):
@@ -152,7 +155,7 @@ def _fine_tuning(kind: str, config: dict[str, Any], num_classes: int, model):
 
 
 def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, step,
-                seed: int | None = None, check=None) -> dict[str, Any]:
+                seed: int | None = None, check=None, name: str | None = None) -> dict[str, Any]:
     """What every training stage's ``run`` does: network ``kind`` (its config section has the same
     name; ``networks.network(kind)`` names the stage that trains it) trained by the shared loop
     (``training.train``) on the training split, the backbone at the base learning rate and the new
@@ -160,10 +163,11 @@ def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, 
     ``make_train_set(data, backbone)`` gives the stage's augmented images; ``check(data)`` refuses
     the inputs before the network is built. ``seed`` replaces the run's seed and is recorded. The
     marker holds the epochs, the images trained on (a bad image is not one), and the last epoch's
-    means as ``final_loss`` and ``final_<part>``."""
+    means as ``final_loss`` and ``final_<part>``. ``name``: another stage that trains ``kind``
+    (the refinement round's first segmentation network)."""
 
     device = setup(config, seed)
-    job = StageRun(config, network(kind).stage, force)
+    job = StageRun(config, name or network(kind).stage, force)
     data = dataset(config, "train_split")
     job.skipped.extend(data.skipped)
     if check is not None:
@@ -185,6 +189,90 @@ def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, 
     last = result.history[-1] if result.history else {}
     return job.finish(epochs=result.epochs, **({} if seed is None else {"seed": seed}),
                       **{f"final_{key}": value for key, value in last.items() if key != "epoch"})
+
+
+# The keys of every segmentation network's training: train_seg's and the refinement round's first
+# network's (draft_seg).
+SEGMENTATION_KEYS = (("seed", "backbone", "segmentation.head", "segmentation.supervision",
+                      "segmentation.scale_range") + training_keys("segmentation"))
+SEGMENTATION_OPTIONAL_KEYS = ("segmentation.seed", "segmentation.train_output_stride",
+                              "segmentation.fine_tune_epochs")
+
+
+class SegTrainSet(AugmentedTrainSet):
+    """Random rescale, then the shared augmentation with the label padded by 255 (5.1)."""
+
+    def rescale(self, image, label, rng):
+        return transforms.random_scale(image, label, self.section["scale_range"], rng)
+
+    def target(self, label, sample):
+        return torch.from_numpy(label.astype(np.int64))
+
+
+def label_loader(config: dict[str, Any], data, labels: Stage) -> Callable[[Any], np.ndarray]:
+    """The training labels of a sample: its PNG in the ``pseudo_labels`` of stage ``labels`` (3.4)
+    or its ground-truth mask."""
+    supervision = config["segmentation"]["supervision"]
+    num_classes = data.num_classes
+    label_dir = labels.output("pseudo_labels", config)
+
+    def load(sample) -> np.ndarray:
+        if supervision == "gt":
+            path = sample.mask_path or sample.image_path
+            label = data.load_mask(sample)
+            if label is None:
+                raise InputError(path, "no ground-truth mask (segmentation.supervision is 'gt')")
+        else:
+            path = label_dir / f"{sample.id}.png"
+            label = load_label_png(path)
+        # An out-of-range index would abort cross-entropy for the whole batch; refuse the file.
+        bad = (label >= num_classes) & (label != IGNORE_INDEX)
+        if bad.any():
+            raise InputError(path, f"label value {int(label[bad].max())} out of range "
+                                   f"(0..{num_classes - 1} or {IGNORE_INDEX})")
+        return label
+
+    return load
+
+
+def check_labels_exist(config: dict[str, Any], data, labels: Stage) -> None:
+    """Fail at once, with the fix, when no training image has a label, instead of skipping them
+    all one by one through an epoch that learns nothing."""
+    if config["segmentation"]["supervision"] == "gt":
+        if not data.has_masks:
+            raise TrainingError(f"segmentation.supervision is 'gt' but {data.name} split '{data.split}' has "
+                                f"no ground-truth masks; use segmentation.supervision=pseudo")
+        return
+    label_dir = labels.output("pseudo_labels", config)
+    if not any((label_dir / f"{sample.id}.png").exists() for sample in data.samples):
+        raise TrainingError(f"no pseudo labels for the {data.split} split in {label_dir}: run "
+                            f"`affinitynet {labels.command}` first (or segmentation.supervision=gt)")
+
+
+def segmentation_step(model, batch):
+    """Mean cross-entropy over the labelled pixels of the batch; a crop with no labelled pixel
+    (all padding or neutral) contributes zero instead of making the loss NaN."""
+    images, labels = batch
+    logits = model(images)
+    valid = labels != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / count
+    with torch.no_grad():
+        correct = ((logits.argmax(1) == labels) & valid).sum()
+    return loss, {"pixel_accuracy": float(correct) / float(count)}
+
+
+def train_segmentation(config: dict[str, Any], force: bool, labels: Stage, name: str | None = None) -> dict[str, Any]:
+    """The segmentation network trained on the ``pseudo_labels`` of stage ``labels`` (or on the
+    ground truth), under the ``segmentation`` section and its seed, by stage ``name`` (default
+    ``train_seg``)."""
+    section = config["segmentation"]
+    seed = config["seed"] if section["seed"] is None else section["seed"]
+    return train_stage(config, force, "segmentation",
+                       lambda data, backbone: SegTrainSet(data, section, backbone.mean, backbone.std, seed,
+                                                          label_loader(config, data, labels)),
+                       segmentation_step, seed=seed, check=lambda data: check_labels_exist(config, data, labels),
+                       name=name)
 
 
 def model_path(kind: str, config: dict[str, Any]) -> Path:

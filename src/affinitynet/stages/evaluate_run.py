@@ -11,23 +11,38 @@ from ..data.label_coverage import run_coverage
 from ..engine import distributed
 from ..files import read_json, write_json
 from ..metrics import format_table
-from ..pipeline import MARKER, Stage, StageRun, companion_stages, label_stage, register_stage, stage
+from ..pipeline import (
+    MARKER,
+    Stage,
+    StageRun,
+    companion_stages,
+    label_stage,
+    register_stage,
+    stage,
+    training_label_stage,
+)
 from .common import dataset, label_images, score, setup
 
 
 def rows(config: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(title, stage, output, split key) of every scored row, in the order of the pipeline: the
-    CAM labels, each kind of label the configured label method writes, the network."""
-    labels = label_stage(config)
+    CAM labels, each kind of label the configured label method writes (and the refinement round,
+    with ``labels.refine``), the network."""
     return ([("CAM", "infer_cam", "labels", "label_split")]
-            + [(title, labels.name, output, "label_split") for title, output in labels.label_rows(config)]
+            + [(title, name, output, "label_split") for name in label_stage_names(config)
+               for title, output in stage(name).label_rows(config)]
             + [("Network", "infer_seg", "predictions", "eval_split")])
+
+
+def label_stage_names(config: dict[str, Any]) -> tuple[str, ...]:
+    """The label method's stage and, with ``labels.refine``, the refinement round's."""
+    return tuple(dict.fromkeys([label_stage(config).name, training_label_stage(config).name]))
 
 
 def coverage_sources(config: dict[str, Any]) -> list[tuple[str, Any, str]]:
     """(title, folder, split key) of the labels whose coverage of the tags is measured."""
     return [("CAM labels", stage("infer_cam").output("labels", config), "label_split"),
-            ("pseudo labels", label_stage(config).output("pseudo_labels", config), "label_split"),
+            ("pseudo labels", training_label_stage(config).output("pseudo_labels", config), "label_split"),
             ("predictions", stage("infer_seg").output("predictions", config), "eval_split")]
 
 
@@ -46,7 +61,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     if distributed.is_main():
         summary = {"run_dir": str(config["run_dir"]), "dataset": config["dataset"]["name"],
                    "backbone": config["backbone"]["name"], "class_names": data.class_names,
-                   "training_labels": label_stage(config).label_rows(config)[-1][0],
+                   "training_labels": training_label_stage(config).label_rows(config)[-1][0],
                    "rows": {title: {"split": r["split"], "miou": r["miou"], "iou": r["iou"],
                                     "num_images": r["num_images"]} for title, r in results.items()}}
         stages = {}
@@ -76,7 +91,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
 
 
 def upstream(config: dict[str, Any]) -> tuple[str, ...]:
-    return ("infer_cam", label_stage(config).name, *(spec.name for spec in companion_stages(config)), "infer_seg")
+    return ("infer_cam", *label_stage_names(config), *(spec.name for spec in companion_stages(config)), "infer_seg")
 
 
 # results.json lies in the run directory, beside config.yaml, where a user looks first.
