@@ -77,6 +77,10 @@ def test_the_graph_without_the_round_is_unchanged(tmp_path, reference):
     assert order.index("random_walk") < order.index("draft_seg") < order.index("refine_labels") < order.index("train_seg")
     assert pipeline.upstream_stages(refined, "train_seg") == ("refine_labels",)
     assert pipeline.upstream_stages(refined, "refine_labels") == ("draft_seg", "random_walk")
+    # Any label method's labels go through it: IRN's.
+    irn = tiny.config(ref_dir, data_root, "labels.refine=true", "labels.method=irn")
+    assert pipeline.upstream_stages(irn, "refine_labels") == ("draft_seg", "irn_walk")
+    assert pipeline.upstream_stages(irn, "draft_seg") == ("irn_walk",)
     # The bound trains on the ground truth: no round.
     bound = tiny.config(ref_dir, data_root, "labels.refine=true", "segmentation.supervision=gt")
     assert "draft_seg" not in [spec.name for spec in pipeline.stages(bound)]
