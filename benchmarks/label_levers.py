@@ -32,9 +32,9 @@ import sys
 from pathlib import Path
 
 from affinitynet.config import load_config
-from affinitynet.data.datasets import ensure_msrc21
-from affinitynet.files import read_json
-from affinitynet.pipeline import stage, stages
+from affinitynet.data.datasets import build_dataset, ensure_msrc21
+from affinitynet.files import IGNORE_INDEX, load_label_png, read_json
+from affinitynet.pipeline import label_stage, stage, stages, training_label_stage
 
 from .common import Benchmark
 from .seed_spread import affinitynet, link_finished, spread
@@ -83,6 +83,41 @@ def seed_overrides(seed: int) -> list[str]:
     return [] if seed == 0 else [f"segmentation.seed={seed}"]
 
 
+def refinement_shares(config: dict) -> dict[str, float]:
+    """Where the refinement round's first network and the method's labels differ, who is right:
+    over the labelled pixels of the label split, the share (%) of each of the rule's three cases
+    (agreement, the network's confident label taken, ignored) and, where the network's label was
+    taken, how often it and the method's label are the ground truth's."""
+    data = build_dataset(config["dataset"], config["dataset"]["label_split"])
+    method = label_stage(config).output("pseudo_labels", config)
+    round_ = training_label_stage(config)
+    counts = dict.fromkeys(("labelled", "agree", "taken", "ignored", "taken_network_right", "taken_method_right"), 0)
+    for sample in data.samples:
+        truth = data.load_mask(sample)
+        if truth is None:
+            continue
+        labelled = truth != IGNORE_INDEX
+        walk = load_label_png(method / f"{sample.id}.png")
+        network = load_label_png(round_.output("network_labels", config) / f"{sample.id}.png")
+        refined = load_label_png(round_.output("pseudo_labels", config) / f"{sample.id}.png")
+        taken = (network != walk) & (refined != IGNORE_INDEX) & labelled
+        counts["labelled"] += int(labelled.sum())
+        counts["agree"] += int(((network == walk) & labelled).sum())
+        counts["taken"] += int(taken.sum())
+        counts["ignored"] += int(((refined == IGNORE_INDEX) & labelled).sum())
+        counts["taken_network_right"] += int((taken & (network == truth)).sum())
+        counts["taken_method_right"] += int((taken & (walk == truth)).sum())
+    share = lambda part, whole: round(100 * counts[part] / max(counts[whole], 1), 2)  # noqa: E731
+    return {"split": data.split, "agree_pct": share("agree", "labelled"), "taken_pct": share("taken", "labelled"),
+            "ignored_pct": share("ignored", "labelled"),
+            "taken_network_right_pct": share("taken_network_right", "taken"),
+            "taken_method_right_pct": share("taken_method_right", "taken")}
+
+
+# What a lever's run shows beyond Table 1, against the label split's ground truth.
+DIAGNOSTICS = {"refine": refinement_shares}
+
+
 def table1_and_network(run_dir: Path) -> tuple[dict[str, float], float, str]:
     results = read_json(run_dir / "results.json")
     rows = results["rows"]
@@ -124,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         base_labels, base_network, base_training = table1_and_network(baseline)
         ran = {spec.name: read_json(spec.marker(config)).get("seconds") for spec in stages(config)
                if spec.name not in linked}
-        per_seed.append({"seed": seed, "table1": labels, "training_labels": training, "network_val_miou": network,
+        diagnostic = DIAGNOSTICS[args.lever](config) if args.lever in DIAGNOSTICS else None
+        per_seed.append({"seed": seed, "table1": labels, "diagnostic": diagnostic, "training_labels": training, "network_val_miou": network,
                          "baseline_table1": base_labels, "baseline_training_labels": base_training,
                          "baseline_network_val_miou": base_network, "upper_bound_val_miou": bound,
                          "linked": linked, "seconds": ran, "lever_seconds": round(sum(v or 0 for v in ran.values()), 1)})

@@ -326,7 +326,7 @@ def label_levers(root: Path) -> str:
     """``benchmarks/label_levers.py``: each lever's A/B against the MSRC-21 benchmark's runs (issue 41)."""
     header = ["lever", "training labels, train, seed 0", "CAM+RW, train", "network, val (per seed)",
               "baseline network, val", "time of the lever's stages, seed 0", "decision"]
-    rows, sources = [], []
+    rows, sources, notes = [], [], []
     for lever, (overrides, aim) in LEVERS.items():
         record = load(root, f"label_levers_{lever}")
         if record is None:
@@ -344,7 +344,15 @@ def label_levers(root: Path) -> str:
                      f"{spread(baseline)} ({', '.join(one(v) for v in baseline)})",
                      minutes(first["lever_seconds"]), r["decision"]])
         sources.append(f"`{lever}`: `{record['command']}`, {provenance(record)}")
-    return table(header, rows) + ("\nMeasured by " + "; ".join(sources) + ".\n" if sources else "")
+        shares = first.get("diagnostic")
+        if shares:
+            notes.append(f"`{lever}`, seed 0, against the ground truth of {shares['split']}: of the labelled pixels, "
+                         f"{shares['agree_pct']:.1f}% keep the method's label (the network agrees), "
+                         f"{shares['taken_pct']:.1f}% take the network's, which is right on "
+                         f"{shares['taken_network_right_pct']:.1f}% of them and the method's on "
+                         f"{shares['taken_method_right_pct']:.1f}%, and {shares['ignored_pct']:.1f}% are ignored.")
+    return (table(header, rows) + ("\nMeasured by " + "; ".join(sources) + ".\n" if sources else "")
+            + "".join(f"\n{note}\n" for note in notes))
 
 
 TABLES: dict[str, Callable[[Path], str]] = {
