@@ -179,8 +179,9 @@ def network_refinement(labels: np.ndarray, network: np.ndarray, confidence: np.n
     """A refinement round's labels (``labels.refine``): a label method's ``labels`` (H, W) where the
     network trained on them agrees (its tagged ``network`` labels, :func:`tagged_prediction`), the
     network's label where they differ and its ``confidence`` is at least ``threshold``, and
-    ignore (255) where they differ and it is less sure: the network trained on every image's labels
-    at once corrects the errors it did not learn, and a pixel neither vouches for trains nothing."""
+    ignore (255) where they differ and it is less sure. The bet of self-training: a network fitted to
+    every image's labels at once does not learn the errors peculiar to one image, and a pixel
+    neither vouches for is better left out (whether it holds: docs/label-refinement.md)."""
     agree = network == labels
     refined = np.where(confidence >= threshold, network, IGNORE_INDEX)
     return np.where(agree, labels, refined).astype(np.uint8)
