@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         ran = {spec.name: read_json(spec.marker(config)).get("seconds") for spec in stages(config)
                if spec.name not in linked}
         diagnostic = DIAGNOSTICS[args.lever](config) if args.lever in DIAGNOSTICS else None
-        per_seed.append({"seed": seed, "table1": labels, "diagnostic": diagnostic, "training_labels": training, "network_val_miou": network,
-                         "baseline_table1": base_labels, "baseline_training_labels": base_training,
+        per_seed.append({"seed": seed, "table1": labels, "diagnostic": diagnostic, "training_labels": training,
+                         "network_val_miou": network, "baseline_table1": base_labels, "baseline_training_labels": base_training,
                          "baseline_network_val_miou": base_network, "upper_bound_val_miou": bound,
                          "linked": linked, "seconds": ran, "lever_seconds": round(sum(v or 0 for v in ran.values()), 1)})
         print(f"seed {seed}: training labels ({training}) {labels[training]:.1f} against the baseline's "
