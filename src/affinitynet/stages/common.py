@@ -36,6 +36,7 @@ from ..models.networks import (
     layout,
     load_checkpoint_meta,
     load_weights,
+    model_from_checkpoint,
     network,
     network_meta,
     set_geometry,
@@ -273,6 +274,17 @@ def train_segmentation(config: dict[str, Any], force: bool, labels: Stage, name:
                                                           label_loader(config, data, labels)),
                        segmentation_step, seed=seed, check=lambda data: check_labels_exist(config, data, labels),
                        name=name)
+
+
+def segmentation_model(config: dict[str, Any], name: str, device: torch.device, class_names):
+    """(network ready for inference on ``device``, meta) of the segmentation ``model.pt`` of stage
+    ``name`` (``train_seg``, or the refinement round's ``draft_seg``). The checkpoint's meta, not
+    the config, says how the network was built: the stage hash already ties it to the current
+    training settings."""
+    path = stage(name).output("model", config)
+    model, meta = model_from_checkpoint(path, device)
+    check_meta(path, meta, class_names, command=stage(name).command)
+    return for_inference(model, device, config["amp"], config["channels_last"]), meta
 
 
 def model_path(kind: str, config: dict[str, Any]) -> Path:

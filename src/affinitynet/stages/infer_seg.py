@@ -6,13 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine import distributed
-from ..engine.precision import for_inference
 from ..files import save_label_png
 from ..metrics import format_table
-from ..models.networks import check_meta, model_from_checkpoint
 from ..models.segmentation import predict_labels
-from ..pipeline import Stage, StageRun, map_images, register_stage, stage
-from .common import dataset, score, setup
+from ..pipeline import Stage, StageRun, map_images, register_stage
+from .common import dataset, score, segmentation_model, setup
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -20,12 +18,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     job = StageRun(config, "infer_seg", force)
     data = dataset(config, "eval_split")
     job.skipped.extend(data.skipped)
-    # The checkpoint's meta, not the config, says how the network was built: the stage hash
-    # already ties this model.pt to the current training settings.
-    path = stage("train_seg").output("model", config)
-    model, meta = model_from_checkpoint(path, device)
-    check_meta(path, meta, data.class_names, command="train-seg")
-    model = for_inference(model, device, config["amp"], config["channels_last"])
+    model, meta = segmentation_model(config, "train_seg", device, data.class_names)
     section = config["segmentation"]
     crf = config["crf"] if section["crf"] else None
     pred_dir = STAGE.output("predictions", config)

@@ -10,13 +10,11 @@ from typing import Any
 
 from ..data.transforms import normalize
 from ..engine import distributed
-from ..engine.precision import for_inference
 from ..files import load_label_png, save_label_png
-from ..models.networks import check_meta, model_from_checkpoint
 from ..models.segmentation import predict_scores
 from ..ops.pseudo_labels import network_refinement, tagged_prediction
-from ..pipeline import Stage, StageRun, label_stage, map_images, register_stage, stage
-from .common import label_images, setup, table1
+from ..pipeline import Stage, StageRun, label_stage, map_images, register_stage
+from .common import label_images, segmentation_model, setup, table1
 
 
 def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
@@ -29,10 +27,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     job = StageRun(config, STAGE.name, force)
     data = label_images(config)
     job.skipped.extend(data.skipped)
-    path = stage("draft_seg").output("model", config)
-    model, meta = model_from_checkpoint(path, device)
-    check_meta(path, meta, data.class_names, command=stage("draft_seg").command)
-    model = for_inference(model, device, config["amp"], config["channels_last"])
+    model, meta = segmentation_model(config, "draft_seg", device, data.class_names)
     section = config["segmentation"]
     threshold = config["labels"]["refine_confidence"]
     method_dir = label_stage(config).output("pseudo_labels", config)
