@@ -9,7 +9,9 @@ Levers (``LEVERS``):
 - ``refine``: the refinement round, ``labels.refine=true`` (a first network on the walk's labels
   relabels the training images where it is confident; docs/label-refinement.md);
 - ``walk_labels``: the walk's labels train the network, ``random_walk.crf=off``, instead of the
-  band (the refinement that never loses to the walk is none).
+  band (the refinement that never loses to the walk is none);
+- ``recam``: ReCAM's maps, ``cam.method=recam`` (the CAM network fine-tuned with a softmax
+  cross-entropy on its class-pooled features, ``train_recam``).
 
 Seed k runs in ``runs/msrc21_<lever>[_seed<k>]``, as the baseline's seed k does: seed 0 with the
 run's seed, every further seed with ``segmentation.seed=k``. Work the lever leaves unchanged is not
@@ -44,6 +46,7 @@ from .seed_spread import affinitynet, link_finished, spread
 LEVERS: dict[str, tuple[tuple[str, ...], str]] = {
     "refine": (("labels.refine=true",), "gain"),
     "walk_labels": (("random_walk.crf=off",), "no loss"),
+    "recam": (("cam.method=recam",), "gain"),
 }
 
 

@@ -292,6 +292,20 @@ SETTINGS: dict[str, Any] = {
         "eval_bg_threshold": Setting(None, "or a constant background score (the released code's 0.2); null: use "
                                            "alpha", _number(0, 1, optional=True)),
     },
+    # cam.method 'recam' (ReCAM, Chen et al. 2022): the trained CAM network fine-tuned with a second
+    # classifier, on the CAM network's images, batches and optimizer; these keys are its own.
+    "recam": {
+        "epochs": Setting(4, "ReCAM: epochs of fine-tuning after train-cam (ReCAM's recam_num_epoches)",
+                          _number(1, 10_000, integer=True)),
+        # ReCAM's 5e-5 for the backbone, with momentum 1e-4 (irn's weight decay in the momentum
+        # slot); under cam.momentum 0.9 the same steady-state step is a tenth of it.
+        "lr": Setting(5e-6, "ReCAM: base learning rate of the CAM network's layers (the new classifier: times "
+                            "new_layer_lr_mult), poly over the ReCAM epochs", _number(0, 10, strict_low=True)),
+        "new_layer_lr_mult": Setting(10.0, "ReCAM: learning-rate multiplier of the new classifier (ReCAM's 5e-4 "
+                                           "against 5e-5)", _number(0, 1000, strict_low=True)),
+        "loss_weight": Setting(1.0, "ReCAM: weight of the softmax cross-entropy on the CAM-pooled features "
+                                    "(ReCAM's recam_loss_weight)", _number(0, 1000)),
+    },
     "crf": {
         "gaussian_sxy": Setting(3.0, "dCRF smoothness kernel width (pixels)", _number(0, 10_000)),
         "gaussian_compat": Setting(3.0, "dCRF smoothness kernel weight", _number(0, 10_000)),

@@ -94,6 +94,60 @@ class CAMNet(nn.Module):
         return list(self.backbone.parameters())
 
 
+class ReCAMNet(CAMNet):
+    """The CAM network with ReCAM's second classifier (Chen et al., CVPR 2022), fine-tuned from a
+    trained CAM network. Each present class's CAM (ReLU'd, max-normalised) pools f_cam into one
+    feature per class, which ``recam`` (a 1x1 conv without bias, as the classifier) classifies
+    with a softmax cross-entropy: a class whose map also covers another class's pixels pools a
+    feature that the softmax confuses, so the loss pushes each map off the others' regions. The
+    maps are then read with the product of the two classifiers' weights (:meth:`cams`)."""
+
+    def __init__(self, backbone: nn.Module, num_object_classes: int, head_channels: int = 512,
+                 head: str = "conv"):
+        super().__init__(backbone, num_object_classes, head_channels, head)
+        self.recam = nn.Conv2d(self.classifier.in_channels, num_object_classes, 1, bias=False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image-level logits (N, K), ReCAM logits (N, K, K)): row c of an image's ReCAM logits
+        classifies the feature its class-c CAM pools, whether or not c is present."""
+        features = self.features(images)
+        maps = F.relu(self.classifier(features))
+        maps = maps / (maps.flatten(2).amax(2)[..., None, None] + NORMALISATION_EPS)
+        pooled = torch.einsum("nkhw,ndhw->nkd", maps, features) / (features.shape[2] * features.shape[3])
+        return self.classify(features), F.linear(pooled, self.recam.weight.flatten(1))
+
+    def cams(self, images: torch.Tensor) -> torch.Tensor:
+        """ReCAM's maps: f_cam under the element-wise product of the two classifiers' weights,
+        before ReLU and normalisation: (N, K, h, w)."""
+        return F.conv2d(self.features(images), self.recam.weight * self.classifier.weight)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return list(self.recam.parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Everything the CAM network trained: fine-tuned at the base rate, the new classifier at
+        new_layer_lr_mult times it."""
+        return super().backbone_parameters() + super().new_parameters()
+
+    def with_recam(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A CAM network's state dict completed with this network's (untrained) ReCAM classifier:
+        what :meth:`load_state_dict` takes to start the fine-tuning."""
+        return {**state, **{f"recam.{key}": value for key, value in self.recam.state_dict().items()}}
+
+
+def recam_loss(logits: torch.Tensor, recam_logits: torch.Tensor, targets: torch.Tensor,
+               weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReCAM's training loss on :meth:`ReCAMNet.forward`'s outputs and the images' multi-hot tags
+    (N, K): the multi-label soft margin loss plus ``weight`` times the softmax cross-entropy of
+    each present class's pooled feature against that class, averaged over an image's classes and
+    then over the batch. Returns (loss, the cross-entropy term)."""
+    image, cls = (targets > 0).nonzero(as_tuple=True)
+    per_image = (targets > 0).sum(1).clamp(min=1).to(recam_logits.dtype)
+    terms = F.cross_entropy(recam_logits[image, cls].float(), cls, reduction="none")
+    cross_entropy = (terms / per_image[image]).sum() / len(targets)
+    return F.multilabel_soft_margin_loss(logits, targets) + weight * cross_entropy, cross_entropy
+
+
 def normalise_cams(summed: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     """Keep the image's classes (1-based indices into the K object classes) and divide each map by
     its maximum so the peak is 1 (Eq. 1's normalisation). Input (K, H, W) of ReLU'd scores."""
@@ -124,15 +178,30 @@ class CAMMethod:
         return normalise_cams(torch.stack(maps).sum(0), classes)
 
 
-# CAM methods (config key ``cam.method``): a CAMMethod subclass, built without arguments.
+# CAM methods (config key ``cam.method``): a CAMMethod subclass, built without arguments; a
+# method that needs a network of its own names it (``network=``, a registered network's kind).
 METHODS = Registry("CAM method")
 register_method = METHODS.register
+
+
+def method_network(method: str) -> str:
+    """The network (``models.networks``) whose maps CAM method ``method`` reads: the CAM
+    network's, ``cam``, unless the method registered another. An unknown name reads the CAM
+    network's: the graph is drawn before the names are checked (``pipeline.settings``)."""
+    return METHODS.get(method).info.get("network", "cam") if method in METHODS else "cam"
 
 
 @register_method("cam", description="Eq. 1: the classifier's weights applied at every position of f_cam")
 class ClassActivationMap(CAMMethod):
     def maps(self, model: CAMNet, batch: torch.Tensor) -> torch.Tensor:
         return model.cams(batch)
+
+
+@register_method("recam", network="recam",
+                 description="ReCAM (Chen et al., CVPR 2022): Eq. 1 with the product of the classifier's and "
+                             "ReCAM's weights, after train-recam")
+class ReactivatedCAM(ClassActivationMap):
+    """Eq. 1 on :class:`ReCAMNet`, whose ``cams`` are ReCAM's maps."""
 
 
 @register_method("gradcam", description="Grad-CAM (Selvaraju et al.): f_cam's channels weighted by the spatial mean "

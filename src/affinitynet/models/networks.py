@@ -19,7 +19,7 @@ from ..errors import TrainingError
 from ..registry import Registry
 from .affinity import AffinityNet
 from .backbones import create_backbone
-from .cam import CAMNet
+from .cam import CAMNet, ReCAMNet
 from .irnet import IRNet
 from .segmentation import CHECKPOINT_KIND, META_KEYS, SEGMENTATION_DILATION, SegmentationNet
 
@@ -36,7 +36,8 @@ def imagenet_weights(config: dict[str, Any], pretrained: bool = True):
 def train_output_stride(kind: str, config: dict[str, Any]) -> int:
     """The output stride network ``kind`` is trained at: its section's ``train_output_stride``, or
     ``backbone.output_stride``, the stride every network runs at in inference."""
-    stride = config.get(kind, {}).get("train_output_stride") if kind in TRAINED_COARSER else None
+    section = STRIDE_SECTION.get(kind, kind)
+    stride = config.get(section, {}).get("train_output_stride") if section in TRAINED_COARSER else None
     return int(stride or config["backbone"]["output_stride"])
 
 
@@ -132,15 +133,25 @@ def networks() -> list[Network]:
     return [network(entry.name) for entry in NETWORKS]
 
 
-@register_network("cam", stage="train_cam", checked=("head", "atrous", "train_output_stride"),
-                  recorded=(("head", "cam.head"), ("head_channels", "cam.head_channels"),
-                            ("train_output_stride", "cam.train_output_stride")))
-def _cam(config, num_classes, pretrained, output_stride):
-    model = CAMNet(_backbone(config, pretrained, output_stride), num_classes - 1, config["cam"]["head_channels"],
-                   config["cam"]["head"])
-    # Section 4.2's 3x3 convolution is on the map the network is trained on.
-    dilate(model.head, train_output_stride("cam", config) // output_stride)
-    return model
+def _cam_network(model_class: type[CAMNet], kind: str) -> Callable[[dict[str, Any], int, bool, int], nn.Module]:
+    """The builder of a CAM network (``cam``, or ``recam`` with ReCAM's second classifier)."""
+
+    def build(config, num_classes, pretrained, output_stride):
+        model = model_class(_backbone(config, pretrained, output_stride), num_classes - 1,
+                            config["cam"]["head_channels"], config["cam"]["head"])
+        # Section 4.2's 3x3 convolution is on the map the network is trained on.
+        dilate(model.head, train_output_stride(kind, config) // output_stride)
+        return model
+
+    return build
+
+
+_CAM_RECORDED = (("head", "cam.head"), ("head_channels", "cam.head_channels"),
+                 ("train_output_stride", "cam.train_output_stride"))
+_CAM_CHECKED = ("head", "atrous", "train_output_stride")
+register_network("cam", stage="train_cam", checked=_CAM_CHECKED, recorded=_CAM_RECORDED)(_cam_network(CAMNet, "cam"))
+register_network("recam", stage="train_recam", checked=_CAM_CHECKED,
+                 recorded=_CAM_RECORDED)(_cam_network(ReCAMNet, "recam"))
 
 
 @register_network("affinity", stage="train_affinity", checked=("channels", "distance", "atrous", "backbone_stride"),
@@ -175,6 +186,19 @@ def _segmentation(config, num_classes, pretrained, output_stride):
 # (radius gamma of Eq. 4) are counted on the grid the walk reads, so they train at that stride
 # (AffinityNet's backbone may run coarser in training and walk alike: ``affinity.backbone_stride``).
 TRAINED_COARSER = ("cam", "segmentation")
+# ReCAM fine-tunes the CAM network at the stride the CAM network was trained at, with no
+# fine-tuning epochs of its own at the inference stride.
+STRIDE_SECTION = {"recam": "cam"}
+# ReCAM trains on the CAM network's images, batches and optimizer; its section holds the rest.
+RECAM_OWN_KEYS = ("epochs", "lr", "new_layer_lr_mult")
+
+
+def training_section(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The training keys of network ``kind`` (batch size, epochs, optimizer, crop, ...): its config
+    section, or for ``recam`` the CAM network's with the epochs and rates of ``recam``."""
+    if kind == "recam":
+        return {**config["cam"], **{key: config["recam"][key] for key in RECAM_OWN_KEYS}}
+    return config[kind]
 
 
 def build_network(kind: str, config: dict[str, Any], num_classes: int, pretrained: bool = True,

@@ -12,7 +12,7 @@ from ..engine import distributed
 from ..engine.training import batch_per_process
 from ..errors import InputError
 from ..files import CONFIG_FILE
-from ..models.networks import networks
+from ..models.networks import networks, training_section
 from .graph import readers, stage, stages
 from .run_dir import check_run_dir, is_complete, json_or_none, record_run, skip_reason, training_split
 from .size_rules import resolve_auto
@@ -83,7 +83,7 @@ def preflight(config: dict[str, Any], replace: bool = False, announce: bool = Fa
     names = {spec.name for spec in stages(config)} if names is None else set(names)
     for network in networks():
         if network.stage in names:
-            batch_per_process(config[network.kind], network.kind, int(os.environ.get("WORLD_SIZE", "1")))
+            batch_per_process(training_section(network.kind, config), network.kind, int(os.environ.get("WORLD_SIZE", "1")))
     check_run_dir(config, replace=replace)      # before the dataset is read (a demo is generated)
     data = training_split(config)
     if announce and distributed.is_main():

@@ -40,6 +40,7 @@ from ..models.networks import (
     network,
     network_meta,
     set_geometry,
+    training_section,
 )
 from ..ops.inter_pixel import path_max_affinities
 from ..pipeline import Stage, StageRun, stage, training_keys
@@ -156,16 +157,18 @@ def _fine_tuning(kind: str, config: dict[str, Any], num_classes: int, model):
 
 
 def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, step,
-                seed: int | None = None, check=None, name: str | None = None) -> dict[str, Any]:
-    """What every training stage's ``run`` does: network ``kind`` (its config section has the same
-    name; ``networks.network(kind)`` names the stage that trains it) trained by the shared loop
+                seed: int | None = None, check=None, name: str | None = None, init=None) -> dict[str, Any]:
+    """What every training stage's ``run`` does: network ``kind`` (``networks.network(kind)`` names
+    the stage that trains it) trained by the shared loop
     (``training.train``) on the training split, the backbone at the base learning rate and the new
     layers at ``new_layer_lr_mult`` times it, BatchNorm frozen (the paper's setting).
     ``make_train_set(data, backbone)`` gives the stage's augmented images; ``check(data)`` refuses
     the inputs before the network is built. ``seed`` replaces the run's seed and is recorded. The
     marker holds the epochs, the images trained on (a bad image is not one), and the last epoch's
     means as ``final_loss`` and ``final_<part>``. ``name``: another stage that trains ``kind``
-    (the refinement round's first segmentation network)."""
+    (the refinement round's first segmentation network). ``init(model, data)`` sets the weights it
+    starts from in place of the ImageNet ones (ReCAM's: the trained CAM network's). The training
+    keys are ``networks.training_section(kind)``: the section's, but ReCAM's."""
 
     device = setup(config, seed)
     job = StageRun(config, name or network(kind).stage, force)
@@ -173,8 +176,10 @@ def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, 
     job.skipped.extend(data.skipped)
     if check is not None:
         check(data)
-    model = build_network(kind, config, data.num_classes, training=True)
-    section = config[kind]
+    model = build_network(kind, config, data.num_classes, pretrained=init is None, training=True)
+    if init is not None:
+        init(model, data)
+    section = training_section(kind, config)
     train_set = make_train_set(data, model.backbone)
     result = train(model=model, groups=[(model.backbone_parameters(), 1.0),
                                         (model.new_parameters(), section["new_layer_lr_mult"])],
@@ -190,6 +195,18 @@ def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, 
     last = result.history[-1] if result.history else {}
     return job.finish(epochs=result.epochs, **({} if seed is None else {"seed": seed}),
                       **{f"final_{key}": value for key, value in last.items() if key != "epoch"})
+
+
+class CAMTrainSet(AugmentedTrainSet):
+    """Random rescale of the long side, then the shared augmentation (5.1); the target is the
+    image's tags."""
+
+    def rescale(self, image, label, rng):
+        low, high = self.section["resize_long"]
+        return transforms.random_resize_long(image, label, low, high, rng)
+
+    def target(self, label, sample):
+        return self.dataset.multi_hot(sample)
 
 
 # The keys of every segmentation network's training: train_seg's and the refinement round's first
@@ -297,13 +314,20 @@ def load_network(kind: str, config: dict[str, Any], device: torch.device, num_cl
     """The ``kind`` network of the run (``num_classes`` with background), from its stage's
     ``model.pt``, checked against the config's backbone and layout and, given, the dataset's
     classes; in eval mode on ``device``."""
+    model = build_network(kind, config, num_classes, pretrained=False)
+    path, state = trained_weights(kind, config, class_names)
+    load_weights(model, state, path)
+    return model.to(device).eval()
+
+
+def trained_weights(kind: str, config: dict[str, Any], class_names=None) -> tuple[Path, dict[str, Any]]:
+    """(path, state dict) of the ``kind`` network's ``model.pt`` in the run, checked as
+    :func:`load_network` checks it."""
     path = model_path(kind, config)
     state, meta = load_checkpoint_meta(path)
     check_meta(path, meta, class_names, config["backbone"]["name"], stage(network(kind).stage).command,
                layout(kind, config))
-    model = build_network(kind, config, num_classes, pretrained=False)
-    load_weights(model, state, path)
-    return model.to(device).eval()
+    return path, state
 
 
 def start(config: dict[str, Any], name: str, force: bool):

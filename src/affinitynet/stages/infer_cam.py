@@ -11,7 +11,8 @@ from ..engine import distributed
 from ..engine.precision import for_inference
 from ..files import save_label_png, save_npz
 from ..metrics import format_table
-from ..models.cam import infer_cams
+from ..models.cam import infer_cams, method_network
+from ..models.networks import network
 from ..ops.background import labels_from_scores, with_background
 from ..pipeline import Stage, StageRun, map_images, register_stage
 from .common import label_images, load_network, score, setup
@@ -22,10 +23,11 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     job = StageRun(config, "infer_cam", force)
     data = label_images(config)
     job.skipped.extend(data.skipped)
-    model = for_inference(load_network("cam", config, device, data.num_classes, data.class_names),
+    section = config["cam"]
+    model = for_inference(load_network(method_network(section["method"]), config, device, data.num_classes,
+                                       data.class_names),
                           device, config["amp"], config["channels_last"], methods=("cams", "features", "classify"))
     mean, std = model.backbone.mean, model.backbone.std
-    section = config["cam"]
     cam_dir, label_dir = STAGE.output("cams", config), STAGE.output("labels", config)
 
     def outputs(sample):
@@ -53,5 +55,6 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
 
 STAGE = register_stage(Stage("infer_cam", "infer-cam", "multi-scale CAMs and the CAM-only labels (Eq. 1-2, Table 1 'CAM')",
               keys=("dataset.label_split", "cam.scales", "cam.flip", "cam.eval_alpha", "cam.eval_bg_threshold"),
-              upstream=("train_cam",), outputs={"cams": "cams", "labels": "labels"}, run=run,
+              upstream=lambda config: (network(method_network(config["cam"]["method"])).stage,),
+              outputs={"cams": "cams", "labels": "labels"}, run=run,
               optional_keys=("cam.method",)))

@@ -5,22 +5,8 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from ..data import transforms
-from ..engine.training import AugmentedTrainSet
 from ..pipeline import Stage, register_stage, training_keys
-from .common import train_stage
-
-
-class CAMTrainSet(AugmentedTrainSet):
-    """Random rescale of the long side, then the shared augmentation (5.1); the target is the
-    image's tags."""
-
-    def rescale(self, image, label, rng):
-        low, high = self.section["resize_long"]
-        return transforms.random_resize_long(image, label, low, high, rng)
-
-    def target(self, label, sample):
-        return self.dataset.multi_hot(sample)
+from .common import CAMTrainSet, train_stage
 
 
 def classification_step(model, batch):
