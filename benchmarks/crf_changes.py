@@ -24,7 +24,7 @@ from tqdm import tqdm
 from affinitynet.config import load_config
 from affinitynet.files import load_label_png
 from affinitynet.metrics import IGNORE_INDEX, ConfusionMatrix
-from affinitynet.ops.pseudo_labels import boundary_band, refinement
+from affinitynet.ops.pseudo_labels import boundary_band
 from affinitynet.stages.common import dataset
 
 from .common import Benchmark
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(run_dir / "config.yaml")
     data = dataset(config, "label_split")
     walk_dir = run_dir / "random_walk" / "rw_labels"
-    mode = refinement(config["random_walk"]["crf"])
+    mode = config["random_walk"]["crf"]
     if mode == "off":
         print(f"{run_dir}: this run has no dCRF (random_walk.crf is off)", file=sys.stderr)
         return 1

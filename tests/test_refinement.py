@@ -10,7 +10,8 @@ import tiny_pipeline as tiny
 from affinitynet.config import load_config
 from affinitynet.errors import ConfigError
 from affinitynet.files import load_label_png, read_json
-from affinitynet.ops.pseudo_labels import band_limited, boundary_band, refinement
+from affinitynet import pipeline
+from affinitynet.ops.pseudo_labels import band_limited, boundary_band
 
 
 def reference_band(labels: np.ndarray, width: int) -> np.ndarray:
@@ -51,8 +52,16 @@ def test_band_limited_takes_the_crf_only_near_the_walks_boundaries():
     assert out.dtype == walked.dtype
 
 
-def test_refinement_spellings():
-    assert [refinement(v) for v in (True, False, "band", "full", "off")] == ["full", "off", "band", "full", "off"]
+def test_refinement_spellings_are_one_value_and_one_hash():
+    # An unquoted off is YAML's false: on the command line, in a file, the old boolean spellings.
+    spelled = {text: load_config("msrc21", [f"random_walk.crf={text}", f"irn.crf={text}", "dataset.root=/x",
+                                            "run_dir=/y"], check=False)
+               for text in ("off", "false", "'off'", "true", "full", "band")}
+    for text, value in [("off", "off"), ("false", "off"), ("'off'", "off"), ("true", "full"), ("full", "full"),
+                        ("band", "band")]:
+        assert spelled[text]["random_walk"]["crf"] == spelled[text]["irn"]["crf"] == value
+    hashes = {text: pipeline.stage_hash(config, "random_walk") for text, config in spelled.items()}
+    assert hashes["off"] == hashes["false"] == hashes["'off'"] != hashes["true"] == hashes["full"] != hashes["band"]
 
 
 def _walk(tmp_path, reference, *extra):
@@ -111,7 +120,7 @@ def test_off_stage_trains_on_the_walks_labels(tmp_path, reference):
 def test_boolean_spellings_are_accepted_and_other_values_refused(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("dataset:\n  name: demo\nrandom_walk:\n  crf: true\n")
-    assert refinement(load_config(path)["random_walk"]["crf"]) == "full"
+    assert load_config(path)["random_walk"]["crf"] == "full"
     path.write_text("dataset:\n  name: demo\nrandom_walk:\n  crf: sometimes\n")
     with pytest.raises(ConfigError, match="random_walk.crf' must be one of 'band', 'full', 'off'"):
         load_config(path)

@@ -31,6 +31,9 @@ class Rule:
     check: Callable[[Any], bool]
     # The names a value is one of, for the "did you mean" of a misspelt one.
     choices: Callable[[], Iterable[str]] | None = None
+    # Another spelling of a value, as the value it means: applied where the value is set, so that
+    # the stages, the saved config and the stage hashes see one spelling.
+    canonical: Callable[[Any], Any] | None = None
 
 
 def did_you_mean(value: Any, names: Iterable[str]) -> str:
@@ -129,6 +132,15 @@ def _names(max_length: int = 10_000) -> Rule:
     return Rule(f"a list of 1 to {max_length} names (or null)",
                 lambda v: v is None or (isinstance(v, list) and 0 < len(v) <= max_length
                                         and all(isinstance(n, str) and n.strip() and len(n) <= 255 for n in v)))
+
+
+def _refinement() -> Rule:
+    """A refinement of walked labels. true and false are 'full' and 'off': the older spellings,
+    and what YAML makes of an unquoted on / off (``random_walk.crf=off`` on the command line)."""
+    choices = ("band", "full", "off")
+    return Rule("one of 'band', 'full', 'off' (or true/false)", lambda v: isinstance(v, str) and v in choices,
+                lambda: choices,
+                lambda v: ({True: "full", False: "off"}[v] if isinstance(v, bool) else v))
 
 
 def _boolean() -> Rule:
@@ -350,11 +362,9 @@ SETTINGS: dict[str, Any] = {
         "radius": Setting(5, "radius of the affinity matrix's pairs", _number(1, 64, integer=True)),
         "scale": Setting(1.0, "AffinityNet's input scale for the walk (above 1: a finer grid)",
                          _number(0, 8, strict_low=True)),
-        # true and false: the older spellings of 'full' and 'off'.
         "crf": Setting("full", "refinement of the walked labels that train the network: 'full' (the paper's dCRF), "
                                "'band' (the dCRF within half a grid cell of the walk's boundaries), 'off'",
-                       Rule("one of 'band', 'full', 'off' (or true/false)",
-                            lambda v: isinstance(v, bool) or v in ("band", "full", "off"))),
+                       _refinement()),
     },
     # labels.method: irn (IRN, Ahn, Cho & Kwak 2019), on the stride-4 grid.
     "irn": {
@@ -376,7 +386,7 @@ SETTINGS: dict[str, Any] = {
         "beta": Setting(10.0, "IRN: Hadamard power of the path-max affinities", _number(0, 1000, strict_low=True)),
         "t": Setting(256, "IRN: walk iterations", _number(1, 1_000_000, integer=True)),
         "crf": Setting("band", "IRN: refinement of the walked labels: 'band', 'full' (the dCRF) or 'off', as "
-                               "random_walk.crf", _choice("band", "full", "off")),
+                               "random_walk.crf", _refinement()),
         # irn's: 3 epochs of SGD at 0.1 without momentum, weight decay 1e-4, poly; every trained
         # layer is new (the backbone is frozen), so no multiplier.
         **_training("IRNet", batch_size=8, epochs=3, optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=1e-4,
@@ -501,7 +511,8 @@ def _set(config: dict[str, Any], dotted: str, value: Any, source: str) -> None:
         else:
             hint = "known top-level keys: " + ", ".join(sorted({k.split('.')[0] for k in known}))
         raise ConfigError(f"{source}: unknown config key '{dotted}' ({hint})")
-    _assign(config, dotted, value)
+    canonical = getattr(RULES.get(dotted), "canonical", None)
+    _assign(config, dotted, canonical(value) if canonical else value)
 
 
 def show_value(value: Any) -> str:

@@ -103,16 +103,6 @@ def refine_with_crf(image: np.ndarray, scores: torch.Tensor, crf: CRFParams) -> 
 REFINEMENTS = ("band", "full", "off")
 
 
-def refinement(value: str | bool) -> str:
-    """The refinement a ``random_walk.crf`` value names; true and false are the older spellings
-    of ``full`` and ``off``."""
-    if value is True:
-        return "full"
-    if value is False or value is None:
-        return "off"
-    return str(value)
-
-
 def boundary_band(labels: np.ndarray, width: int) -> np.ndarray:
     """Pixels within ``width`` pixels of a label boundary of ``labels`` (H, W), both sides: the
     pixels on either side of every change between 4-neighbours, grown by a (2 width - 1) square,

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..files import load_npz, save_npz, save_rgb_png
 from ..models.affinity import boundary_image, boundary_map
 from ..ops.crf import CRFParams
-from ..ops.pseudo_labels import label_maps, refined_rows, refinement, save_refined
+from ..ops.pseudo_labels import label_maps, refined_rows, save_refined
 from ..ops.random_walk import pair_affinities
 from ..pipeline import Stage, StageRun, map_images, register_stage, stage
 from .common import label_images, load_network, setup, table1
@@ -33,7 +33,7 @@ def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     """(Table 1 title, output) of each kind of label this stage writes under ``config``, in the
     order of the pipeline. The last row's labels are those in ``pseudo_labels``, which train the
     segmentation network."""
-    return refined_rows("CAM+RW", refinement(config["random_walk"]["crf"]))
+    return refined_rows("CAM+RW", config["random_walk"]["crf"])
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     stride = int(stride)
     distance = config["affinity"]["distance"]
     # The config's rule has already refused any other value.
-    mode = refinement(section["crf"])
+    mode = section["crf"]
     crf = CRFParams.from_config(config["crf"]) if mode != "off" else None
     cam_dir = stage("infer_cam").output("cams", config)
     dirs = {name: STAGE.output(name, config) for name in STAGE.outputs}
