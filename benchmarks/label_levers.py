@@ -11,7 +11,9 @@ Levers (``LEVERS``):
 - ``walk_labels``: the walk's labels train the network, ``random_walk.crf=off``, instead of the
   band (the refinement that never loses to the walk is none);
 - ``recam``: ReCAM's maps, ``cam.method=recam`` (the CAM network fine-tuned with a softmax
-  cross-entropy on its class-pooled features, ``train_recam``).
+  cross-entropy on its class-pooled features, ``train_recam``);
+- ``walk_cams``: the confident regions cut from the CAMs walked with a first AffinityNet,
+  ``affinity.refine_cams=true`` (that AffinityNet is the baseline's own).
 
 Seed k runs in ``runs/msrc21_<lever>[_seed<k>]``, as the baseline's seed k does: seed 0 with the
 run's seed, every further seed with ``segmentation.seed=k``. Work the lever leaves unchanged is not
@@ -47,6 +49,7 @@ LEVERS: dict[str, tuple[tuple[str, ...], str]] = {
     "refine": (("labels.refine=true",), "gain"),
     "walk_labels": (("random_walk.crf=off",), "no loss"),
     "recam": (("cam.method=recam",), "gain"),
+    "walk_cams": (("affinity.refine_cams=true",), "gain"),
 }
 
 

@@ -21,6 +21,7 @@ from affinitynet.engine.checkpoints import load_checkpoint
 from affinitynet.errors import InputError
 from affinitynet.files import load_image
 from affinitynet.pipeline import lock as run_lock
+from affinitynet.stages import common as stage_common
 
 STEPS = tiny.STEPS_PER_EPOCH
 
@@ -191,11 +192,9 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(reference, t
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_non_finite_loss_stops_with_the_epoch_1_checkpoint_intact(reference, tmp_path, monkeypatch, capsys, bad):
-    import affinitynet.stages.train_affinity as train_affinity
-
     ref_run, data_root = reference
     run = tiny.copy_stages(ref_run, tmp_path / "run", ["confident_regions"])
-    real_make_step = train_affinity.make_step
+    real_make_step = stage_common.affinity_step
     calls = [0]
 
     def make_step(*args, **kwargs):
@@ -209,7 +208,7 @@ def test_non_finite_loss_stops_with_the_epoch_1_checkpoint_intact(reference, tmp
             return loss, parts
         return poisoned
 
-    monkeypatch.setattr(train_affinity, "make_step", make_step)
+    monkeypatch.setattr(stage_common, "affinity_step", make_step)
     args = tiny.argv("train-affinity", run, data_root)
     code, out, err = tiny.cli(args, capsys)
     checkpoint = run / "train_affinity" / "checkpoint.pt"

@@ -330,6 +330,9 @@ SETTINGS: dict[str, Any] = {
         "alpha_low": Setting(4.0, "low alpha: amplified background, confident objects (3.2.1)", _number(1, 1000)),
         "alpha_high": Setting(24.0, "high alpha: weakened background, confident background (3.2.1)",
                               _number(1, 1000)),   # the released code: 32
+        "refine_cams": Setting(False, "cut the confident regions from the CAMs walked class by class with a first "
+                                      "AffinityNet (draft-regions, draft-affinity, walk-cams), not from the CAMs",
+                               _boolean()),
         # irn's cam_to_ir_label.py: constant CAM thresholds (set on VOC) and its label dCRF.
         "confidence": Setting("alpha", "confident regions: 'alpha' (alpha_low / alpha_high and the dCRF of 'crf', "
                                        "3.2.1) or 'threshold' (irn's: conf_fg_threshold / conf_bg_threshold, each "

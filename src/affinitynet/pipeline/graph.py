@@ -29,6 +29,8 @@ RUNTIME_KEYS: dict[str, str] = {
     "dataset.max_skipped": "a check before the stages run",
     "labels.method": "chooses the label stage, whose hash the network's stages hash",
     "labels.refine": "chooses the stage of the network's training labels, whose hash train_seg hashes",
+    "affinity.refine_cams": "chooses the stage of the CAMs the confident regions are cut from, whose hash "
+                            "confident_regions hashes",
     "report.gallery_size": "affinitynet report, not a stage",
     "sweep.betas": "affinitynet sweep, not a stage",
     "sweep.ts": "affinitynet sweep, not a stage",

@@ -83,7 +83,8 @@ def preflight(config: dict[str, Any], replace: bool = False, announce: bool = Fa
     names = {spec.name for spec in stages(config)} if names is None else set(names)
     for network in networks():
         if network.stage in names:
-            batch_per_process(training_section(network.kind, config), network.kind, int(os.environ.get("WORLD_SIZE", "1")))
+            batch_per_process(training_section(network.kind, config), network.kind,
+                              int(os.environ.get("WORLD_SIZE", "1")))
     check_run_dir(config, replace=replace)      # before the dataset is read (a demo is generated)
     data = training_split(config)
     if announce and distributed.is_main():

@@ -23,9 +23,17 @@ from ..engine import distributed
 from ..engine.precision import for_inference
 from ..engine.training import AugmentedTrainSet, resolve_device, train
 from ..errors import InputError, TrainingError
-from ..files import IGNORE_INDEX, load_label_png
+from ..files import IGNORE_INDEX, load_label_png, load_npz, save_label_png
 from ..metrics import ConfusionMatrix, format_table, score_samples, scored_samples, summarize_scores
-from ..models.affinity import downsample_labels
+from ..models.affinity import (
+    NEUTRAL,
+    affinity_loss_from_distances,
+    confident_regions,
+    downsample_labels,
+    feature_distances,
+    pair_labels,
+    threshold_confident_regions,
+)
 from ..models.backbones import freeze_batchnorm
 from ..models.irnet import predict
 from ..models.networks import (
@@ -42,8 +50,9 @@ from ..models.networks import (
     set_geometry,
     training_section,
 )
+from ..ops.crf import CRFParams
 from ..ops.inter_pixel import path_max_affinities
-from ..pipeline import Stage, StageRun, stage, training_keys
+from ..pipeline import Stage, StageRun, map_images, stage, training_keys
 
 
 class AffinityTrainSet(AugmentedTrainSet):
@@ -168,7 +177,7 @@ def train_stage(config: dict[str, Any], force: bool, kind: str, make_train_set, 
     means as ``final_loss`` and ``final_<part>``. ``name``: another stage that trains ``kind``
     (the refinement round's first segmentation network). ``init(model, data)`` sets the weights it
     starts from in place of the ImageNet ones (ReCAM's: the trained CAM network's). The training
-    keys are ``networks.training_section(kind)``: the section's, but ReCAM's."""
+    keys (epochs, rates, batch, crop) are ``networks.training_section(kind, config)``."""
 
     device = setup(config, seed)
     job = StageRun(config, name or network(kind).stage, force)
@@ -304,28 +313,30 @@ def segmentation_model(config: dict[str, Any], name: str, device: torch.device, 
     return for_inference(model, device, config["amp"], config["channels_last"]), meta
 
 
-def model_path(kind: str, config: dict[str, Any]) -> Path:
-    """The ``model.pt`` of the stage that trains ``kind``."""
-    return stage(network(kind).stage).output("model", config)
+def model_path(kind: str, config: dict[str, Any], name: str | None = None) -> Path:
+    """The ``model.pt`` of the stage that trains ``kind`` (or of stage ``name``, another that does)."""
+    return stage(name or network(kind).stage).output("model", config)
 
 
 def load_network(kind: str, config: dict[str, Any], device: torch.device, num_classes: int,
-                 class_names=None) -> nn.Module:
+                 class_names=None, name: str | None = None) -> nn.Module:
     """The ``kind`` network of the run (``num_classes`` with background), from its stage's
     ``model.pt``, checked against the config's backbone and layout and, given, the dataset's
-    classes; in eval mode on ``device``."""
+    classes; in eval mode on ``device``. ``name``: another stage that trains ``kind`` (the first
+    AffinityNet of ``affinity.refine_cams``)."""
     model = build_network(kind, config, num_classes, pretrained=False)
-    path, state = trained_weights(kind, config, class_names)
+    path, state = trained_weights(kind, config, class_names, name)
     load_weights(model, state, path)
     return model.to(device).eval()
 
 
-def trained_weights(kind: str, config: dict[str, Any], class_names=None) -> tuple[Path, dict[str, Any]]:
-    """(path, state dict) of the ``kind`` network's ``model.pt`` in the run, checked as
-    :func:`load_network` checks it."""
-    path = model_path(kind, config)
+def trained_weights(kind: str, config: dict[str, Any], class_names=None,
+                    name: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """(path, state dict) of the ``kind`` network's ``model.pt`` in the run (in stage ``name``,
+    given), checked as :func:`load_network` checks it."""
+    path = model_path(kind, config, name)
     state, meta = load_checkpoint_meta(path)
-    check_meta(path, meta, class_names, config["backbone"]["name"], stage(network(kind).stage).command,
+    check_meta(path, meta, class_names, config["backbone"]["name"], stage(name or network(kind).stage).command,
                layout(kind, config))
     return path, state
 
@@ -350,12 +361,91 @@ def relations(model, image: np.ndarray, radius: int, device: torch.device):
         return boundary, displacement, path_max_affinities(boundary, radius).float().cpu()
 
 
-def train_on_pairs(config: dict[str, Any], force: bool, kind: str, stride: int, step) -> dict[str, Any]:
+def train_on_pairs(config: dict[str, Any], force: bool, kind: str, stride: int, step,
+                   regions: str = "confident_regions", name: str | None = None) -> dict[str, Any]:
     """:func:`train_stage` for a network that learns from the pairs of the confident regions
-    (AffinityNet, IRNet): :class:`AffinityTrainSet` with the labels on the grid of ``stride``."""
-    labels = stage("confident_regions").output("labels", config)
+    (AffinityNet, IRNet): :class:`AffinityTrainSet` with the labels on the grid of ``stride``.
+    ``regions``, ``name``: the stage of the confident regions and the stage that trains (the first
+    AffinityNet of ``affinity.refine_cams``: ``draft_regions``, ``draft_affinity``)."""
+    labels = stage(regions).output("labels", config)
     section = config[kind]
     return train_stage(config, force, kind,
                        lambda data, backbone: AffinityTrainSet(data, labels, section, backbone.mean, backbone.std,
                                                                stride, config["seed"]),
-                       step)
+                       step, name=name)
+
+
+# AffinityNet's training (train_affinity, and draft_affinity under affinity.refine_cams): its keys.
+AFFINITY_KEYS = (("seed", "backbone", "affinity.radius", "affinity.distance", "affinity.channels")
+                 + training_keys("affinity"))
+AFFINITY_OPTIONAL_KEYS = ("affinity.backbone_stride",)
+
+
+def affinity_step(radius: int, distance: str):
+    """AffinityNet's training step: the class-balanced loss (Eq. 7-10) on the pairs within ``radius``."""
+
+    def step(model, batch):
+        images, grid_labels = batch
+        distances = feature_distances(model(images), radius, distance)
+        masks = pair_labels(grid_labels, radius)
+        loss, parts = affinity_loss_from_distances(distances, masks["pos_fg"], masks["pos_bg"], masks["neg"])
+        return loss, {part: float(value) for part, value in parts.items()}
+
+    return step
+
+
+def train_affinitynet(config: dict[str, Any], force: bool, regions: str = "confident_regions",
+                      name: str | None = None) -> dict[str, Any]:
+    """AffinityNet trained on the pairs of the confident regions of stage ``regions`` (3.2.2,
+    Eq. 7-10), its labels on the walk's grid whatever stride the backbone runs at."""
+    step = affinity_step(config["affinity"]["radius"], config["affinity"]["distance"])
+    return train_on_pairs(config, force, "affinity", config["backbone"]["output_stride"], step, regions, name)
+
+
+# The confident regions' keys (confident_regions, and draft_regions under affinity.refine_cams).
+REGION_KEYS = ("affinity.alpha_low", "affinity.alpha_high", "crf")
+REGION_OPTIONAL_KEYS = ("affinity.confidence", "affinity.conf_fg_threshold", "affinity.conf_bg_threshold")
+
+
+def cut_confident_regions(config: dict[str, Any], force: bool, name: str, cams: Stage) -> dict[str, Any]:
+    """Stage ``name``: the confident object / background / neutral label maps of the CAMs that
+    stage ``cams`` wrote (3.2.1, Fig. 4a), low and high alpha each refined by the dense CRF; or,
+    with ``affinity.confidence: threshold``, irn's constant thresholds. Records the share of
+    confident pixels."""
+    setup(config)
+    job = StageRun(config, name, force)
+    data = dataset(config, "train_split")
+    job.skipped.extend(data.skipped)
+    cam_dir = cams.output("cams", config)
+    out_dir = stage(name).output("labels", config)
+    section = config["affinity"]
+    crf_params = CRFParams.from_config(config["crf"])
+
+    counted: dict[str, tuple[int, int]] = {}   # confident and all pixels of each image's map
+
+    def work(sample):
+        image = data.load_image(sample)
+        stored = load_npz(cam_dir / f"{sample.id}.npz")
+        maps, classes = stored["cams"].astype("float32"), stored["classes"].tolist()
+        if section["confidence"] == "threshold":
+            labels = threshold_confident_regions(image, maps, classes, section["conf_fg_threshold"],
+                                                 section["conf_bg_threshold"])
+        else:
+            labels = confident_regions(image, maps, classes, section["alpha_low"], section["alpha_high"], crf_params)
+        save_label_png(out_dir / f"{sample.id}.png", labels)
+        counted[sample.id] = (int((labels != NEUTRAL).sum()), labels.size)
+
+    map_images(job, data.samples, lambda s: [out_dir / f"{s.id}.png"], work, stage(name).command,
+               config["strict"])
+    # A resumed stage's share covers the maps an earlier run wrote too; each process counts its shard.
+    for sample in distributed.shard(data.samples):
+        path = out_dir / f"{sample.id}.png"
+        if sample.id not in counted and path.exists():
+            labels = load_label_png(path)
+            counted[sample.id] = (int((labels != NEUTRAL).sum()), labels.size)
+    counts = torch.tensor([sum(c for c, _ in counted.values()), sum(n for _, n in counted.values())])
+    confident, pixels = distributed.all_reduce_sum(counts).tolist()
+    share = confident / pixels if pixels else None
+    if share is not None and distributed.is_main():
+        print(f"[{name}] confident pixels: {100 * share:.1f}% (neutral {100 * (1 - share):.1f}%)")
+    return job.finish(confident_share=share)
