@@ -111,8 +111,7 @@ class ReCAMNet(CAMNet):
         """(image-level logits (N, K), ReCAM logits (N, K, K)): row c of an image's ReCAM logits
         classifies the feature its class-c CAM pools, whether or not c is present."""
         features = self.features(images)
-        maps = F.relu(self.classifier(features))
-        maps = maps / (maps.flatten(2).amax(2)[..., None, None] + NORMALISATION_EPS)
+        maps = divide_by_peak(F.relu(self.classifier(features)))
         pooled = torch.einsum("nkhw,ndhw->nkd", maps, features) / (features.shape[2] * features.shape[3])
         return self.classify(features), F.linear(pooled, self.recam.weight.flatten(1))
 
@@ -152,9 +151,13 @@ def normalise_cams(summed: torch.Tensor, classes: Sequence[int]) -> torch.Tensor
     """Keep the image's classes (1-based indices into the K object classes) and divide each map by
     its maximum so the peak is 1 (Eq. 1's normalisation). Input (K, H, W) of ReLU'd scores."""
     index = torch.as_tensor([c - 1 for c in classes], dtype=torch.long, device=summed.device)
-    kept = summed.index_select(0, index) if len(classes) else summed[:0]
-    peak = kept.flatten(1).amax(dim=1).view(-1, 1, 1) if len(classes) else kept
-    return kept / (peak + NORMALISATION_EPS)
+    return divide_by_peak(summed.index_select(0, index) if len(classes) else summed[:0])
+
+
+def divide_by_peak(maps: torch.Tensor) -> torch.Tensor:
+    """Each map (the last two dimensions) divided by its maximum, so the peak is 1 (Eq. 1's
+    normalisation, with the released code's epsilon)."""
+    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + NORMALISATION_EPS)
 
 
 class CAMMethod:

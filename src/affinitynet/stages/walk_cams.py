@@ -14,7 +14,7 @@ from ..data import transforms
 from ..engine import distributed
 from ..engine.precision import for_inference
 from ..files import load_npz, save_npz
-from ..models.cam import NORMALISATION_EPS
+from ..models.cam import divide_by_peak
 from ..ops.pseudo_labels import walk_scores
 from ..ops.random_walk import pair_affinities
 from ..pipeline import Stage, StageRun, map_images, register_stage, stage
@@ -26,8 +26,7 @@ def walked_cams(cams: np.ndarray, affinities: torch.Tensor, section: dict[str, A
     is dropped: each class walks on its own), each divided by its maximum."""
     walked = walk_scores(cams, affinities, section["alpha"], section["beta"], section["t"], section["radius"],
                          stride)[1:]
-    peak = walked.flatten(1).amax(1).view(-1, 1, 1) if len(walked) else walked
-    return (walked / (peak + NORMALISATION_EPS)).numpy()
+    return divide_by_peak(walked).numpy()
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
