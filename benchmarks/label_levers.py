@@ -13,7 +13,10 @@ Levers (``LEVERS``):
 - ``recam``: ReCAM's maps, ``cam.method=recam`` (the CAM network fine-tuned with a softmax
   cross-entropy on its class-pooled features, ``train_recam``);
 - ``walk_cams``: the confident regions cut from the CAMs walked with a first AffinityNet,
-  ``affinity.refine_cams=true`` (that AffinityNet is the baseline's own).
+  ``affinity.refine_cams=true`` (that AffinityNet is the baseline's own);
+- ``cam_fine_tune``: the CAM network's last 2 of 8 epochs at stride 8, the stride it runs at,
+  ``cam.fine_tune_epochs=2`` (the segmentation network's kept rule, DeepLab's fine-tuning at 8;
+  trained at 16 throughout, the CAMs' labels fell 1.2 points, docs/history.md).
 
 Seed k runs in ``runs/msrc21_<lever>[_seed<k>]``, as the baseline's seed k does: seed 0 with the
 run's seed, every further seed with ``segmentation.seed=k``. Work the lever leaves unchanged is not
@@ -50,6 +53,7 @@ LEVERS: dict[str, tuple[tuple[str, ...], str]] = {
     "walk_labels": (("random_walk.crf=off",), "no loss"),
     "recam": (("cam.method=recam",), "gain"),
     "walk_cams": (("affinity.refine_cams=true",), "gain"),
+    "cam_fine_tune": (("cam.fine_tune_epochs=2",), "gain"),
 }
 
 
