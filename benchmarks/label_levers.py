@@ -16,7 +16,11 @@ Levers (``LEVERS``):
   ``affinity.refine_cams=true`` (that AffinityNet is the baseline's own);
 - ``cam_fine_tune``: the CAM network's last 2 of 8 epochs at stride 8, the stride it runs at,
   ``cam.fine_tune_epochs=2`` (the segmentation network's kept rule, DeepLab's fine-tuning at 8;
-  trained at 16 throughout, the CAMs' labels fell 1.2 points, docs/history.md).
+  trained at 16 throughout, the CAMs' labels fell 1.2 points, docs/history.md);
+- ``irn``: IRN's labels instead of AffinityNet's, ``labels.method=irn`` (with its default, the
+  band);
+- ``irn_walk_labels``: ``walk_labels`` for IRN, ``irn.crf=off``, against ``irn``'s runs (a lever
+  with a ``baseline`` lever is measured against that lever's runs, seed by seed).
 
 Seed k runs in ``runs/msrc21_<lever>[_seed<k>]``, as the baseline's seed k does: seed 0 with the
 run's seed, every further seed with ``segmentation.seed=k``. Work the lever leaves unchanged is not
@@ -37,6 +41,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from affinitynet.config import load_config
 from affinitynet.data.datasets import build_dataset, ensure_msrc21
@@ -46,15 +51,29 @@ from affinitynet.pipeline import label_stage, stage, stages, training_label_stag
 from .common import Benchmark
 from .seed_spread import affinitynet, link_finished, spread
 
-# Each lever's overrides and its aim: "gain" (it must raise the network) or "no loss" (it fixes a
-# rule the issue sets, the training labels never below CAM+RW, and must not lower the network).
-LEVERS: dict[str, tuple[tuple[str, ...], str]] = {
-    "refine": (("labels.refine=true",), "gain"),
-    "walk_labels": (("random_walk.crf=off",), "no loss"),
-    "recam": (("cam.method=recam",), "gain"),
-    "walk_cams": (("affinity.refine_cams=true",), "gain"),
-    "cam_fine_tune": (("cam.fine_tune_epochs=2",), "gain"),
+class Lever(NamedTuple):
+    """A lever's overrides; its aim, "gain" (it must raise the network) or "no loss" (it fixes a
+    rule the issue sets, the training labels never below CAM+RW, and must not lower the network);
+    and the lever whose runs are its baseline (None: those of ``benchmarks/msrc21.py``)."""
+    overrides: tuple[str, ...]
+    aim: str
+    baseline: str | None = None
+
+
+LEVERS: dict[str, Lever] = {
+    "refine": Lever(("labels.refine=true",), "gain"),
+    "walk_labels": Lever(("random_walk.crf=off",), "no loss"),
+    "recam": Lever(("cam.method=recam",), "gain"),
+    "walk_cams": Lever(("affinity.refine_cams=true",), "gain"),
+    "cam_fine_tune": Lever(("cam.fine_tune_epochs=2",), "gain"),
+    "irn": Lever(("labels.method=irn",), "gain"),
+    "irn_walk_labels": Lever(("labels.method=irn", "irn.crf=off"), "no loss", baseline="irn"),
 }
+
+
+def run_base(lever: str) -> str:
+    """Where seed 0 of ``lever`` runs (seed k: ``seed_dir``)."""
+    return f"runs/msrc21_{lever}"
 
 
 def decide(seeds: list[dict], aim: str) -> str:
@@ -145,20 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     root = str(ensure_msrc21("data/msrc21"))
     placed = [f"device={args.device}"] if args.device != "auto" else []
     threads = [f"threads={args.threads}"] if args.threads else []
-    lever_overrides, aim = LEVERS[args.lever]
-    common = [f"dataset.root={root}", *placed, *lever_overrides]
-    base = f"runs/msrc21_{args.lever}"
+    lever = LEVERS[args.lever]
+    common = [f"dataset.root={root}", *placed, *lever.overrides]
+    base = run_base(args.lever)
+    # The bound (ground truth) never depends on the labels: the benchmark's own.
+    base_runs = args.baseline if lever.baseline is None else run_base(lever.baseline)
+    making = (f"python -m benchmarks.msrc21 --seeds {{}}" if lever.baseline is None
+              else f"python -m benchmarks.label_levers {lever.baseline} --seeds {{}}")
     per_seed = []
     for seed in range(args.seeds):
-        baseline = seed_dir(args.baseline, seed)
+        baseline = seed_dir(base_runs, seed)
         bound = read_json(stage("infer_seg").marker(seed_dir(args.baseline + "_gt", seed)))["segmentation"]["miou"]
         if not (baseline / "results.json").is_file():
             bench.parser.error(f"{baseline}/results.json: no finished baseline run of seed {seed} "
-                               f"(python -m benchmarks.msrc21 --seeds {seed + 1})")
+                               f"({making.format(seed + 1)})")
         run_dir = seed_dir(base, seed)
         overrides = [*common, *seed_overrides(seed), f"run_dir={run_dir}"]
         config = load_config("msrc21", overrides)
-        sources = ([seed_dir(base, 0)] if seed else []) + [baseline, Path(args.baseline)]
+        sources = list(dict.fromkeys(([seed_dir(base, 0)] if seed else [])
+                                     + [baseline, Path(base_runs), Path(args.baseline)]))
         linked = link_finished(config, sources)
         print(f"seed {seed}: linked {', '.join(linked) or 'nothing'} from {', '.join(map(str, sources))}")
         command = affinitynet("run", "--config", "msrc21", *overrides, *threads, procs=args.procs)
@@ -186,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                "CAM+RW (train), seed 0": first["table1"].get("CAM+RW"),
                f"network (val), lever, mean over {len(networks)} seeds": statistics.mean(networks),
                f"network (val), baseline, mean over {len(networks)} seeds": statistics.mean(base_networks)}
-    decision = decide(per_seed, aim)
+    decision = decide(per_seed, lever.aim)
     print(f"decision: {decision}")
-    bench.write({"lever": args.lever, "overrides": list(lever_overrides), "aim": aim, "seeds": per_seed,
+    bench.write({"lever": args.lever, "overrides": list(lever.overrides), "aim": lever.aim,
+                 "baseline": lever.baseline, "seeds": per_seed,
                  "network_val_miou": networks, "baseline_network_val_miou": base_networks,
                  "decision": decision, "summary": {**summary, "decision": decision}}, name=f"label_levers_{args.lever}")
     return 0

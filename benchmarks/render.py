@@ -327,26 +327,27 @@ def label_levers(root: Path) -> str:
     header = ["lever", "training labels, train, seed 0", "CAM+RW, train", "network, val (per seed)",
               "baseline network, val", "time of the lever's stages, seed 0", "decision"]
     rows, sources, notes = [], [], []
-    for lever, (overrides, aim) in LEVERS.items():
-        record = load(root, f"label_levers_{lever}")
+    for name, lever in LEVERS.items():
+        record = load(root, f"label_levers_{name}")
         if record is None:
-            rows.append([f"`{lever}`", placeholder(f"python -m benchmarks.label_levers {lever}"), "", "", "", "", ""])
+            rows.append([f"`{name}`", placeholder(f"python -m benchmarks.label_levers {name}"), "", "", "", "", ""])
             continue
         r = record["results"]
         first = r["seeds"][0]
         training = first["training_labels"]
         base_training = first["baseline_training_labels"]
         networks, baseline = r["network_val_miou"], r["baseline_network_val_miou"]
-        rows.append([f"`{lever}` ({', '.join(f'`{o}`' for o in overrides)}; aim: {aim})",
+        against = f"; against `{lever.baseline}`" if lever.baseline else ""
+        rows.append([f"`{name}` ({', '.join(f'`{o}`' for o in lever.overrides)}; aim: {lever.aim}{against})",
                      f"{one(first['table1'][training])} ({training}; baseline {one(first['baseline_table1'][base_training])})",
                      one(first["table1"].get("CAM+RW")),
                      f"**{spread(networks)}** ({', '.join(one(v) for v in networks)})",
                      f"{spread(baseline)} ({', '.join(one(v) for v in baseline)})",
                      minutes(first["lever_seconds"]), r["decision"]])
-        sources.append(f"`{lever}`: `{record['command']}`, {provenance(record)}")
+        sources.append(f"`{name}`: `{record['command']}`, {provenance(record)}")
         shares = first.get("diagnostic")
         if shares:
-            notes.append(f"`{lever}`, seed 0, against the ground truth of {shares['split']}: of the labelled pixels, "
+            notes.append(f"`{name}`, seed 0, against the ground truth of {shares['split']}: of the labelled pixels, "
                          f"{shares['agree_pct']:.1f}% keep the method's label (the network agrees), "
                          f"{shares['taken_pct']:.1f}% take the network's, which is right on "
                          f"{shares['taken_network_right_pct']:.1f}% of them and the method's on "

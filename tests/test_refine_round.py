@@ -17,7 +17,7 @@ from affinitynet.models.networks import model_from_checkpoint
 from affinitynet.models.segmentation import predict_scores
 from affinitynet.ops.pseudo_labels import network_refinement, tagged_prediction
 from affinitynet.stages.common import label_images
-from benchmarks.label_levers import decide
+from benchmarks.label_levers import LEVERS, decide, run_base
 from benchmarks.seed_spread import link_finished
 
 
@@ -158,3 +158,14 @@ def test_the_levers_decision_rule():
     # A loss of 3 beyond a spread of 1: not kept for either aim.
     loss = [_seed(64.0, 67.0), _seed(65.0, 68.0), _seed(66.0, 69.0)]
     assert decide(loss, "no loss") == "not kept: the network's change of -3.0 is beyond the seed spread 1.0"
+
+
+def test_a_lever_measured_against_another_differs_from_it_by_its_own_overrides():
+    # Otherwise its A/B would measure two changes, and a chain of baselines would hide one.
+    against = {name: lever for name, lever in LEVERS.items() if lever.baseline}
+    assert against, "no lever is measured against another's runs"
+    for name, lever in against.items():
+        base = LEVERS[lever.baseline]
+        assert base.baseline is None, name
+        assert set(base.overrides) < set(lever.overrides), name
+        assert run_base(name) != run_base(lever.baseline)
