@@ -14,7 +14,8 @@ from affinitynet import pipeline
 from affinitynet.data.transforms import normalize
 from affinitynet.files import load_npz
 from affinitynet.models.cam import CAMNet, ReCAMNet, infer_cams, method_network, recam_loss
-from affinitynet.models.networks import load_checkpoint_meta
+from affinitynet.config import DEFAULTS, load_config
+from affinitynet.models.networks import load_checkpoint_meta, networks, train_output_stride, training_section
 from affinitynet.stages.common import label_images, load_network
 
 
@@ -67,6 +68,19 @@ def test_the_maps_use_the_product_of_the_weights():
     assert {id(p) for p in recam.new_parameters()} == {id(recam.recam.weight)}
     assert len(recam.backbone_parameters()) + 1 == len(list(recam.parameters()))
     assert method_network("recam") == "recam" and method_network("cam") == method_network("gradcam") == "cam"
+
+
+def test_recam_trains_with_the_cam_networks_keys_and_its_own_rates():
+    config = load_config("msrc21")
+    section = training_section("recam", config)
+    assert section["batch_size"] == config["cam"]["batch_size"] and section["crop_size"] == config["cam"]["crop_size"]
+    assert section["lr"] == config["recam"]["lr"] != config["cam"]["lr"]
+    assert section["epochs"] == config["recam"]["epochs"] != config["cam"]["epochs"]
+    assert train_output_stride("recam", config) == train_output_stride("cam", config) == 16
+    # Every network's own keys are settings of its own section that its training section also has.
+    for spec in networks():
+        assert all(key in DEFAULTS[spec.kind] and key in DEFAULTS[spec.section] for key in spec.own_keys), spec.kind
+        assert training_section(spec.kind, config).keys() == config[spec.section].keys(), spec.kind
 
 
 def test_the_graph_reads_recams_network_only_when_asked(reference):

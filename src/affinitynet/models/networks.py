@@ -36,7 +36,7 @@ def imagenet_weights(config: dict[str, Any], pretrained: bool = True):
 def train_output_stride(kind: str, config: dict[str, Any]) -> int:
     """The output stride network ``kind`` is trained at: its section's ``train_output_stride``, or
     ``backbone.output_stride``, the stride every network runs at in inference."""
-    section = STRIDE_SECTION.get(kind, kind)
+    section = network(kind).section
     stride = config.get(section, {}).get("train_output_stride") if section in TRAINED_COARSER else None
     return int(stride or config["backbone"]["output_stride"])
 
@@ -110,6 +110,10 @@ class Network:
     # The recorded entries that must match the config for the weights to mean what they meant
     # (layouts whose weights have the same keys and shapes would load silently otherwise).
     checked: tuple[str, ...]
+    # The config section it trains with (images, batches, optimizer, stride), and the keys its own
+    # section sets instead (:func:`training_section`): a network that fine-tunes another's.
+    section: str
+    own_keys: tuple[str, ...] = ()
 
 
 # The pipeline's networks, each registered with the stage that trains it and the entries of its
@@ -117,15 +121,20 @@ class Network:
 NETWORKS = Registry("network")
 
 
-def register_network(kind: str, *, stage: str, recorded: tuple[tuple[str, str], ...], checked: tuple[str, ...]):
-    """Decorator on a network's builder ``(config, classes with background, pretrained, output stride)``."""
-    return NETWORKS.register(kind, stage=stage, recorded=recorded, checked=checked)
+def register_network(kind: str, *, stage: str, recorded: tuple[tuple[str, str], ...], checked: tuple[str, ...],
+                     section: str | None = None, own_keys: tuple[str, ...] = ()):
+    """Decorator on a network's builder ``(config, classes with background, pretrained, output stride)``.
+    ``section``: the config section it trains with (its own, ``kind``, by default); ``own_keys``:
+    the keys of section ``kind`` that replace that section's."""
+    return NETWORKS.register(kind, stage=stage, recorded=recorded, checked=checked, section=section or kind,
+                             own_keys=own_keys)
 
 
 def network(kind: str) -> Network:
     """The registered network ``kind``."""
     entry = NETWORKS.get(kind)
-    return Network(kind, entry.info["stage"], entry.builder, entry.info["recorded"], entry.info["checked"])
+    return Network(kind, entry.info["stage"], entry.builder, entry.info["recorded"], entry.info["checked"],
+                   entry.info["section"], entry.info["own_keys"])
 
 
 def networks() -> list[Network]:
@@ -150,8 +159,10 @@ _CAM_RECORDED = (("head", "cam.head"), ("head_channels", "cam.head_channels"),
                  ("train_output_stride", "cam.train_output_stride"))
 _CAM_CHECKED = ("head", "atrous", "train_output_stride")
 register_network("cam", stage="train_cam", checked=_CAM_CHECKED, recorded=_CAM_RECORDED)(_cam_network(CAMNet, "cam"))
-register_network("recam", stage="train_recam", checked=_CAM_CHECKED,
-                 recorded=_CAM_RECORDED)(_cam_network(ReCAMNet, "recam"))
+# ReCAM fine-tunes the CAM network on its images, batches, optimizer and training stride (with no
+# fine-tuning epochs of its own at the inference stride); its section holds its epochs and rates.
+register_network("recam", stage="train_recam", checked=_CAM_CHECKED, recorded=_CAM_RECORDED, section="cam",
+                 own_keys=("epochs", "lr", "new_layer_lr_mult"))(_cam_network(ReCAMNet, "recam"))
 
 
 @register_network("affinity", stage="train_affinity", checked=("channels", "distance", "atrous", "backbone_stride"),
@@ -186,19 +197,15 @@ def _segmentation(config, num_classes, pretrained, output_stride):
 # (radius gamma of Eq. 4) are counted on the grid the walk reads, so they train at that stride
 # (AffinityNet's backbone may run coarser in training and walk alike: ``affinity.backbone_stride``).
 TRAINED_COARSER = ("cam", "segmentation")
-# ReCAM fine-tunes the CAM network at the stride the CAM network was trained at, with no
-# fine-tuning epochs of its own at the inference stride.
-STRIDE_SECTION = {"recam": "cam"}
-# ReCAM trains on the CAM network's images, batches and optimizer; its section holds the rest.
-RECAM_OWN_KEYS = ("epochs", "lr", "new_layer_lr_mult")
 
 
 def training_section(kind: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The training keys of network ``kind`` (batch size, epochs, optimizer, crop, ...): its config
-    section, or for ``recam`` the CAM network's with the epochs and rates of ``recam``."""
-    if kind == "recam":
-        return {**config["cam"], **{key: config["recam"][key] for key in RECAM_OWN_KEYS}}
-    return config[kind]
+    """The training keys of network ``kind`` (batch size, epochs, optimizer, crop, ...): the
+    section it is registered to train with, its ``own_keys`` taken from its own section."""
+    spec = network(kind)
+    if not spec.own_keys:   # the section itself: a copy would read every key, used or not
+        return config[spec.section]
+    return {**config[spec.section], **{key: config[kind][key] for key in spec.own_keys}}
 
 
 def build_network(kind: str, config: dict[str, Any], num_classes: int, pretrained: bool = True,

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..models.cam import recam_loss
-from ..models.networks import RECAM_OWN_KEYS, load_weights
+from ..models.networks import load_weights, network
 from ..pipeline import Stage, register_stage, training_keys
 from .common import CAMTrainSet, train_stage, trained_weights
 
 # ReCAM's own keys; the images, batches and optimizer are the CAM network's (training_keys("cam")).
-RECAM_KEYS = tuple(f"recam.{key}" for key in RECAM_OWN_KEYS + ("loss_weight",))
+RECAM_KEYS = tuple(f"recam.{key}" for key in network("recam").own_keys + ("loss_weight",))
 
 
 def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
