@@ -324,7 +324,7 @@ def onnx_predict(root: Path) -> str:
 
 def label_levers(root: Path) -> str:
     """``benchmarks/label_levers.py``: each lever's A/B against the MSRC-21 benchmark's runs (issue 41)."""
-    header = ["lever", "training labels, train, seed 0", "CAM+RW, train", "network, val (per seed)",
+    header = ["lever", "training labels, train, seed 0", "the walk's labels, train", "network, val (per seed)",
               "baseline network, val", "time of the lever's stages, seed 0", "decision"]
     rows, sources, notes = [], [], []
     for name, lever in LEVERS.items():
@@ -336,11 +336,12 @@ def label_levers(root: Path) -> str:
         first = r["seeds"][0]
         training = first["training_labels"]
         base_training = first["baseline_training_labels"]
+        walk = first.get("walk_row", "CAM+RW")   # records before IRN's levers named no other
         networks, baseline = r["network_val_miou"], r["baseline_network_val_miou"]
         against = f"; against `{lever.baseline}`" if lever.baseline else ""
         rows.append([f"`{name}` ({', '.join(f'`{o}`' for o in lever.overrides)}; aim: {lever.aim}{against})",
                      f"{one(first['table1'][training])} ({training}; baseline {one(first['baseline_table1'][base_training])})",
-                     one(first["table1"].get("CAM+RW")),
+                     f"{one(first['table1'][walk])} ({walk})",
                      f"**{spread(networks)}** ({', '.join(one(v) for v in networks)})",
                      f"{spread(baseline)} ({', '.join(one(v) for v in baseline)})",
                      minutes(first["lever_seconds"]), r["decision"]])

@@ -169,3 +169,13 @@ def test_a_lever_measured_against_another_differs_from_it_by_its_own_overrides()
         assert base.baseline is None, name
         assert set(base.overrides) < set(lever.overrides), name
         assert run_base(name) != run_base(lever.baseline)
+
+
+def test_the_rule_compares_irns_labels_with_irns_walk():
+    def irn(network, labels):
+        return {"training_labels": "CAM+IRN+dCRF in band", "walk_row": "CAM+IRN",
+                "table1": {"CAM+IRN": 75.3, "CAM+IRN+dCRF in band": labels},
+                "network_val_miou": network, "baseline_network_val_miou": network}
+    assert decide([irn(67.0, 75.5), irn(67.0, 75.5), irn(68.0, 75.5)], "no loss").startswith("kept")
+    assert decide([irn(67.0, 75.0), irn(67.0, 75.0), irn(68.0, 75.0)], "no loss") == \
+        "not kept: its training labels are below CAM+IRN"
