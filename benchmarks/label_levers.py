@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     lever = LEVERS[args.lever]
     common = [f"dataset.root={root}", *placed, *lever.overrides]
     base = run_base(args.lever)
-    # The bound (ground truth) never depends on the labels: the benchmark's own.
     base_runs = args.baseline if lever.baseline is None else run_base(lever.baseline)
-    making = (f"python -m benchmarks.msrc21 --seeds {{}}" if lever.baseline is None
+    making = ("python -m benchmarks.msrc21 --seeds {}" if lever.baseline is None
               else f"python -m benchmarks.label_levers {lever.baseline} --seeds {{}}")
     per_seed = []
     for seed in range(args.seeds):
         baseline = seed_dir(base_runs, seed)
+        # The bound (ground truth) never depends on the labels: the benchmark's own, for every lever.
         bound = read_json(stage("infer_seg").marker(seed_dir(args.baseline + "_gt", seed)))["segmentation"]["miou"]
         if not (baseline / "results.json").is_file():
             bench.parser.error(f"{baseline}/results.json: no finished baseline run of seed {seed} "
