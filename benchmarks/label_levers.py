@@ -53,7 +53,7 @@ from .seed_spread import affinitynet, link_finished, spread
 
 class Lever(NamedTuple):
     """A lever's overrides; its aim, "gain" (it must raise the network) or "no loss" (it fixes a
-    rule the issue sets, the training labels never below CAM+RW, and must not lower the network);
+    rule the issue sets, the training labels never below the walk's, and must not lower the network);
     and the lever whose runs are its baseline (None: those of ``benchmarks/msrc21.py``)."""
     overrides: tuple[str, ...]
     aim: str
