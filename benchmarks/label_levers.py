@@ -17,6 +17,9 @@ Levers (``LEVERS``):
 - ``cam_fine_tune``: the CAM network's last 2 of 8 epochs at stride 8, the stride it runs at,
   ``cam.fine_tune_epochs=2`` (the segmentation network's kept rule, DeepLab's fine-tuning at 8;
   trained at 16 throughout, the CAMs' labels fell 1.2 points, docs/history.md);
+- ``cam_stride8``: the CAM network trained at stride 8 throughout, ``cam.train_output_stride=null``
+  (the backbone's stride): the setting before training at 16 was kept for its speed, when the
+  walk's labels were 1.2 points higher (docs/history.md); it costs train-cam's time, not weights;
 - ``irn``: IRN's labels instead of AffinityNet's, ``labels.method=irn`` (with its default, the
   band);
 - ``irn_walk_labels``: ``walk_labels`` for IRN, ``irn.crf=off``, against ``irn``'s runs (a lever
@@ -66,6 +69,7 @@ LEVERS: dict[str, Lever] = {
     "recam": Lever(("cam.method=recam",), "gain"),
     "walk_cams": Lever(("affinity.refine_cams=true",), "gain"),
     "cam_fine_tune": Lever(("cam.fine_tune_epochs=2",), "gain"),
+    "cam_stride8": Lever(("cam.train_output_stride=null",), "gain"),
     "irn": Lever(("labels.method=irn",), "gain"),
     "irn_walk_labels": Lever(("labels.method=irn", "irn.crf=off"), "no loss", baseline="irn"),
 }
