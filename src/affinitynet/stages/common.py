@@ -2,7 +2,8 @@
 splits, the device, threads and seeds, scoring (Table 1), the training-stage helper
 :func:`train_stage` and its :class:`AffinityTrainSet`, the segmentation network's training on
 a stage's labels (:func:`train_segmentation`, for ``train_seg`` and the refinement round's
-``draft_seg``), a stage's network loaded from its ``model.pt``, and IRN's inference start.
+``draft_seg``), a stage's network loaded from its ``model.pt``, AffinityNet's features of an image and IRN's
+inference start.
 """
 from __future__ import annotations
 
@@ -350,6 +351,12 @@ def start(config: dict[str, Any], name: str, force: bool):
     job.skipped.extend(data.skipped)
     model = load_network("irn", config, device, data.num_classes, data.class_names)
     return device, job, data, for_inference(model, device, config["amp"], config["channels_last"])
+
+
+def affinity_features(model, image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """AffinityNet's features f of an RGB image (3.3), on ``device``: what its pair affinities
+    (Eq. 3) and boundary map are computed from. Call it under ``torch.no_grad()``."""
+    return model.features(transforms.normalize(image, model.backbone.mean, model.backbone.std)[None].to(device))[0]
 
 
 def relations(model, image: np.ndarray, radius: int, device: torch.device):

@@ -26,7 +26,7 @@ from ..ops.crf import CRFParams
 from ..ops.pseudo_labels import label_maps, refined_rows, save_refined
 from ..ops.random_walk import pair_affinities
 from ..pipeline import Stage, StageRun, map_images, register_stage, stage
-from .common import label_images, load_network, setup, table1
+from .common import affinity_features, label_images, load_network, setup, table1
 
 
 def label_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
@@ -44,7 +44,6 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
     model = for_inference(load_network("affinity", config, device, data.num_classes, data.class_names), device,
                           config["amp"], config["channels_last"], methods=("features",))
     section = config["random_walk"]
-    mean, std = model.backbone.mean, model.backbone.std
     # AffinityNet sees the image enlarged by `scale`, so one grid cell spans stride / scale pixels.
     stride = model.output_stride / section["scale"]
     if stride != int(stride) or stride < 1:
@@ -73,7 +72,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         seen = image if section["scale"] == 1 else transforms.resize_image(
             image, (math.ceil(height * section["scale"]), math.ceil(width * section["scale"])))
         with torch.no_grad():
-            features = model.features(transforms.normalize(seen, mean, std)[None].to(device))[0]
+            features = affinity_features(model, seen, device)
             affinities = pair_affinities(features, section["radius"], distance)
             boundaries = boundary_image(boundary_map(features, section["radius"], distance))
         # The walk uses the float16 values it stores, so the sweep reproduces these labels exactly.

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import transforms
 from ..engine import distributed
 from ..engine.precision import for_inference
 from ..files import load_npz, save_npz
@@ -18,7 +17,7 @@ from ..models.cam import divide_by_peak
 from ..ops.pseudo_labels import walk_scores
 from ..ops.random_walk import pair_affinities
 from ..pipeline import Stage, StageRun, map_images, register_stage, stage
-from .common import label_images, load_network, setup
+from .common import affinity_features, label_images, load_network, setup
 
 
 def walked_cams(cams: np.ndarray, affinities: torch.Tensor, section: dict[str, Any], stride: int) -> np.ndarray:
@@ -44,9 +43,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         image = data.load_image(sample)
         stored = load_npz(cam_dir / f"{sample.id}.npz")
         with torch.no_grad():
-            features = model.features(transforms.normalize(image, model.backbone.mean, model.backbone.std)[None]
-                                      .to(device))[0]
-            affinities = pair_affinities(features, section["radius"], distance)
+            affinities = pair_affinities(affinity_features(model, image, device), section["radius"], distance)
         maps = walked_cams(stored["cams"].astype(np.float32), affinities.float(), section, model.output_stride)
         save_npz(out_dir / f"{sample.id}.npz", classes=stored["classes"], cams=maps.astype(np.float16))
 
