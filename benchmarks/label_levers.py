@@ -20,6 +20,9 @@ Levers (``LEVERS``):
 - ``cam_stride8``: the CAM network trained at stride 8 throughout, ``cam.train_output_stride=null``
   (the backbone's stride): the setting before training at 16 was kept for its speed, when the
   walk's labels were 1.2 points higher (docs/history.md); it costs train-cam's time, not weights;
+- ``walk_scale2``: the walk on a grid twice as fine, ``random_walk.scale=2`` (AffinityNet sees the
+  image enlarged twice, a cell spans 4 px) with ``random_walk.t=512``, the size rule's t for that
+  grid (``size_rules.walk_length`` of the enlarged image: the reach in pixels stays the same);
 - ``irn``: IRN's labels instead of AffinityNet's, ``labels.method=irn`` (with its default, the
   band);
 - ``irn_walk_labels``: ``walk_labels`` for IRN, ``irn.crf=off``, against ``irn``'s runs (a lever
@@ -70,6 +73,7 @@ LEVERS: dict[str, Lever] = {
     "walk_cams": Lever(("affinity.refine_cams=true",), "gain"),
     "cam_fine_tune": Lever(("cam.fine_tune_epochs=2",), "gain"),
     "cam_stride8": Lever(("cam.train_output_stride=null",), "gain"),
+    "walk_scale2": Lever(("random_walk.scale=2", "random_walk.t=512"), "gain"),
     "irn": Lever(("labels.method=irn",), "gain"),
     "irn_walk_labels": Lever(("labels.method=irn", "irn.crf=off"), "no loss", baseline="irn"),
 }
