@@ -71,7 +71,7 @@ def test_the_maps_use_the_product_of_the_weights():
 
 
 def test_recam_trains_with_the_cam_networks_keys_and_its_own_rates():
-    config = load_config("msrc21")
+    config = load_config("msrc21", ["cam.train_output_stride=16"])
     section = training_section("recam", config)
     assert section["batch_size"] == config["cam"]["batch_size"] and section["crop_size"] == config["cam"]["crop_size"]
     assert section["lr"] == config["recam"]["lr"] != config["cam"]["lr"]
