@@ -2,8 +2,8 @@
 splits, the device, threads and seeds, scoring (Table 1), the training-stage helper
 :func:`train_stage` and its :class:`AffinityTrainSet`, the segmentation network's training on
 a stage's labels (:func:`train_segmentation`, for ``train_seg`` and the refinement round's
-``draft_seg``), a stage's network loaded from its ``model.pt``, AffinityNet's features of an image and IRN's
-inference start.
+``draft_seg``), a stage's network loaded from its ``model.pt``, AffinityNet's features of an
+image, and IRN's inference start.
 """
 from __future__ import annotations
 
