@@ -19,7 +19,8 @@ Levers (``LEVERS``):
   trained at 16 throughout, the CAMs' labels fell 1.2 points, docs/history.md);
 - ``cam_stride8``: the CAM network trained at stride 8 throughout, ``cam.train_output_stride=null``
   (the backbone's stride): the setting before training at 16 was kept for its speed, when the
-  walk's labels were 1.2 points higher (docs/history.md); it costs train-cam's time, not weights;
+  walk's labels were higher (docs/history.md, "Training at output stride 16"); it costs
+  train-cam's time, not weights;
 - ``walk_scale2``: the walk on a grid twice as fine, ``random_walk.scale=2`` (AffinityNet sees the
   image enlarged twice, a cell spans 4 px) with ``random_walk.t=512``, the size rule's t for that
   grid (``size_rules.walk_length`` of the enlarged image: the reach in pixels stays the same);
@@ -84,6 +85,12 @@ def run_base(lever: str) -> str:
     return f"runs/msrc21_{lever}"
 
 
+def walk_row(seed: dict) -> str:
+    """The Table 1 row of the walk of a seed's label method (CAM+RW; CAM+IRN for IRN): records
+    written before IRN's levers name none, and were all AffinityNet's."""
+    return seed.get("walk_row", "CAM+RW")
+
+
 def decide(seeds: list[dict], aim: str) -> str:
     """Whether a lever is kept, by the rule fixed before any lever was measured
     (docs/label-refinement.md, "Levers on the labels, measured"). Over 3 seeds, against the
@@ -95,7 +102,7 @@ def decide(seeds: list[dict], aim: str) -> str:
     run on further seeds: the other two would have to make up the loss and a seed spread besides."""
     first = seeds[0]
     training = first["training_labels"]
-    walk = first.get("walk_row", "CAM+RW")   # CAM+IRN for IRN; records before it named none
+    walk = walk_row(first)
     labels_ok = first["table1"][training] >= first["table1"][walk]
     networks = [s["network_val_miou"] for s in seeds]
     baseline = [s["baseline_network_val_miou"] for s in seeds]

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .label_levers import LEVERS
+from .label_levers import LEVERS, walk_row
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/index.md", "docs/results.md", "docs/irn.md", "docs/deploy.md", "docs/label-refinement.md")
@@ -336,7 +336,7 @@ def label_levers(root: Path) -> str:
         first = r["seeds"][0]
         training = first["training_labels"]
         base_training = first["baseline_training_labels"]
-        walk = first.get("walk_row", "CAM+RW")   # records before IRN's levers named no other
+        walk = walk_row(first)
         networks, baseline = r["network_val_miou"], r["baseline_network_val_miou"]
         against = f"; against `{lever.baseline}`" if lever.baseline else ""
         rows.append([f"`{name}` ({', '.join(f'`{o}`' for o in lever.overrides)}; aim: {lever.aim}{against})",
