@@ -2,8 +2,11 @@
 runs the pipeline and, beside it, the fully supervised upper bound (the same segmentation network
 and schedule trained on the ground truth); every further seed (``--seeds``) trains the
 segmentation network again on seed 0's pseudo labels (``segmentation.seed``) and the bound again,
-so the network's and the bound's mIoU are given as mean +- std over the seeds. Printed as the
-paper's Tables 1, 2 and 5.
+so the network's and the bound's mIoU are given as mean +- std over the seeds. With
+``--whole-pipeline`` every further seed runs the whole pipeline again instead (``seed=k``: the CAM
+network, AffinityNet and the walk too, in ``<run-dir>_pipeline<k>``, its bound in
+``<run-dir>_pipeline<k>_gt``), so the spread holds the labels' own seed as well and Table 1 is
+given over the seeds too. Printed as the paper's Tables 1, 2 and 5.
 
     python -m benchmarks.seed_spread --config demo [--run-dir runs/demo_seeds] [--seeds 3] [key=value ...]
 
@@ -24,6 +27,7 @@ Everything is resumable: run the command again after an interruption.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -88,6 +92,30 @@ def link_finished(config: dict, sources: list[Path]) -> list[str]:
     return linked
 
 
+def pipeline_with_bound(common: list[str], threads: list[str], procs: int, weak_dir: Path, bound_dir: Path) -> bool:
+    """The whole pipeline in ``weak_dir`` and, beside it, the bound in ``bound_dir``."""
+    bound_args = (*common, "--run-dir", str(bound_dir), "segmentation.supervision=gt")
+    beside_each_other = "threads=1"   # the CAM network and the bound, one core each
+    # The bound's evaluation follows its training on one core while the CAM network trains on the
+    # other. The later stages start as soon as the CAM network is done, not when the bound is:
+    # the bound's training and evaluation ran 5 minutes longer than the CAM network's training
+    # with MobileNetV2 and 17 with EfficientNet-Lite2 (MSRC-21), and waiting for them left a core
+    # idle for that long.
+    bound: list[bool] = []
+    beside = threading.Thread(target=lambda: bound.append(run_all([
+        affinitynet("train-seg", *bound_args, beside_each_other),
+        affinitynet("infer-seg", *bound_args, beside_each_other)])))
+    beside.start()
+    cam = subprocess.run(affinitynet("train-cam", *common, "--run-dir", str(weak_dir), beside_each_other))
+    pipeline = cam.returncode == 0 and run_all([affinitynet("run", *common, *threads, "--run-dir", str(weak_dir),
+                                                            procs=procs)])
+    beside.join()
+    if cam.returncode != 0 or not bound[0]:
+        print("benchmark: a training failed (see above); run the command again to resume", file=sys.stderr)
+        return False
+    return pipeline
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f} (one seed)"
@@ -103,7 +131,8 @@ def run_all(commands: list[list[str]]) -> bool:
     return True
 
 
-def add_options(bench: Benchmark, config_given: bool = False, run_dir: str = "runs/<config>_seeds") -> None:
+def add_options(bench: Benchmark, config_given: bool = False, run_dir: str = "runs/<config>_seeds",
+                whole_pipeline: bool = False) -> None:
     """This benchmark's options on ``bench``'s parser; ``--config`` unless a wrapper fixes it."""
     parser = bench.parser
     if not config_given:
@@ -111,6 +140,9 @@ def add_options(bench: Benchmark, config_given: bool = False, run_dir: str = "ru
     parser.add_argument("--run-dir", default=None, help=f"seed 0's run directory (default {run_dir})")
     parser.add_argument("--procs", type=int, default=2, help="processes for the stages after the two trainings")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds of the network and of the bound")
+    parser.add_argument("--whole-pipeline", action=argparse.BooleanOptionalAction, default=whole_pipeline,
+                        help="every further seed runs the whole pipeline (seed=k), not only the segmentation "
+                             "network on seed 0's labels")
     parser.add_argument("overrides", nargs="*")
 
 
@@ -131,31 +163,18 @@ def run(bench: Benchmark, args, config: str, root: str | None = None, default_ru
     common = ["--config", config, *([f"dataset.root={root}"] if root else []), *placed, *args.overrides]
     weak_dir, bound_dir = Path(run_dir), Path(run_dir + "_gt")
     started = time.time()
-    bound_args = (*common, "--run-dir", str(bound_dir), "segmentation.supervision=gt")
-    beside_each_other = "threads=1"   # the CAM network and the bound, one core each
-    # The bound's evaluation follows its training on one core while the CAM network trains on the
-    # other. The later stages start as soon as the CAM network is done, not when the bound is:
-    # the bound's training and evaluation ran 5 minutes longer than the CAM network's training
-    # with MobileNetV2 and 17 with EfficientNet-Lite2 (MSRC-21), and waiting for them left a core
-    # idle for that long.
-    bound: list[bool] = []
-    beside = threading.Thread(target=lambda: bound.append(run_all([
-        affinitynet("train-seg", *bound_args, beside_each_other),
-        affinitynet("infer-seg", *bound_args, beside_each_other)])))
-    beside.start()
-    cam = subprocess.run(affinitynet("train-cam", *common, "--run-dir", str(weak_dir), beside_each_other))
-    pipeline = cam.returncode == 0 and run_all([affinitynet("run", *common, *threads, "--run-dir", str(weak_dir),
-                                                            procs=args.procs)])
-    beside.join()
-    if cam.returncode != 0 or not bound[0]:
-        print("benchmark: a training failed (see above); run the command again to resume", file=sys.stderr)
-        return 1
-    if not pipeline:
+    if not pipeline_with_bound(common, threads, args.procs, weak_dir, bound_dir):
         return 1
     wall = time.time() - started
-    # Further seeds: the network on seed 0's labels, the bound on the ground truth.
     seed_dirs = [(weak_dir, bound_dir)]
     for seed in range(1, args.seeds):
+        if args.whole_pipeline:
+            weak_k, bound_k = Path(f"{weak_dir}_pipeline{seed}"), Path(f"{weak_dir}_pipeline{seed}_gt")
+            if not pipeline_with_bound([*common, f"seed={seed}"], threads, args.procs, weak_k, bound_k):
+                return 1
+            seed_dirs.append((weak_k, bound_k))
+            continue
+        # The network on seed 0's labels, the bound on the ground truth.
         weak_k, bound_k = Path(f"{weak_dir}_seed{seed}"), Path(f"{bound_dir}_seed{seed}")
         seeded = (*common, f"segmentation.seed={seed}")
         link_finished(load_config(config, [*seeded[2:], f"run_dir={weak_k}"], check=False), [weak_dir])
@@ -191,7 +210,8 @@ def run(bench: Benchmark, args, config: str, root: str | None = None, default_ru
     bound_seconds = sum(v or 0 for k, v in stages.items() if k.startswith(f"{bound_dir.name}/"))
     pipeline_seconds = sum(v or 0 for k, v in stages.items() if k.startswith(f"{weak_dir.name}/"))
     recorded = max(pipeline_seconds, bound_seconds)
-    networks = [read_json(stage("evaluate_run").output("results", w))["rows"]["Network"]["miou"] for w, _ in seed_dirs]
+    seed_rows = [read_json(stage("evaluate_run").output("results", w))["rows"] for w, _ in seed_dirs]
+    networks = [r["Network"]["miou"] for r in seed_rows]
     bounds = [read_json(stage("infer_seg").marker(b))["segmentation"]["miou"] for _, b in seed_dirs]
     ratios = [n / b for n, b in zip(networks, bounds)]
     summary = {"table1": {t: r["miou"] for t, r in rows.items() if t != "Network"},
@@ -200,6 +220,11 @@ def run(bench: Benchmark, args, config: str, root: str | None = None, default_ru
                "ratio_of_means": statistics.mean(networks) / statistics.mean(bounds),
                "stage_seconds": stages, "wall_seconds_seed0": round(wall, 1),
                "wall_seconds": round(time.time() - started, 1), "recorded_seconds_seed0": round(recorded, 1)}
+    if args.whole_pipeline:
+        # The labels differ from seed to seed only when the whole pipeline ran again.
+        summary["table1_seeds"] = [{t: r["miou"] for t, r in rows_k.items() if t != "Network"} for rows_k in seed_rows]
+        for title in summary["table1"]:
+            print(f"{title} on {label_split}: {spread([t[title] for t in summary['table1_seeds']])}")
     print(f"network on {eval_split}: {spread(networks)}")
     print(f"upper bound on {eval_split}: {spread(bounds)}")
     print(f"network / upper bound: {summary['ratio_of_means']:.3f} (mean over seeds; per seed "
@@ -210,6 +235,7 @@ def run(bench: Benchmark, args, config: str, root: str | None = None, default_ru
     write_json(weak_dir / "benchmark.json", summary)
     print(json.dumps(summary["table1"]))
     bench.write({**summary, "config": config, "overrides": args.overrides, "procs": args.procs, "seeds": args.seeds,
+                 "whole_pipeline": args.whole_pipeline,
                  "run_dir": str(weak_dir), "dataset": results["dataset"], "backbone": results.get("backbone"),
                  "class_names": names, "label_split": label_split, "eval_split": eval_split,
                  "rows": {t: {"split": r["split"], "miou": r["miou"], "iou": r["iou"]} for t, r in rows.items()},
