@@ -1,7 +1,10 @@
+import fcntl
 import os
 
 import pytest
 import tiny_pipeline
+
+from affinitynet.data.datasets.msrc21 import ensure_msrc21, find_msrc21_tarball
 
 # Two torch threads on this 2-vCPU machine can run small-op loops many times slower than one
 # when the vCPUs share a core; passive waiting avoids the spin.
@@ -28,3 +31,18 @@ def pytest_collection_modifyitems(config, items):
 def reference(tmp_path_factory):
     """(run_dir, data_root) of the uninterrupted tiny run (tests/tiny_pipeline.py), made once."""
     return tiny_pipeline.reference_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def msrc21_root(tmp_path_factory, worker_id):
+    """The real MSRC-21 (../shared/datasets), unpacked once for the whole session into a folder
+    xdist's workers share."""
+    if find_msrc21_tarball() is None:
+        pytest.skip("MSRC-21 tarball not available (../shared/datasets or AFFINITYNET_MSRC21_TAR)")
+    base = tmp_path_factory.getbasetemp()
+    folder = (base if worker_id == "master" else base.parent) / "msrc21-data"
+    folder.mkdir(exist_ok=True)
+    # One worker unpacks while the other waits for it, instead of both unpacking at once.
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return ensure_msrc21(folder)

@@ -17,7 +17,6 @@ from affinitynet.data.datasets import (
     check_dataset,
     demo,
     ensure_msrc21,
-    find_msrc21_tarball,
     generate_demo,
     msrc21,
 )
@@ -136,13 +135,6 @@ def test_dataset_names_and_dispatch(tmp_path):
 
 
 # --- MSRC-21 -------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def msrc21_root(tmp_path_factory):
-    if find_msrc21_tarball() is None:
-        pytest.skip("MSRC-21 tarball not available (../shared/datasets or AFFINITYNET_MSRC21_TAR)")
-    return ensure_msrc21(tmp_path_factory.getbasetemp() / "msrc21-data")
-
 
 def test_msrc21_object_protocol_counts_match_the_readme(msrc21_root):
     expected = {"train": {0: 65, 1: 277, 2: 13}, "val": {0: 8, 1: 49, 2: 2}}

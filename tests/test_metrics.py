@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affinitynet.data.datasets import build_dataset, ensure_msrc21, find_msrc21_tarball
+from affinitynet.data.datasets import build_dataset
 from affinitynet.data.datasets.base import Sample, SegmentationDataset
 from affinitynet.files import VOC_PALETTE, save_label_png
 from affinitynet.metrics import (
@@ -158,14 +158,6 @@ def test_evaluate_lists_absent_classes_without_nan(tmp_path):
 
 
 # --- MSRC-21: the real data ---------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def msrc21_root(tmp_path_factory):
-    if find_msrc21_tarball() is None:
-        pytest.skip("MSRC-21 tarball not available (../shared/datasets or AFFINITYNET_MSRC21_TAR)")
-    # A fixed folder under the session's base temp, shared with the other test modules.
-    return ensure_msrc21(tmp_path_factory.getbasetemp() / "msrc21-data")
-
 
 def test_msrc21_ground_truth_scores_100_and_all_background_matches_a_loop(msrc21_root, tmp_path):
     dataset = build_dataset({"name": "msrc21", "root": str(msrc21_root)}, "train")

@@ -175,7 +175,8 @@ def test_the_same_dataset_spelled_another_way_is_not_a_new_input(mine, reference
         code, out, err = tiny.cli(["run", "--run-dir", str(mine), f"dataset.root={root}"], capsys)
         assert code == 0, err
         assert "re-running" not in out + err
-    changed = {path for path in before if before[path] != snapshot(mine).get(path)}
+    after = snapshot(mine)
+    changed = {path for path in before if before[path] != after.get(path)}
     assert changed <= {"config.yaml"}
     config = load_config(mine / "config.yaml", [f"dataset.root={relative}"])
     assert all(stage_hash(config, s.name) == stage_hash(load_config(mine / "config.yaml"), s.name) for s in stages(config))
