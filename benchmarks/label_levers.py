@@ -1,6 +1,7 @@
 """An A/B of one lever on the pseudo labels (issue 41) against the MSRC-21 benchmark's runs: the
-lever's overrides on the msrc21 config, seed by seed, beside the runs of ``benchmarks/msrc21.py``
-(the baseline, which must be complete for the seeds asked).
+lever's overrides on the msrc21 config, seed by seed, beside the runs of
+``benchmarks/msrc21.py --no-whole-pipeline`` (the baseline, which must be complete for the seeds
+asked: its further seeds retrain the segmentation network on seed 0's labels, as the lever's do).
 
     python -m benchmarks.label_levers LEVER [--seeds 3] [--baseline runs/msrc21] [--procs 2]
 
@@ -177,23 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     bench.parser.add_argument("--baseline", default="runs/msrc21", help="seed 0's run of benchmarks/msrc21.py")
     bench.parser.add_argument("--procs", type=int, default=2, help="processes of the stages after the trainings")
     args = bench.parse(argv)
+    lever = LEVERS[args.lever]
+    base_runs = args.baseline if lever.baseline is None else run_base(lever.baseline)
+    making = ("python -m benchmarks.msrc21 --no-whole-pipeline --seeds {}" if lever.baseline is None
+              else f"python -m benchmarks.label_levers {lever.baseline} --seeds {{}}")
+    # The bound (ground truth) never depends on the labels: the benchmark's own, for every lever.
+    bounds = [stage("infer_seg").marker(seed_dir(args.baseline + "_gt", seed)) for seed in range(args.seeds)]
+    for seed in range(args.seeds):
+        for needed in (seed_dir(base_runs, seed) / "results.json", bounds[seed]):
+            if not needed.is_file():
+                bench.parser.error(f"{needed}: no finished baseline run of seed {seed} ({making.format(seed + 1)})")
     root = str(ensure_msrc21("data/msrc21"))
     placed = [f"device={args.device}"] if args.device != "auto" else []
     threads = [f"threads={args.threads}"] if args.threads else []
-    lever = LEVERS[args.lever]
     common = [f"dataset.root={root}", *placed, *lever.overrides]
     base = run_base(args.lever)
-    base_runs = args.baseline if lever.baseline is None else run_base(lever.baseline)
-    making = ("python -m benchmarks.msrc21 --seeds {}" if lever.baseline is None
-              else f"python -m benchmarks.label_levers {lever.baseline} --seeds {{}}")
     per_seed = []
     for seed in range(args.seeds):
         baseline = seed_dir(base_runs, seed)
-        # The bound (ground truth) never depends on the labels: the benchmark's own, for every lever.
-        bound = read_json(stage("infer_seg").marker(seed_dir(args.baseline + "_gt", seed)))["segmentation"]["miou"]
-        if not (baseline / "results.json").is_file():
-            bench.parser.error(f"{baseline}/results.json: no finished baseline run of seed {seed} "
-                               f"({making.format(seed + 1)})")
+        bound = read_json(bounds[seed])["segmentation"]["miou"]
         run_dir = seed_dir(base, seed)
         overrides = [*common, *seed_overrides(seed), f"run_dir={run_dir}"]
         config = load_config("msrc21", overrides)

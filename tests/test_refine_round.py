@@ -17,6 +17,7 @@ from affinitynet.models.networks import model_from_checkpoint
 from affinitynet.models.segmentation import predict_scores
 from affinitynet.ops.pseudo_labels import network_refinement, tagged_prediction
 from affinitynet.stages.common import label_images
+from benchmarks import label_levers
 from benchmarks.label_levers import LEVERS, decide, run_base
 from benchmarks.seed_spread import link_finished
 
@@ -179,3 +180,14 @@ def test_the_rule_compares_irns_labels_with_irns_walk():
     assert decide([irn(67.0, 75.5), irn(67.0, 75.5), irn(68.0, 75.5)], "no loss").startswith("kept")
     assert decide([irn(67.0, 75.0), irn(67.0, 75.0), irn(68.0, 75.0)], "no loss") == \
         "not kept: its training labels are below CAM+IRN"
+
+
+def test_a_lever_without_its_baseline_says_what_to_run_before_writing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)   # no data/ unpacked and no results file written here
+    with pytest.raises(SystemExit) as exit:
+        label_levers.main(["walk_labels", "--seeds", "2", "--baseline", "runs/msrc21"])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("runs/msrc21/results.json: no finished baseline run of seed 0 "
+                          "(python -m benchmarks.msrc21 --no-whole-pipeline --seeds 1)"), error
+    assert list(tmp_path.iterdir()) == []
