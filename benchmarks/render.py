@@ -117,10 +117,12 @@ def minutes(seconds: float | None) -> str:
 
 
 def machine(env: dict[str, Any]) -> str:
-    """The CPU in a few words: its model, its cores and its widest vector unit (AMX, AVX-512,
-    AVX2: what decides how fast a convolution runs), and the GPU when one ran the networks."""
+    """The CPU in a few words: its model, its cores and its widest vector unit (AMX, AVX512-BF16,
+    AVX-512, AVX2: what decides how fast a convolution runs, and whether ``amp: native`` runs
+    bfloat16), and the GPU when one ran the networks."""
     flags = set((env.get("cpu_flags") or "").split())
-    vector = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+    vector = next((name for flag, name in (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"),
+                                           ("avx2", "AVX2"))
                    if flag in flags), None)
     cpu = f"{env.get('cpu_model') or 'unknown CPU'} ({env.get('cpus')} CPUs{', ' + vector if vector else ''})"
     return f"{env['gpu']}, {cpu}" if env.get("gpu") else cpu
