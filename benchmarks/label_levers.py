@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Benchmark(__file__, __doc__, devices=("auto", "cpu", "cuda"), results_name="label_levers_<lever>")
     bench.parser.add_argument("lever", choices=sorted(LEVERS))
     bench.parser.add_argument("--seeds", type=int, default=3, help="seeds, each complete in the baseline")
-    bench.parser.add_argument("--baseline", default="runs/msrc21", help="seed 0's run of benchmarks/msrc21.py")
+    bench.parser.add_argument("--baseline", default="runs/msrc21", help="seed 0's run of benchmarks/msrc21.py --no-whole-pipeline")
     bench.parser.add_argument("--procs", type=int, default=2, help="processes of the stages after the trainings")
     args = bench.parse(argv)
     lever = LEVERS[args.lever]
