@@ -229,9 +229,10 @@ def seed_table(name: str) -> Callable[[Path], str]:
         r = record["results"]
         networks, bounds, ratios = r["network_val_miou"], r["upper_bound_val_miou"], r["ratio"]
         seeds = [f"seed {k}" for k in range(len(networks))]
-        rows = [[f"pseudo labels, {title} ({r['label_split']})", *(one(t[title]) for t in r["table1_seeds"]),
-                 spread([t[title] for t in r["table1_seeds"]])]
-                for title in r.get("table1_seeds", [{}])[0]]
+        per_seed = r.get("table1_seeds", [])   # only where every seed ran the whole pipeline
+        rows = [[f"pseudo labels, {title} ({r['label_split']})", *(one(t[title]) for t in per_seed),
+                 spread([t[title] for t in per_seed])]
+                for title in (per_seed[0] if per_seed else [])]
         whose = "its own" if r.get("whole_pipeline") else "seed 0's"
         rows += [[f"network on {whose} {r.get('training_labels')} labels ({r['eval_split']})",
                  *(one(v) for v in networks), f"**{spread(networks)}**"],

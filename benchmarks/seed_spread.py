@@ -139,7 +139,8 @@ def add_options(bench: Benchmark, config_given: bool = False, run_dir: str = "ru
         parser.add_argument("--config", required=True, help="a built-in config with ground truth (demo, msrc21)")
     parser.add_argument("--run-dir", default=None, help=f"seed 0's run directory (default {run_dir})")
     parser.add_argument("--procs", type=int, default=2, help="processes for the stages after the two trainings")
-    parser.add_argument("--seeds", type=int, default=3, help="training seeds of the network and of the bound")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds: of the whole pipeline with --whole-pipeline, else of the network; "
+                                                        "and of the bound")
     parser.add_argument("--whole-pipeline", action=argparse.BooleanOptionalAction, default=whole_pipeline,
                         help="every further seed runs the whole pipeline (seed=k), not only the segmentation "
                              "network on seed 0's labels")

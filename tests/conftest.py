@@ -34,13 +34,13 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def msrc21_root(tmp_path_factory, worker_id):
+def msrc21_root(tmp_path_factory):
     """The real MSRC-21 (../shared/datasets), unpacked once for the whole session into a folder
     xdist's workers share."""
     if find_msrc21_tarball() is None:
         pytest.skip("MSRC-21 tarball not available (../shared/datasets or AFFINITYNET_MSRC21_TAR)")
     base = tmp_path_factory.getbasetemp()
-    folder = (base if worker_id == "master" else base.parent) / "msrc21-data"
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "msrc21-data"
     folder.mkdir(exist_ok=True)
     # One worker unpacks while the other waits for it, instead of both unpacking at once.
     with open(folder / ".lock", "w") as lock:
