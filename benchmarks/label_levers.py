@@ -1,9 +1,10 @@
 """An A/B of one lever on the pseudo labels (issue 41) against the MSRC-21 benchmark's runs: the
 lever's overrides on the msrc21 config, seed by seed, beside the runs of
-``benchmarks/msrc21.py --no-whole-pipeline`` (the baseline, which must be complete for the seeds
-asked: its further seeds retrain the segmentation network on seed 0's labels, as the lever's do).
+``benchmarks/msrc21.py`` (the baseline, which must be complete for the seeds asked), seeded as
+they are: whole pipelines, or with ``--no-whole-pipeline`` the segmentation network on seed 0's
+labels.
 
-    python -m benchmarks.label_levers LEVER [--seeds 3] [--baseline runs/msrc21] [--procs 2]
+    python -m benchmarks.label_levers LEVER [--seeds 3] [--baseline runs/msrc21] [--procs 2] [--no-whole-pipeline]
 
 Levers (``LEVERS``):
 
@@ -25,17 +26,24 @@ Levers (``LEVERS``):
 - ``walk_scale2``: the walk on a grid twice as fine, ``random_walk.scale=2`` (AffinityNet sees the
   image enlarged twice, a cell spans 4 px) with ``random_walk.t=512``, the size rule's t for that
   grid (``size_rules.walk_length`` of the enlarged image: the reach in pixels stays the same);
+- ``walk_flip``: the walk's affinities from AffinityNet's features averaged over the image and its
+  mirror image, ``random_walk.flip=true`` (the CAMs' test-time flip, 4.2, for the affinities; the
+  same AffinityNet, twice its inference);
 - ``irn``: IRN's labels instead of AffinityNet's, ``labels.method=irn`` (with its default, the
   band);
 - ``irn_walk_labels``: ``walk_labels`` for IRN, ``irn.crf=off``, against ``irn``'s runs (a lever
   with a ``baseline`` lever is measured against that lever's runs, seed by seed).
 
-Seed k runs in ``runs/msrc21_<lever>[_seed<k>]``, as the baseline's seed k does: seed 0 with the
-run's seed, every further seed with ``segmentation.seed=k``. Work the lever leaves unchanged is not
-done twice: every stage whose hash under the lever's config is that of a finished stage of the
-baseline's (or of the lever's seed 0) is linked from it, under its own name (the refinement
-round's first network is the baseline's ``train_seg`` of the same seed: the same labels, keys and
-seed). The rest runs as ``affinitynet run --procs``. The bound (ground truth) does not depend on
+Seed k runs as the baseline's seed k does: seed 0 with the run's seed in ``runs/msrc21_<lever>``,
+every further seed in ``runs/msrc21_<lever>_pipeline<k>`` with ``seed=k``, the whole pipeline's
+seed, against ``runs/msrc21_pipeline<k>`` (the issue's rule: whole-pipeline seeds). With
+``--no-whole-pipeline`` a further seed is ``segmentation.seed=k`` in ``runs/msrc21_<lever>_seed<k>``,
+against ``runs/msrc21_seed<k>`` of ``benchmarks/msrc21.py --no-whole-pipeline``: the levers
+measured before whole-pipeline seeds were (docs/label-refinement.md says which). Work the lever
+leaves unchanged is not done twice: every stage whose hash under the lever's config is that of a
+finished stage of the baseline's (or of the lever's seed 0) is linked from it, under its own name
+(the refinement round's first network is the baseline's ``train_seg`` of the same seed: the same
+labels, keys and seed). The rest runs as ``affinitynet run --procs``. The bound (ground truth) does not depend on
 the labels: the baseline's is used.
 
 Writes ``benchmarks/results/label_levers_<lever>.json``: per seed, Table 1 on train and the
@@ -45,6 +53,7 @@ Resumable: run the command again after an interruption.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import sys
@@ -57,7 +66,7 @@ from affinitynet.files import IGNORE_INDEX, load_label_png, read_json
 from affinitynet.pipeline import label_stage, stage, stages, training_label_stage
 
 from .common import Benchmark
-from .seed_spread import affinitynet, link_finished, spread
+from .seed_spread import affinitynet, link_finished, seed_overrides, seed_run_dirs, spread
 
 class Lever(NamedTuple):
     """A lever's overrides; its aim, "gain" (it must raise the network) or "no loss" (it fixes a
@@ -76,6 +85,7 @@ LEVERS: dict[str, Lever] = {
     "cam_fine_tune": Lever(("cam.fine_tune_epochs=2",), "gain"),
     "cam_stride8": Lever(("cam.train_output_stride=null",), "gain"),
     "walk_scale2": Lever(("random_walk.scale=2", "random_walk.t=512"), "gain"),
+    "walk_flip": Lever(("random_walk.flip=true",), "gain"),
     "irn": Lever(("labels.method=irn",), "gain"),
     "irn_walk_labels": Lever(("labels.method=irn", "irn.crf=off"), "no loss", baseline="irn"),
 }
@@ -120,13 +130,10 @@ def decide(seeds: list[dict], aim: str) -> str:
     return f"kept (network {change:+.1f}, spread {noise:.1f})" if not reasons else "not kept: " + "; ".join(reasons)
 
 
-def seed_dir(base: str, seed: int) -> Path:
-    return Path(base if seed == 0 else f"{base}_seed{seed}")
-
-
-def seed_overrides(seed: int) -> list[str]:
-    """The baseline's spelling of seed k (benchmarks/seed_spread.py): seed 0 is the run's."""
-    return [] if seed == 0 else [f"segmentation.seed={seed}"]
+def seed_dir(base: str, seed: int, whole_pipeline: bool) -> Path:
+    """Where seed k of the runs whose seed 0 is ``base`` runs, as the baseline's seed k does
+    (benchmarks/seed_spread.py)."""
+    return seed_run_dirs(Path(base), Path(base + "_gt"), seed, whole_pipeline)[0]
 
 
 def refinement_shares(config: dict) -> dict[str, float]:
@@ -175,17 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     bench = Benchmark(__file__, __doc__, devices=("auto", "cpu", "cuda"), results_name="label_levers_<lever>")
     bench.parser.add_argument("lever", choices=sorted(LEVERS))
     bench.parser.add_argument("--seeds", type=int, default=3, help="seeds, each complete in the baseline")
-    bench.parser.add_argument("--baseline", default="runs/msrc21", help="seed 0's run of benchmarks/msrc21.py --no-whole-pipeline")
+    bench.parser.add_argument("--baseline", default="runs/msrc21", help="seed 0's run of benchmarks/msrc21.py")
     bench.parser.add_argument("--procs", type=int, default=2, help="processes of the stages after the trainings")
+    bench.parser.add_argument("--whole-pipeline", action=argparse.BooleanOptionalAction, default=True,
+                              help="seed k is the whole pipeline's (seed=k), against benchmarks/msrc21.py's "
+                                   "whole-pipeline seeds; without it, the segmentation network's on seed 0's "
+                                   "labels, against those of benchmarks/msrc21.py --no-whole-pipeline")
     args = bench.parse(argv)
     lever = LEVERS[args.lever]
+    whole = args.whole_pipeline
     base_runs = args.baseline if lever.baseline is None else run_base(lever.baseline)
-    making = ("python -m benchmarks.msrc21 --no-whole-pipeline --seeds {}" if lever.baseline is None
-              else f"python -m benchmarks.label_levers {lever.baseline} --seeds {{}}")
+    making = ((f"python -m benchmarks.msrc21{'' if whole else ' --no-whole-pipeline'} --seeds {{}}")
+              if lever.baseline is None else
+              f"python -m benchmarks.label_levers {lever.baseline}{'' if whole else ' --no-whole-pipeline'} --seeds {{}}")
     # The bound (ground truth) never depends on the labels: the benchmark's own, for every lever.
-    bounds = [stage("infer_seg").marker(seed_dir(args.baseline + "_gt", seed)) for seed in range(args.seeds)]
+    bounds = [stage("infer_seg").marker(seed_run_dirs(Path(args.baseline), Path(args.baseline + "_gt"), seed, whole)[1])
+              for seed in range(args.seeds)]
     for seed in range(args.seeds):
-        for needed in (seed_dir(base_runs, seed) / "results.json", bounds[seed]):
+        for needed in (seed_dir(base_runs, seed, whole) / "results.json", bounds[seed]):
             if not needed.is_file():
                 bench.parser.error(f"{needed}: no finished baseline run of seed {seed} ({making.format(seed + 1)})")
     root = str(ensure_msrc21("data/msrc21"))
@@ -195,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     base = run_base(args.lever)
     per_seed = []
     for seed in range(args.seeds):
-        baseline = seed_dir(base_runs, seed)
+        baseline = seed_dir(base_runs, seed, whole)
         bound = read_json(bounds[seed])["segmentation"]["miou"]
-        run_dir = seed_dir(base, seed)
-        overrides = [*common, *seed_overrides(seed), f"run_dir={run_dir}"]
+        run_dir = seed_dir(base, seed, whole)
+        overrides = [*common, *seed_overrides(seed, whole), f"run_dir={run_dir}"]
         config = load_config("msrc21", overrides)
-        sources = list(dict.fromkeys(([seed_dir(base, 0)] if seed else [])
+        # A whole-pipeline seed shares no stage with seed 0: only its baseline's are linked.
+        sources = list(dict.fromkeys(([seed_dir(base, 0, whole)] if seed and not whole else [])
                                      + [baseline, Path(base_runs), Path(args.baseline)]))
         linked = link_finished(config, sources)
         print(f"seed {seed}: linked {', '.join(linked) or 'nothing'} from {', '.join(map(str, sources))}")
@@ -233,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     decision = decide(per_seed, lever.aim)
     print(f"decision: {decision}")
     bench.write({"lever": args.lever, "overrides": list(lever.overrides), "aim": lever.aim,
-                 "baseline": lever.baseline, "seeds": per_seed,
+                 "baseline": lever.baseline, "whole_pipeline": whole, "seeds": per_seed,
                  "network_val_miou": networks, "baseline_network_val_miou": base_networks,
                  "decision": decision, "summary": {**summary, "decision": decision}}, name=f"label_levers_{args.lever}")
     return 0

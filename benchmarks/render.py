@@ -351,6 +351,8 @@ def label_levers(root: Path) -> str:
         walk = walk_row(first)
         networks, baseline = r["network_val_miou"], r["baseline_network_val_miou"]
         against = f"; against `{lever.baseline}`" if lever.baseline else ""
+        # Records from before whole-pipeline seeds name none: their seeds were the network's.
+        against += "; seeds: whole pipelines" if r.get("whole_pipeline") else "; seeds: the network's on seed 0's labels"
         rows.append([f"`{name}` ({', '.join(f'`{o}`' for o in lever.overrides)}; aim: {lever.aim}{against})",
                      f"{one(first['table1'][training])} ({training}; baseline {one(first['baseline_table1'][base_training])})",
                      f"{one(first['table1'][walk])} ({walk})",

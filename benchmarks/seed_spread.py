@@ -92,6 +92,25 @@ def link_finished(config: dict, sources: list[Path]) -> list[str]:
     return linked
 
 
+def seed_run_dirs(weak_dir: Path, bound_dir: Path, seed: int, whole_pipeline: bool) -> tuple[Path, Path]:
+    """Where seed ``seed`` of a run whose seed 0 is in ``weak_dir`` runs, and its bound: whole
+    pipelines in ``<weak_dir>_pipeline<k>`` and ``<weak_dir>_pipeline<k>_gt``, networks on seed 0's
+    labels in ``<weak_dir>_seed<k>`` and ``<bound_dir>_seed<k>``."""
+    if seed == 0:
+        return weak_dir, bound_dir
+    if whole_pipeline:
+        return Path(f"{weak_dir}_pipeline{seed}"), Path(f"{weak_dir}_pipeline{seed}_gt")
+    return Path(f"{weak_dir}_seed{seed}"), Path(f"{bound_dir}_seed{seed}")
+
+
+def seed_overrides(seed: int, whole_pipeline: bool) -> list[str]:
+    """Seed ``seed``'s overrides: seed 0 is the run's; a further one seeds the whole pipeline
+    (``seed=k``) or only the segmentation network (``segmentation.seed=k``)."""
+    if seed == 0:
+        return []
+    return [f"seed={seed}"] if whole_pipeline else [f"segmentation.seed={seed}"]
+
+
 def pipeline_with_bound(common: list[str], threads: list[str], procs: int, weak_dir: Path, bound_dir: Path) -> bool:
     """The whole pipeline in ``weak_dir`` and, beside it, the bound in ``bound_dir``."""
     bound_args = (*common, "--run-dir", str(bound_dir), "segmentation.supervision=gt")
@@ -169,15 +188,14 @@ def run(bench: Benchmark, args, config: str, root: str | None = None, default_ru
     wall = time.time() - started
     seed_dirs = [(weak_dir, bound_dir)]
     for seed in range(1, args.seeds):
+        weak_k, bound_k = seed_run_dirs(weak_dir, bound_dir, seed, args.whole_pipeline)
         if args.whole_pipeline:
-            weak_k, bound_k = Path(f"{weak_dir}_pipeline{seed}"), Path(f"{weak_dir}_pipeline{seed}_gt")
-            if not pipeline_with_bound([*common, f"seed={seed}"], threads, args.procs, weak_k, bound_k):
+            if not pipeline_with_bound([*common, *seed_overrides(seed, True)], threads, args.procs, weak_k, bound_k):
                 return 1
             seed_dirs.append((weak_k, bound_k))
             continue
         # The network on seed 0's labels, the bound on the ground truth.
-        weak_k, bound_k = Path(f"{weak_dir}_seed{seed}"), Path(f"{bound_dir}_seed{seed}")
-        seeded = (*common, f"segmentation.seed={seed}")
+        seeded = (*common, *seed_overrides(seed, False))
         link_finished(load_config(config, [*seeded[2:], f"run_dir={weak_k}"], check=False), [weak_dir])
         if not run_all([affinitynet("run", *seeded, *threads, "--run-dir", str(weak_k), procs=args.procs),
                         affinitynet("train-seg", *seeded, "--run-dir", str(bound_k), "segmentation.supervision=gt"),

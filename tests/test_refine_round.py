@@ -182,12 +182,26 @@ def test_the_rule_compares_irns_labels_with_irns_walk():
         "not kept: its training labels are below CAM+IRN"
 
 
-def test_a_lever_without_its_baseline_says_what_to_run_before_writing(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flags, seed_1, making", [
+    ((), "runs/msrc21_pipeline1", "python -m benchmarks.msrc21 --seeds"),
+    (("--no-whole-pipeline",), "runs/msrc21_seed1", "python -m benchmarks.msrc21 --no-whole-pipeline --seeds")])
+def test_a_lever_without_its_baseline_says_what_to_run_before_writing(tmp_path, monkeypatch, capsys, flags, seed_1,
+                                                                       making):
     monkeypatch.chdir(tmp_path)   # no data/ unpacked and no results file written here
+    argv = ["walk_labels", "--seeds", "2", "--baseline", "runs/msrc21", *flags]
     with pytest.raises(SystemExit) as exit:
-        label_levers.main(["walk_labels", "--seeds", "2", "--baseline", "runs/msrc21"])
+        label_levers.main(argv)
     assert exit.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.endswith("runs/msrc21/results.json: no finished baseline run of seed 0 "
-                          "(python -m benchmarks.msrc21 --no-whole-pipeline --seeds 1)"), error
+    assert error.endswith(f"runs/msrc21/results.json: no finished baseline run of seed 0 ({making} 1)"), error
     assert list(tmp_path.iterdir()) == []
+    # Seed 0 finished, with its bound: seed 1 is looked for where the baseline's seeding put it.
+    (tmp_path / "runs/msrc21").mkdir(parents=True)
+    (tmp_path / "runs/msrc21/results.json").write_text("{}")
+    (tmp_path / "runs/msrc21_gt/infer_seg").mkdir(parents=True)
+    (tmp_path / "runs/msrc21_gt/infer_seg/_stage.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        label_levers.main(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith(f"{seed_1}/results.json: no finished baseline run of seed 1 ({making} 2)"), error
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["msrc21", "msrc21_gt"]

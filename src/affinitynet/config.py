@@ -365,6 +365,8 @@ SETTINGS: dict[str, Any] = {
         "radius": Setting(5, "radius of the affinity matrix's pairs", _number(1, 64, integer=True)),
         "scale": Setting(1.0, "AffinityNet's input scale for the walk (above 1: a finer grid)",
                          _number(0, 8, strict_low=True)),
+        "flip": Setting(False, "AffinityNet's features for the walk averaged over the image and its mirror image "
+                               "(the CAMs' test-time flip, 4.2)", _boolean()),
         "crf": Setting("full", "refinement of the walked labels that train the network: 'full' (the paper's dCRF), "
                                "'band' (the dCRF within half a grid cell of the walk's boundaries), 'off'",
                        _refinement()),

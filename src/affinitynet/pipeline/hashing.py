@@ -17,6 +17,19 @@ def _hashed_keys(name: str, config: dict[str, Any]) -> tuple[str, ...]:
     return spec.keys + dataset_inputs() + changed
 
 
+def _unset_optionals_dropped(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the stage's optional keys that are at their default, where a section the
+    stage hashes whole holds them (``random_walk.flip`` in ``random_walk``): a key added to such a
+    section later leaves the hash of a run made before it as it was, as any optional key does."""
+    spec = stage(name)
+    dropped = {section: dict(config[section]) for section in spec.keys if isinstance(config.get(section), dict)}
+    for key in spec.optional_keys:
+        section, _, leaf = key.partition(".")
+        if section in dropped and get(config, key) == get(DEFAULTS, key):
+            dropped[section].pop(leaf, None)
+    return {**config, **dropped}
+
+
 # Keys that name files: hashed as absolute paths, so that the same dataset named relative to
 # another working directory (or once relative, once absolute) is the same input, not a reason to
 # train every network again.
@@ -36,7 +49,7 @@ def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
 
 def _hash(config: dict[str, Any], name: str) -> str:
     upstream = tuple(_hash(config, parent) for parent in upstream_stages(config, name))
-    return section_hash(config, _hashed_keys(name, config), *upstream)
+    return section_hash(_unset_optionals_dropped(name, config), _hashed_keys(name, config), *upstream)
 
 
 def stage_hash(config: dict[str, Any], name: str) -> str:
@@ -54,8 +67,9 @@ def stage_inputs(config: dict[str, Any], name: str) -> dict[str, Any]:
     flattened to dotted keys) and the hash of every upstream stage. Kept in ``_stage.json`` so that
     a re-run can say what changed."""
     values: dict[str, Any] = {}
+    hashed = _unset_optionals_dropped(name, config)
     for key in sorted(set(_hashed_keys(name, config))):
-        value = get(config, key)
+        value = get(hashed, key)
         if isinstance(value, dict):
             values.update({f"{key}.{k}": v for k, v in flatten(value).items()})
         else:

@@ -353,10 +353,16 @@ def start(config: dict[str, Any], name: str, force: bool):
     return device, job, data, for_inference(model, device, config["amp"], config["channels_last"])
 
 
-def affinity_features(model, image: np.ndarray, device: torch.device) -> torch.Tensor:
+def affinity_features(model, image: np.ndarray, device: torch.device, flip: bool = False) -> torch.Tensor:
     """AffinityNet's features f of an RGB image (3.3), on ``device``: what its pair affinities
-    (Eq. 3) and boundary map are computed from. Call it under ``torch.no_grad()``."""
-    return model.features(transforms.normalize(image, model.backbone.mean, model.backbone.std)[None].to(device))[0]
+    (Eq. 3) and boundary map are computed from. With ``flip`` (``random_walk.flip``), the mean of
+    the features of the image and of its mirror image, mirrored back: the test-time flip of the
+    CAMs (4.2), one batch of two. Call it under ``torch.no_grad()``."""
+    batch = transforms.normalize(image, model.backbone.mean, model.backbone.std)[None].to(device)
+    if not flip:
+        return model.features(batch)[0]
+    both = model.features(torch.cat([batch, batch.flip(-1)]))
+    return (both[0] + both[1].flip(-1)) / 2
 
 
 def relations(model, image: np.ndarray, radius: int, device: torch.device):

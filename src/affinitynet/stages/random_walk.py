@@ -72,7 +72,7 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
         seen = image if section["scale"] == 1 else transforms.resize_image(
             image, (math.ceil(height * section["scale"]), math.ceil(width * section["scale"])))
         with torch.no_grad():
-            features = affinity_features(model, seen, device)
+            features = affinity_features(model, seen, device, section["flip"])
             affinities = pair_affinities(features, section["radius"], distance)
             boundaries = boundary_image(boundary_map(features, section["radius"], distance))
         # The walk uses the float16 values it stores, so the sweep reproduces these labels exactly.
@@ -95,4 +95,4 @@ def run(config: dict[str, Any], force: bool = False) -> dict[str, Any]:
 STAGE = register_stage(Stage("random_walk", "random-walk", "random walk with AffinityNet and the pseudo labels (3.3-3.4, Table 1)",
               keys=("random_walk", "affinity.distance", "crf"), upstream=("infer_cam", "train_affinity"),
               outputs={name: name for name in ("affinities", "boundaries", "rw_labels", "crf_labels", "pseudo_labels")},
-              run=run, label_method="affinitynet", label_rows=label_rows))
+              run=run, label_method="affinitynet", label_rows=label_rows, optional_keys=("random_walk.flip",)))
