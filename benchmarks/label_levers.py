@@ -30,9 +30,10 @@ Levers (``LEVERS``):
   mirror image, ``random_walk.flip=true`` (the CAMs' test-time flip, 4.2, for the affinities; the
   same AffinityNet, twice its inference);
 - ``regions_alpha32``: the confident background cut at the released code's high alpha, 32, instead
-  of the paper's 24, ``affinity.alpha_high=32`` (psa's README gives 61.0 on VOC train with it
-  against the paper's 58.1, ``../shared/notes/reference-implementations.md``): a weaker background
-  score, so only the surer background is confident; AffinityNet trains again on those regions;
+  of the paper's 24, ``affinity.alpha_high=32`` (psa's README gives its random walk 61.0 on VOC
+  train with alphas 4/16/32 and its released weights, the paper 58.1 with 4/16/24): a weaker
+  background score, so only the surer background is confident; AffinityNet trains again on those
+  regions;
 - ``irn``: IRN's labels instead of AffinityNet's, ``labels.method=irn`` (with its default, the
   band);
 - ``irn_walk_labels``: ``walk_labels`` for IRN, ``irn.crf=off``, against ``irn``'s runs (a lever

@@ -336,7 +336,8 @@ def onnx_predict(root: Path) -> str:
 
 def label_levers(root: Path) -> str:
     """``benchmarks/label_levers.py``: each lever's A/B against the MSRC-21 benchmark's runs (issue 41)."""
-    header = ["lever", "training labels, train, seed 0", "the walk's labels, train", "network, val (per seed)",
+    header = ["lever", "training labels, train (seed 0; whole pipelines: per seed)", "the walk's labels, train, seed 0",
+              "network, val (per seed)",
               "baseline network, val", "time of the lever's stages, seed 0", "decision"]
     rows, sources, notes = [], [], []
     for name, lever in LEVERS.items():
@@ -353,8 +354,14 @@ def label_levers(root: Path) -> str:
         against = f"; against `{lever.baseline}`" if lever.baseline else ""
         # Records from before whole-pipeline seeds name none: their seeds were the network's.
         against += "; seeds: whole pipelines" if r.get("whole_pipeline") else "; seeds: the network's on seed 0's labels"
+        # A whole pipeline's seeds differ in their labels too; the network's seeds share seed 0's.
+        labelled = r["seeds"] if r.get("whole_pipeline") else [first]
+        labels = [seed["table1"][training] for seed in labelled]
+        base_labels = [seed["baseline_table1"][base_training] for seed in labelled]
         rows.append([f"`{name}` ({', '.join(f'`{o}`' for o in lever.overrides)}; aim: {lever.aim}{against})",
-                     f"{one(first['table1'][training])} ({training}; baseline {one(first['baseline_table1'][base_training])})",
+                     (f"{one(labels[0])} ({training}; baseline {one(base_labels[0])})" if len(labels) == 1 else
+                      f"{spread(labels)} ({', '.join(one(v) for v in labels)}; {training}; baseline "
+                      f"{spread(base_labels)}: {', '.join(one(v) for v in base_labels)})"),
                      f"{one(first['table1'][walk])} ({walk})",
                      f"**{spread(networks)}** ({', '.join(one(v) for v in networks)})",
                      f"{spread(baseline)} ({', '.join(one(v) for v in baseline)})",
