@@ -48,8 +48,8 @@ measured before whole-pipeline seeds were (docs/label-refinement.md says which).
 leaves unchanged is not done twice: every stage whose hash under the lever's config is that of a
 finished stage of the baseline's (or of the lever's seed 0) is linked from it, under its own name
 (the refinement round's first network is the baseline's ``train_seg`` of the same seed: the same
-labels, keys and seed). The rest runs as ``affinitynet run --procs``. The bound (ground truth) does not depend on
-the labels: the baseline's is used.
+labels, keys and seed). The rest runs as ``affinitynet run --procs``. The bound (ground truth)
+does not depend on the labels: the baseline's is used.
 
 Writes ``benchmarks/results/label_levers_<lever>.json``: per seed, Table 1 on train and the
 network on val for the baseline and the lever, and the seconds of the stages the lever ran; the
