@@ -108,6 +108,12 @@ def walk_row(seed: dict) -> str:
     return seed.get("walk_row", "CAM+RW")
 
 
+def stops_at_seed_0(first: dict, aim: str) -> bool:
+    """Whether the rule runs no further seeds after seed 0's record ``first``: a lever that aims at
+    a gain whose network is below the baseline's (``decide``)."""
+    return aim == "gain" and first["network_val_miou"] < first["baseline_network_val_miou"]
+
+
 def decide(seeds: list[dict], aim: str) -> str:
     """Whether a lever is kept, by the rule fixed before any lever was measured
     (docs/label-refinement.md, "Levers on the labels, measured"). Over 3 seeds, against the
@@ -124,7 +130,7 @@ def decide(seeds: list[dict], aim: str) -> str:
     networks = [s["network_val_miou"] for s in seeds]
     baseline = [s["baseline_network_val_miou"] for s in seeds]
     if len(seeds) < 3:
-        if aim == "gain" and networks[0] < baseline[0]:
+        if stops_at_seed_0(first, aim):
             return "not kept: seed 0's network is below the baseline's (no further seeds)"
         return f"undecided: {len(seeds)} of 3 seeds"
     change = statistics.mean(networks) - statistics.mean(baseline)
@@ -242,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: training labels ({training}) {labels[training]:.1f} against the baseline's "
               f"({base_training}) {base_labels[base_training]:.1f}; network on val {network:.1f} against "
               f"{base_network:.1f}; the lever's stages ran {per_seed[-1]['lever_seconds'] / 60:.1f} min")
+        if seed == 0 and args.seeds > 1 and stops_at_seed_0(per_seed[0], lever.aim):
+            print("seed 0's network is below the baseline's: by the rule no further seeds run")
+            break
     networks = [s["network_val_miou"] for s in per_seed]
     base_networks = [s["baseline_network_val_miou"] for s in per_seed]
     first = per_seed[0]

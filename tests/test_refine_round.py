@@ -18,7 +18,7 @@ from affinitynet.models.segmentation import predict_scores
 from affinitynet.ops.pseudo_labels import network_refinement, tagged_prediction
 from affinitynet.stages.common import label_images
 from benchmarks import label_levers
-from benchmarks.label_levers import LEVERS, decide, run_base
+from benchmarks.label_levers import LEVERS, decide, run_base, stops_at_seed_0
 from benchmarks.seed_spread import link_finished
 
 
@@ -149,6 +149,9 @@ def test_the_levers_decision_rule():
     assert decide([_seed(66.0, 67.0)], "gain").startswith("not kept: seed 0's network is below")
     assert decide([_seed(66.0, 67.0)], "no loss") == "undecided: 1 of 3 seeds"
     assert decide([_seed(68.0, 67.0)], "gain") == "undecided: 1 of 3 seeds"
+    # The benchmark runs no further seeds exactly where the rule decided on seed 0 alone.
+    assert stops_at_seed_0(_seed(66.0, 67.0), "gain")
+    assert not stops_at_seed_0(_seed(66.0, 67.0), "no loss") and not stops_at_seed_0(_seed(68.0, 67.0), "gain")
     # Gains of 3 against spreads of 1: kept; the same with labels under CAM+RW: not.
     assert decide([_seed(70.0, 67.0), _seed(71.0, 68.0), _seed(72.0, 69.0)], "gain") == "kept (network +3.0, spread 1.0)"
     assert "below CAM+RW" in decide([_seed(70.0, 67.0, 77.0), _seed(71.0, 68.0), _seed(72.0, 69.0)], "gain")
