@@ -20,10 +20,10 @@ TOP_LEVEL = ", ".join(sorted(DEFAULTS))
 OVERRIDE_CASES = [
     # unknown keys
     (["random_walk.betta=3"],
-     "command line: unknown config key 'random_walk.betta' (known keys in 'random_walk': alpha, beta, crf, radius, scale, t)"),
+     "command line: unknown config key 'random_walk.betta' (known keys in 'random_walk': alpha, beta, crf, flip, radius, scale, t)"),
     (["randomwalk.beta=3"], f"command line: unknown config key 'randomwalk.beta' (known top-level keys: {TOP_LEVEL})"),
     (["random_walk=5"],
-     "command line: 'random_walk' is a section of keys, not a value (its keys: alpha, beta, crf, radius, scale, t)"),
+     "command line: 'random_walk' is a section of keys, not a value (its keys: alpha, beta, crf, flip, radius, scale, t)"),
     (["beta"], "command line: override 'beta' must look like key=value (e.g. random_walk.beta=8)"),
     # wrong types
     (["random_walk.beta=abc"], "config key 'random_walk.beta' must be a number > 0 and <= 1000, got 'abc'"),
@@ -139,8 +139,8 @@ def test_dataset_options_are_checked_the_same_way(tmp_path, capsys):
 
 FILE_CASES = [
     ("random_walk:\n  betta: 3\n",
-     "{path}: unknown config key 'random_walk.betta' (known keys in 'random_walk': alpha, beta, crf, radius, scale, t)"),
-    ("random_walk: 5\n", "{path}: 'random_walk' is a section of keys, not a value (its keys: alpha, beta, crf, radius, scale, t)"),
+     "{path}: unknown config key 'random_walk.betta' (known keys in 'random_walk': alpha, beta, crf, flip, radius, scale, t)"),
+    ("random_walk: 5\n", "{path}: 'random_walk' is a section of keys, not a value (its keys: alpha, beta, crf, flip, radius, scale, t)"),
     ("random_walk:\n  beta: -2\n", "config key 'random_walk.beta' must be a number > 0 and <= 1000, got -2"),
     ("random_walk:\n  t: 0\n", "config key 'random_walk.t' must be an integer >= 1 and <= 1000000, got 0"),
     ("affinity:\n  radius: 0\n", "config key 'affinity.radius' must be an integer >= 1 and <= 64, got 0"),
@@ -178,7 +178,7 @@ def test_missing_config_file(tmp_path, capsys):
 @pytest.mark.parametrize("override, message", [
     ("random_walk.beta=-1", "config key 'random_walk.beta' must be a number > 0 and <= 1000, got -1"),
     ("random_walk.betta=3", "command line: unknown config key 'random_walk.betta' "
-                            "(known keys in 'random_walk': alpha, beta, crf, radius, scale, t)"),
+                            "(known keys in 'random_walk': alpha, beta, crf, flip, radius, scale, t)"),
 ])
 def test_python_m_affinitynet_exits_2_with_one_line(tmp_path, override, message):
     result = subprocess.run([sys.executable, "-m", "affinitynet", "run", "--config", "demo",

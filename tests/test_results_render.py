@@ -150,3 +150,31 @@ def test_every_benchmark_has_a_table():
     scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__", "common", "render", "figure"}
     rendered = set(render.BENCHMARKS) | {"seed_spread", "msrc21", "label_levers"}   # the last: label-levers
     assert scripts == rendered
+
+
+@pytest.mark.parametrize("whole_pipeline", [True, False])
+def test_a_levers_labels_are_given_per_seed_where_its_seeds_are_whole_pipelines(tmp_path, whole_pipeline):
+    def seed(k, labels, base_labels, network, base_network):
+        return {"seed": k, "table1": {"CAM": 64.0, "CAM+RW": labels}, "training_labels": "CAM+RW",
+                "walk_row": "CAM+RW", "network_val_miou": network, "baseline_table1": {"CAM": 64.0, "CAM+RW": base_labels},
+                "baseline_training_labels": "CAM+RW", "baseline_network_val_miou": base_network,
+                "lever_seconds": 600.0, "diagnostic": None}
+    seeds = [seed(0, 76.0, 77.0, 70.0, 69.0), seed(1, 78.0, 78.0, 72.0, 71.0), seed(2, 80.0, 79.0, 74.0, 73.0)]
+    record = {**msrc21_record(), "benchmark": "label_levers_walk_flip",
+              "command": "python -m benchmarks.label_levers walk_flip --seeds 3",
+              "results": {"lever": "walk_flip", "whole_pipeline": whole_pipeline, "seeds": seeds,
+                          "network_val_miou": [70.0, 72.0, 74.0], "baseline_network_val_miou": [69.0, 71.0, 73.0],
+                          "decision": "not kept: the network's change of +1.0 is within the seed spread 2.0"}}
+    if not whole_pipeline:   # as the records written before whole-pipeline seeds: no such key
+        del record["results"]["whole_pipeline"]
+    (tmp_path / render.RESULTS).mkdir(parents=True)
+    write(tmp_path / render.RESULTS / "label_levers_walk_flip.json", record)
+    row = next(line for line in render.label_levers(tmp_path).splitlines() if line.startswith("| `walk_flip`"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    if whole_pipeline:
+        assert "seeds: whole pipelines" in cells[0]
+        assert cells[1] == "78.0 ± 2.0 (76.0, 78.0, 80.0; CAM+RW; baseline 78.0 ± 1.0: 77.0, 78.0, 79.0)"
+    else:
+        assert "seeds: the network's on seed 0's labels" in cells[0]
+        assert cells[1] == "76.0 (CAM+RW; baseline 77.0)"
+    assert cells[3] == "**72.0 ± 2.0** (70.0, 72.0, 74.0)" and cells[-1] == record["results"]["decision"]
