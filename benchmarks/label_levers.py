@@ -5,6 +5,7 @@ they are: whole pipelines, or with ``--no-whole-pipeline`` the segmentation netw
 labels.
 
     python -m benchmarks.label_levers LEVER [--seeds 3] [--baseline runs/msrc21] [--procs 2] [--no-whole-pipeline]
+    python -m benchmarks.label_levers LEVER --first-seed 3   # the confirmation on fresh seeds 3-5 (``confirm``)
 
 Levers (``LEVERS``):
 
@@ -97,6 +98,13 @@ LEVERS: dict[str, Lever] = {
 }
 
 
+# The results file of a lever's confirmation on fresh seeds (``--first-seed``), before its seeds
+# (``_seeds3-5``): beside the lever's own, never over it.
+CONFIRMATION = "label_levers_{}_seeds"
+# The one-sided 5% quantile of Student's t with 2 degrees of freedom: the confirmation's 3 seeds.
+T_5PCT_2DF = 2.920
+
+
 def run_base(lever: str) -> str:
     """Where seed 0 of ``lever`` runs (seed k: ``seed_dir``)."""
     return f"runs/msrc21_{lever}"
@@ -140,6 +148,25 @@ def decide(seeds: list[dict], aim: str) -> str:
                                       f"{'within' if abs(change) <= noise else 'beyond'} the seed spread {noise:.1f}"])
     reasons += [] if labels_ok else [f"its training labels are below {walk}"]
     return f"kept (network {change:+.1f}, spread {noise:.1f})" if not reasons else "not kept: " + "; ".join(reasons)
+
+
+def confirm(seeds: list[dict]) -> str:
+    """The confirmation rule, fixed before any confirmation seed ran (docs/label-refinement.md,
+    "The confirmation rule"): on 3 fresh whole-pipeline seeds, a gain lever is kept when the mean
+    of its seed-by-seed differences of the network on val against the baseline's is positive and
+    at least ``T_5PCT_2DF`` standard errors (a one-sided paired t-test at 5%), and its training
+    labels on the first of them are not below its walk's."""
+    if len(seeds) < 3:
+        return f"undecided: {len(seeds)} of 3 seeds"
+    differences = [s["network_val_miou"] - s["baseline_network_val_miou"] for s in seeds]
+    change, error = statistics.mean(differences), statistics.stdev(differences) / len(differences) ** 0.5
+    first = seeds[0]
+    reasons = ([] if change > 0 and change >= T_5PCT_2DF * error else
+               [f"the mean difference {change:+.1f} is under {T_5PCT_2DF} standard errors ({error:.1f})"])
+    if first["table1"][first["training_labels"]] < first["table1"][walk_row(first)]:
+        reasons.append(f"its training labels are below {walk_row(first)}")
+    return (f"confirmed (network {change:+.1f}, standard error {error:.1f})" if not reasons
+            else "not confirmed: " + "; ".join(reasons))
 
 
 def seed_dir(base: str, seed: int, whole_pipeline: bool) -> Path:
@@ -200,18 +227,25 @@ def main(argv: list[str] | None = None) -> int:
                               help="seed k is the whole pipeline's (seed=k), against benchmarks/msrc21.py's "
                                    "whole-pipeline seeds; without it, the segmentation network's on seed 0's "
                                    "labels, against those of benchmarks/msrc21.py --no-whole-pipeline")
+    bench.parser.add_argument("--first-seed", type=int, default=0,
+                              help="the first seed; above 0, the confirmation on fresh whole-pipeline seeds "
+                                   "(docs/label-refinement.md, \"The confirmation rule\"), written beside the "
+                                   "lever's results as label_levers_<lever>_seeds<first>-<last>.json")
     args = bench.parse(argv)
     lever = LEVERS[args.lever]
     whole = args.whole_pipeline
+    if args.first_seed < 0 or (args.first_seed and not whole):
+        bench.parser.error("--first-seed: a seed of 0 or more, and above 0 only with whole-pipeline seeds")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     base_runs = args.baseline if lever.baseline is None else run_base(lever.baseline)
     making = ((f"python -m benchmarks.msrc21{'' if whole else ' --no-whole-pipeline'} --seeds {{}}")
               if lever.baseline is None else
               f"python -m benchmarks.label_levers {lever.baseline}{'' if whole else ' --no-whole-pipeline'} --seeds {{}}")
     # The bound (ground truth) never depends on the labels: the benchmark's own, for every lever.
     bounds = [stage("infer_seg").marker(seed_run_dirs(Path(args.baseline), Path(args.baseline + "_gt"), seed, whole)[1])
-              for seed in range(args.seeds)]
-    for seed in range(args.seeds):
-        for needed in (seed_dir(base_runs, seed, whole) / "results.json", bounds[seed]):
+              for seed in seeds]
+    for seed, bound in zip(seeds, bounds):
+        for needed in (seed_dir(base_runs, seed, whole) / "results.json", bound):
             if not needed.is_file():
                 bench.parser.error(f"{needed}: no finished baseline run of seed {seed} ({making.format(seed + 1)})")
     root = str(ensure_msrc21("data/msrc21"))
@@ -220,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"dataset.root={root}", *placed, *lever.overrides]
     base = run_base(args.lever)
     per_seed = []
-    for seed in range(args.seeds):
+    for seed, bound_marker in zip(seeds, bounds):
         baseline = seed_dir(base_runs, seed, whole)
-        bound = read_json(bounds[seed])["segmentation"]["miou"]
+        bound = read_json(bound_marker)["segmentation"]["miou"]
         run_dir = seed_dir(base, seed, whole)
         overrides = [*common, *seed_overrides(seed, whole), f"run_dir={run_dir}"]
         config = load_config("msrc21", overrides)
@@ -256,16 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     first = per_seed[0]
     training = first["training_labels"]
     print(f"network on val: lever {spread(networks)}; baseline {spread(base_networks)}")
-    summary = {f"training labels ({training}, train), seed 0": first["table1"][training],
-               f"{first['walk_row']} (train), seed 0": first["table1"][first["walk_row"]],
+    summary = {f"training labels ({training}, train), seed {first['seed']}": first["table1"][training],
+               f"{first['walk_row']} (train), seed {first['seed']}": first["table1"][first["walk_row"]],
                f"network (val), lever, mean over {len(networks)} seeds": statistics.mean(networks),
                f"network (val), baseline, mean over {len(networks)} seeds": statistics.mean(base_networks)}
-    decision = decide(per_seed, lever.aim)
+    decision = confirm(per_seed) if args.first_seed else decide(per_seed, lever.aim)
     print(f"decision: {decision}")
+    name = (f"{CONFIRMATION.format(args.lever)}{seeds[0]}-{seeds[-1]}" if args.first_seed
+            else f"label_levers_{args.lever}")
     bench.write({"lever": args.lever, "overrides": list(lever.overrides), "aim": lever.aim,
-                 "baseline": lever.baseline, "whole_pipeline": whole, "seeds": per_seed,
-                 "network_val_miou": networks, "baseline_network_val_miou": base_networks,
-                 "decision": decision, "summary": {**summary, "decision": decision}}, name=f"label_levers_{args.lever}")
+                 "baseline": lever.baseline, "whole_pipeline": whole, "first_seed": args.first_seed,
+                 "seeds": per_seed, "network_val_miou": networks, "baseline_network_val_miou": base_networks,
+                 "decision": decision, "summary": {**summary, "decision": decision}}, name=name)
     return 0
 
 

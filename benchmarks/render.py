@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .label_levers import LEVERS, walk_row
+from .label_levers import CONFIRMATION, LEVERS, walk_row
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/index.md", "docs/results.md", "docs/irn.md", "docs/deploy.md", "docs/label-refinement.md")
@@ -345,37 +345,49 @@ def label_levers(root: Path) -> str:
         if record is None:
             rows.append([f"`{name}`", placeholder(f"python -m benchmarks.label_levers {name}"), "", "", "", "", ""])
             continue
-        r = record["results"]
-        first = r["seeds"][0]
-        training = first["training_labels"]
-        base_training = first["baseline_training_labels"]
-        walk = walk_row(first)
-        networks, baseline = r["network_val_miou"], r["baseline_network_val_miou"]
-        against = f"; against `{lever.baseline}`" if lever.baseline else ""
-        # Records from before whole-pipeline seeds name none: their seeds were the network's.
-        against += "; seeds: whole pipelines" if r.get("whole_pipeline") else "; seeds: the network's on seed 0's labels"
-        # A whole pipeline's seeds differ in their labels too; the network's seeds share seed 0's.
-        labelled = r["seeds"] if r.get("whole_pipeline") else [first]
-        labels = [seed["table1"][training] for seed in labelled]
-        base_labels = [seed["baseline_table1"][base_training] for seed in labelled]
-        rows.append([f"`{name}` ({', '.join(f'`{o}`' for o in lever.overrides)}; aim: {lever.aim}{against})",
-                     (f"{one(labels[0])} ({training}; baseline {one(base_labels[0])})" if len(labels) == 1 else
-                      f"{spread(labels)} ({', '.join(one(v) for v in labels)}; {training}; baseline "
-                      f"{spread(base_labels)}: {', '.join(one(v) for v in base_labels)})"),
-                     f"{one(first['table1'][walk])} ({walk})",
-                     f"**{spread(networks)}** ({', '.join(one(v) for v in networks)})",
-                     f"{spread(baseline)} ({', '.join(one(v) for v in baseline)})",
-                     minutes(first["lever_seconds"]), r["decision"]])
-        sources.append(f"`{name}`: `{record['command']}`, {provenance(record)}")
-        shares = first.get("diagnostic")
-        if shares:
-            notes.append(f"`{name}`, seed 0, against the ground truth of {shares['split']}: of the labelled pixels, "
-                         f"{shares['agree_pct']:.1f}% keep the method's label (the network agrees), "
-                         f"{shares['taken_pct']:.1f}% take the network's, which is right on "
-                         f"{shares['taken_network_right_pct']:.1f}% of them and the method's on "
-                         f"{shares['taken_method_right_pct']:.1f}%, and {shares['ignored_pct']:.1f}% are ignored.")
+        # Its confirmations on fresh seeds (label_levers --first-seed) follow the lever's own row.
+        confirmations = [load(root, path.stem) for path in sorted((root / RESULTS).glob(f"{CONFIRMATION.format(name)}*.json"))]
+        for record in (record, *confirmations):
+            _lever_rows(name, lever, record, rows, sources, notes)
     return (table(header, rows) + ("\nMeasured by " + "; ".join(sources) + ".\n" if sources else "")
             + "".join(f"\n{note}\n" for note in notes))
+
+
+def _lever_rows(name: str, lever, record: dict[str, Any], rows: list, sources: list, notes: list) -> None:
+    """The row of one record of ``label_levers`` (a lever's A/B or its confirmation), its source
+    and its diagnostic note."""
+    r = record["results"]
+    first = r["seeds"][0]
+    training = first["training_labels"]
+    base_training = first["baseline_training_labels"]
+    walk = walk_row(first)
+    networks, baseline = r["network_val_miou"], r["baseline_network_val_miou"]
+    against = f"; against `{lever.baseline}`" if lever.baseline else ""
+    # Records from before whole-pipeline seeds name none: their seeds were the network's.
+    against += "; seeds: whole pipelines" if r.get("whole_pipeline") else "; seeds: the network's on seed 0's labels"
+    seeds_run = [seed["seed"] for seed in r["seeds"]]
+    confirming = r.get("first_seed", 0) > 0
+    against += f"; confirmation on seeds {seeds_run[0]}-{seeds_run[-1]}" if confirming else ""
+    # A whole pipeline's seeds differ in their labels too; the network's seeds share seed 0's.
+    labelled = r["seeds"] if r.get("whole_pipeline") else [first]
+    labels = [seed["table1"][training] for seed in labelled]
+    base_labels = [seed["baseline_table1"][base_training] for seed in labelled]
+    rows.append([f"`{name}` ({', '.join(f'`{o}`' for o in lever.overrides)}; aim: {lever.aim}{against})",
+                 (f"{one(labels[0])} ({training}; baseline {one(base_labels[0])})" if len(labels) == 1 else
+                  f"{spread(labels)} ({', '.join(one(v) for v in labels)}; {training}; baseline "
+                  f"{spread(base_labels)}: {', '.join(one(v) for v in base_labels)})"),
+                 f"{one(first['table1'][walk])} ({walk})",
+                 f"**{spread(networks)}** ({', '.join(one(v) for v in networks)})",
+                 f"{spread(baseline)} ({', '.join(one(v) for v in baseline)})",
+                 minutes(first["lever_seconds"]), r["decision"]])
+    sources.append(f"`{name}`{' (confirmation)' if confirming else ''}: `{record['command']}`, {provenance(record)}")
+    shares = first.get("diagnostic")
+    if shares:
+        notes.append(f"`{name}`, seed 0, against the ground truth of {shares['split']}: of the labelled pixels, "
+                     f"{shares['agree_pct']:.1f}% keep the method's label (the network agrees), "
+                     f"{shares['taken_pct']:.1f}% take the network's, which is right on "
+                     f"{shares['taken_network_right_pct']:.1f}% of them and the method's on "
+                     f"{shares['taken_method_right_pct']:.1f}%, and {shares['ignored_pct']:.1f}% are ignored.")
 
 
 TABLES: dict[str, Callable[[Path], str]] = {

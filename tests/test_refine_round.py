@@ -18,7 +18,7 @@ from affinitynet.models.segmentation import predict_scores
 from affinitynet.ops.pseudo_labels import network_refinement, tagged_prediction
 from affinitynet.stages.common import label_images
 from benchmarks import label_levers
-from benchmarks.label_levers import LEVERS, decide, run_base, stops_at_seed_0
+from benchmarks.label_levers import LEVERS, confirm, decide, run_base, stops_at_seed_0
 from benchmarks.seed_spread import link_finished
 
 
@@ -208,3 +208,30 @@ def test_a_lever_without_its_baseline_says_what_to_run_before_writing(tmp_path, 
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.endswith(f"{seed_1}/results.json: no finished baseline run of seed 1 ({making} 2)"), error
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["msrc21", "msrc21_gt"]
+
+
+def test_the_confirmation_rule_is_a_one_sided_paired_t_test():
+    # Differences +1.0, +1.0, +2.8: mean 1.6, standard error 0.6; 1.6 < 2.92 * 0.6 = 1.75.
+    seeds = [_seed(70.4, 69.4), _seed(74.5, 73.5), _seed(74.6, 71.8)]
+    assert confirm(seeds) == "not confirmed: the mean difference +1.6 is under 2.92 standard errors (0.6)"
+    # +1.0, +1.2, +1.4: mean 1.2, standard error 0.12: confirmed, although within a spread of 2.
+    steady = [_seed(70.0, 69.0), _seed(74.2, 73.0), _seed(73.4, 72.0)]
+    assert confirm(steady) == "confirmed (network +1.2, standard error 0.1)"
+    assert confirm([_seed(69.0, 70.0), _seed(72.0, 73.0), _seed(71.0, 72.0)]).startswith("not confirmed")
+    assert "below CAM+RW" in confirm([_seed(70.0, 69.0, 77.0), *steady[1:]])
+    assert confirm(steady[:2]) == "undecided: 2 of 3 seeds"
+
+
+def test_a_confirmation_needs_whole_pipeline_seeds(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        label_levers.main(["regions_alpha32", "--first-seed", "3", "--no-whole-pipeline"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--first-seed: a seed of 0 or more, and above 0 only with whole-pipeline seeds")
+    with pytest.raises(SystemExit):
+        label_levers.main(["regions_alpha32", "--first-seed", "3"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("runs/msrc21_pipeline3/results.json: no finished baseline run of seed 3 "
+                          "(python -m benchmarks.msrc21 --seeds 4)"), error
+    assert list(tmp_path.iterdir()) == []

@@ -152,25 +152,36 @@ def test_every_benchmark_has_a_table():
     assert scripts == rendered
 
 
+def lever_record(seeds: list[int], whole_pipeline: bool = True, first_seed: int = 0) -> dict:
+    """A results file of benchmarks/label_levers.py's layout for the lever walk_flip (made-up
+    figures): seed k's labels 76 + 2k (baseline 77 + k), its network 70 + 2k (baseline 69 + 2k)."""
+    def seed(k, i):
+        return {"seed": k, "table1": {"CAM": 64.0, "CAM+RW": 76.0 + 2 * i}, "training_labels": "CAM+RW",
+                "walk_row": "CAM+RW", "network_val_miou": 70.0 + 2 * i,
+                "baseline_table1": {"CAM": 64.0, "CAM+RW": 77.0 + i}, "baseline_training_labels": "CAM+RW",
+                "baseline_network_val_miou": 69.0 + 2 * i, "lever_seconds": 600.0, "diagnostic": None}
+    results = {"lever": "walk_flip", "whole_pipeline": whole_pipeline, "first_seed": first_seed,
+               "seeds": [seed(k, i) for i, k in enumerate(seeds)],
+               "network_val_miou": [70.0 + 2 * i for i in range(len(seeds))],
+               "baseline_network_val_miou": [69.0 + 2 * i for i in range(len(seeds))],
+               "decision": "not kept: the network's change of +1.0 is within the seed spread 2.0"}
+    if not whole_pipeline:   # as the records written before whole-pipeline seeds: no such keys
+        del results["whole_pipeline"], results["first_seed"]
+    return {**msrc21_record(), "benchmark": "label_levers_walk_flip",
+            "command": "python -m benchmarks.label_levers walk_flip --seeds 3", "results": results}
+
+
+def lever_rows(root: Path) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in render.label_levers(root).splitlines() if line.startswith("| `walk_flip`")]
+
+
 @pytest.mark.parametrize("whole_pipeline", [True, False])
 def test_a_levers_labels_are_given_per_seed_where_its_seeds_are_whole_pipelines(tmp_path, whole_pipeline):
-    def seed(k, labels, base_labels, network, base_network):
-        return {"seed": k, "table1": {"CAM": 64.0, "CAM+RW": labels}, "training_labels": "CAM+RW",
-                "walk_row": "CAM+RW", "network_val_miou": network, "baseline_table1": {"CAM": 64.0, "CAM+RW": base_labels},
-                "baseline_training_labels": "CAM+RW", "baseline_network_val_miou": base_network,
-                "lever_seconds": 600.0, "diagnostic": None}
-    seeds = [seed(0, 76.0, 77.0, 70.0, 69.0), seed(1, 78.0, 78.0, 72.0, 71.0), seed(2, 80.0, 79.0, 74.0, 73.0)]
-    record = {**msrc21_record(), "benchmark": "label_levers_walk_flip",
-              "command": "python -m benchmarks.label_levers walk_flip --seeds 3",
-              "results": {"lever": "walk_flip", "whole_pipeline": whole_pipeline, "seeds": seeds,
-                          "network_val_miou": [70.0, 72.0, 74.0], "baseline_network_val_miou": [69.0, 71.0, 73.0],
-                          "decision": "not kept: the network's change of +1.0 is within the seed spread 2.0"}}
-    if not whole_pipeline:   # as the records written before whole-pipeline seeds: no such key
-        del record["results"]["whole_pipeline"]
+    record = lever_record([0, 1, 2], whole_pipeline)
     (tmp_path / render.RESULTS).mkdir(parents=True)
     write(tmp_path / render.RESULTS / "label_levers_walk_flip.json", record)
-    row = next(line for line in render.label_levers(tmp_path).splitlines() if line.startswith("| `walk_flip`"))
-    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    [cells] = lever_rows(tmp_path)
     if whole_pipeline:
         assert "seeds: whole pipelines" in cells[0]
         assert cells[1] == "78.0 ± 2.0 (76.0, 78.0, 80.0; CAM+RW; baseline 78.0 ± 1.0: 77.0, 78.0, 79.0)"
@@ -178,3 +189,15 @@ def test_a_levers_labels_are_given_per_seed_where_its_seeds_are_whole_pipelines(
         assert "seeds: the network's on seed 0's labels" in cells[0]
         assert cells[1] == "76.0 (CAM+RW; baseline 77.0)"
     assert cells[3] == "**72.0 ± 2.0** (70.0, 72.0, 74.0)" and cells[-1] == record["results"]["decision"]
+
+
+def test_a_confirmation_follows_its_levers_row(tmp_path):
+    (tmp_path / render.RESULTS).mkdir(parents=True)
+    write(tmp_path / render.RESULTS / "label_levers_walk_flip.json", lever_record([0, 1, 2]))
+    confirmation = lever_record([3, 4, 5], first_seed=3)
+    confirmation["results"]["decision"] = "not confirmed: the mean difference +1.0 is under 2.92 standard errors (0.0)"
+    write(tmp_path / render.RESULTS / "label_levers_walk_flip_seeds3-5.json", confirmation)
+    first, second = lever_rows(tmp_path)
+    assert "confirmation" not in first[0] and "confirmation on seeds 3-5" in second[0]
+    assert second[-1] == confirmation["results"]["decision"]
+    assert "`walk_flip` (confirmation): `python -m benchmarks.label_levers" in render.label_levers(tmp_path)
