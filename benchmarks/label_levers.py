@@ -72,7 +72,7 @@ from affinitynet.files import IGNORE_INDEX, load_label_png, read_json
 from affinitynet.pipeline import label_stage, stage, stages, training_label_stage
 
 from .common import Benchmark
-from .seed_spread import affinitynet, link_finished, seed_overrides, seed_run_dirs, spread
+from .seed_spread import affinitynet, link_finished, seed_overrides, seed_run_dirs, seed_weak_dir, spread
 
 class Lever(NamedTuple):
     """A lever's overrides; its aim, "gain" (it must raise the network) or "no loss" (it fixes a
@@ -106,7 +106,7 @@ T_5PCT_2DF = 2.920
 
 
 def run_base(lever: str) -> str:
-    """Where seed 0 of ``lever`` runs (seed k: ``seed_dir``)."""
+    """Where seed 0 of ``lever`` runs (seed k: ``seed_spread.seed_weak_dir``)."""
     return f"runs/msrc21_{lever}"
 
 
@@ -167,12 +167,6 @@ def confirm(seeds: list[dict]) -> str:
         reasons.append(f"its training labels are below {walk_row(first)}")
     return (f"confirmed (network {change:+.1f}, standard error {error:.1f})" if not reasons
             else "not confirmed: " + "; ".join(reasons))
-
-
-def seed_dir(base: str, seed: int, whole_pipeline: bool) -> Path:
-    """Where seed k of the runs whose seed 0 is ``base`` runs, as the baseline's seed k does
-    (benchmarks/seed_spread.py)."""
-    return seed_run_dirs(Path(base), Path(base + "_gt"), seed, whole_pipeline)[0]
 
 
 def refinement_shares(config: dict) -> dict[str, float]:
@@ -245,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     bounds = [stage("infer_seg").marker(seed_run_dirs(Path(args.baseline), Path(args.baseline + "_gt"), seed, whole)[1])
               for seed in seeds]
     for seed, bound in zip(seeds, bounds):
-        for needed in (seed_dir(base_runs, seed, whole) / "results.json", bound):
+        for needed in (seed_weak_dir(Path(base_runs), seed, whole) / "results.json", bound):
             if not needed.is_file():
                 bench.parser.error(f"{needed}: no finished baseline run of seed {seed} ({making.format(seed + 1)})")
     root = str(ensure_msrc21("data/msrc21"))
@@ -255,13 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     base = run_base(args.lever)
     per_seed = []
     for seed, bound_marker in zip(seeds, bounds):
-        baseline = seed_dir(base_runs, seed, whole)
+        baseline = seed_weak_dir(Path(base_runs), seed, whole)
         bound = read_json(bound_marker)["segmentation"]["miou"]
-        run_dir = seed_dir(base, seed, whole)
+        run_dir = seed_weak_dir(Path(base), seed, whole)
         overrides = [*common, *seed_overrides(seed, whole), f"run_dir={run_dir}"]
         config = load_config("msrc21", overrides)
         # A whole-pipeline seed shares no stage with seed 0: only its baseline's are linked.
-        sources = list(dict.fromkeys(([seed_dir(base, 0, whole)] if seed and not whole else [])
+        sources = list(dict.fromkeys(([Path(base)] if seed and not whole else [])
                                      + [baseline, Path(base_runs), Path(args.baseline)]))
         linked = link_finished(config, sources)
         print(f"seed {seed}: linked {', '.join(linked) or 'nothing'} from {', '.join(map(str, sources))}")

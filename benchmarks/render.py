@@ -110,6 +110,11 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def listed(values: list[float]) -> str:
+    """Each seed's mIoU, in the seeds' order."""
+    return ", ".join(one(v) for v in values)
+
+
 def minutes(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -146,10 +151,15 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 # --- the pipeline benchmarks --------------------------------------------------------------------
 
+def table1_seeds(results: dict[str, Any], title: str) -> list[float]:
+    """Table 1's row ``title`` of each seed where every seed ran the whole pipeline (else none)."""
+    return [t[title] for t in results.get("table1_seeds", []) if title in t]
+
+
 def _labels(results: dict[str, Any], title: str) -> str:
     """Table 1's row ``title``: mean +- std over the seeds where each seed ran the whole pipeline,
     else seed 0's."""
-    per_seed = [t[title] for t in results.get("table1_seeds", []) if title in t]
+    per_seed = table1_seeds(results, title)
     if len(per_seed) > 1:
         return spread(per_seed)
     row = results.get("rows", {}).get(title)
@@ -229,10 +239,10 @@ def seed_table(name: str) -> Callable[[Path], str]:
         r = record["results"]
         networks, bounds, ratios = r["network_val_miou"], r["upper_bound_val_miou"], r["ratio"]
         seeds = [f"seed {k}" for k in range(len(networks))]
-        per_seed = r.get("table1_seeds", [])   # only where every seed ran the whole pipeline
-        rows = [[f"pseudo labels, {title} ({r['label_split']})", *(one(t[title]) for t in per_seed),
-                 spread([t[title] for t in per_seed])]
-                for title in (per_seed[0] if per_seed else [])]
+        titles = (r.get("table1_seeds") or [{}])[0]   # only where every seed ran the whole pipeline
+        rows = [[f"pseudo labels, {title} ({r['label_split']})", *(one(v) for v in table1_seeds(r, title)),
+                 spread(table1_seeds(r, title))]
+                for title in titles]
         whose = "its own" if r.get("whole_pipeline") else "seed 0's"
         rows += [[f"network on {whose} {r.get('training_labels')} labels ({r['eval_split']})",
                  *(one(v) for v in networks), f"**{spread(networks)}**"],
@@ -348,14 +358,17 @@ def label_levers(root: Path) -> str:
         # Its confirmations on fresh seeds (label_levers --first-seed) follow the lever's own row.
         confirmations = [load(root, path.stem) for path in sorted((root / RESULTS).glob(f"{CONFIRMATION.format(name)}*.json"))]
         for record in (record, *confirmations):
-            _lever_rows(name, lever, record, rows, sources, notes)
+            row, source, note = _lever_row(name, lever, record)
+            rows.append(row)
+            sources.append(source)
+            notes += [note] if note else []
     return (table(header, rows) + ("\nMeasured by " + "; ".join(sources) + ".\n" if sources else "")
             + "".join(f"\n{note}\n" for note in notes))
 
 
-def _lever_rows(name: str, lever, record: dict[str, Any], rows: list, sources: list, notes: list) -> None:
+def _lever_row(name: str, lever, record: dict[str, Any]) -> tuple[list[str], str, str | None]:
     """The row of one record of ``label_levers`` (a lever's A/B or its confirmation), its source
-    and its diagnostic note."""
+    and its diagnostic note (None without one)."""
     r = record["results"]
     first = r["seeds"][0]
     training = first["training_labels"]
@@ -372,22 +385,21 @@ def _lever_rows(name: str, lever, record: dict[str, Any], rows: list, sources: l
     labelled = r["seeds"] if r.get("whole_pipeline") else [first]
     labels = [seed["table1"][training] for seed in labelled]
     base_labels = [seed["baseline_table1"][base_training] for seed in labelled]
-    rows.append([f"`{name}` ({', '.join(f'`{o}`' for o in lever.overrides)}; aim: {lever.aim}{against})",
-                 (f"{one(labels[0])} ({training}; baseline {one(base_labels[0])})" if len(labels) == 1 else
-                  f"{spread(labels)} ({', '.join(one(v) for v in labels)}; {training}; baseline "
-                  f"{spread(base_labels)}: {', '.join(one(v) for v in base_labels)})"),
-                 f"{one(first['table1'][walk])} ({walk})",
-                 f"**{spread(networks)}** ({', '.join(one(v) for v in networks)})",
-                 f"{spread(baseline)} ({', '.join(one(v) for v in baseline)})",
-                 minutes(first["lever_seconds"]), r["decision"]])
-    sources.append(f"`{name}`{' (confirmation)' if confirming else ''}: `{record['command']}`, {provenance(record)}")
+    row = [f"`{name}` ({', '.join(f'`{o}`' for o in lever.overrides)}; aim: {lever.aim}{against})",
+           (f"{one(labels[0])} ({training}; baseline {one(base_labels[0])})" if len(labels) == 1 else
+            f"{spread(labels)} ({listed(labels)}; {training}; baseline {spread(base_labels)}: {listed(base_labels)})"),
+           f"{one(first['table1'][walk])} ({walk})",
+           f"**{spread(networks)}** ({listed(networks)})",
+           f"{spread(baseline)} ({listed(baseline)})",
+           minutes(first["lever_seconds"]), r["decision"]]
+    source = f"`{name}`{' (confirmation)' if confirming else ''}: `{record['command']}`, {provenance(record)}"
     shares = first.get("diagnostic")
-    if shares:
-        notes.append(f"`{name}`, seed 0, against the ground truth of {shares['split']}: of the labelled pixels, "
-                     f"{shares['agree_pct']:.1f}% keep the method's label (the network agrees), "
-                     f"{shares['taken_pct']:.1f}% take the network's, which is right on "
-                     f"{shares['taken_network_right_pct']:.1f}% of them and the method's on "
-                     f"{shares['taken_method_right_pct']:.1f}%, and {shares['ignored_pct']:.1f}% are ignored.")
+    note = shares and (f"`{name}`, seed 0, against the ground truth of {shares['split']}: of the labelled pixels, "
+                       f"{shares['agree_pct']:.1f}% keep the method's label (the network agrees), "
+                       f"{shares['taken_pct']:.1f}% take the network's, which is right on "
+                       f"{shares['taken_network_right_pct']:.1f}% of them and the method's on "
+                       f"{shares['taken_method_right_pct']:.1f}%, and {shares['ignored_pct']:.1f}% are ignored.")
+    return row, source, note or None
 
 
 TABLES: dict[str, Callable[[Path], str]] = {

@@ -92,15 +92,22 @@ def link_finished(config: dict, sources: list[Path]) -> list[str]:
     return linked
 
 
+def seed_weak_dir(weak_dir: Path, seed: int, whole_pipeline: bool) -> Path:
+    """Where seed ``seed`` of the runs whose seed 0 is in ``weak_dir`` runs: a whole pipeline in
+    ``<weak_dir>_pipeline<k>``, a network on seed 0's labels in ``<weak_dir>_seed<k>``."""
+    if seed == 0:
+        return weak_dir
+    return Path(f"{weak_dir}_{'pipeline' if whole_pipeline else 'seed'}{seed}")
+
+
 def seed_run_dirs(weak_dir: Path, bound_dir: Path, seed: int, whole_pipeline: bool) -> tuple[Path, Path]:
-    """Where seed ``seed`` of a run whose seed 0 is in ``weak_dir`` runs, and its bound: whole
-    pipelines in ``<weak_dir>_pipeline<k>`` and ``<weak_dir>_pipeline<k>_gt``, networks on seed 0's
-    labels in ``<weak_dir>_seed<k>`` and ``<bound_dir>_seed<k>``."""
+    """Where seed ``seed`` of a run whose seed 0 is in ``weak_dir`` runs (``seed_weak_dir``), and
+    its bound: a whole pipeline's in ``<weak_dir>_pipeline<k>_gt``, a network's in
+    ``<bound_dir>_seed<k>``."""
     if seed == 0:
         return weak_dir, bound_dir
-    if whole_pipeline:
-        return Path(f"{weak_dir}_pipeline{seed}"), Path(f"{weak_dir}_pipeline{seed}_gt")
-    return Path(f"{weak_dir}_seed{seed}"), Path(f"{bound_dir}_seed{seed}")
+    weak = seed_weak_dir(weak_dir, seed, whole_pipeline)
+    return weak, Path(f"{weak}_gt") if whole_pipeline else Path(f"{bound_dir}_seed{seed}")
 
 
 def seed_overrides(seed: int, whole_pipeline: bool) -> list[str]:

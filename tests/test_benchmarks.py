@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import common
+from benchmarks.seed_spread import seed_run_dirs, seed_weak_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
@@ -61,3 +62,16 @@ def test_the_default_results_file_is_named_after_the_benchmark():
     bench = common.Benchmark(str(ROOT / "benchmarks" / "random_walk.py"), "A test.")
     bench.parse([])
     assert bench.path() == ROOT / "benchmarks" / "results" / "random_walk.json"
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_seeds_run_and_bound_directories_follow_seed_0s(whole):
+    """Seed k of a lever lands where benchmarks/msrc21.py puts seed k of the baseline, and a whole
+    pipeline's bound beside its own run, so label_levers and the benchmark find each other's runs."""
+    weak, bound = Path("runs/msrc21"), Path("runs/msrc21_gt")
+    assert seed_run_dirs(weak, bound, 0, whole) == (weak, bound)
+    assert seed_weak_dir(weak, 0, whole) == weak
+    kind = "pipeline" if whole else "seed"
+    run_2, bound_2 = seed_run_dirs(weak, bound, 2, whole)
+    assert run_2 == seed_weak_dir(weak, 2, whole) == Path(f"runs/msrc21_{kind}2")
+    assert bound_2 == (Path("runs/msrc21_pipeline2_gt") if whole else Path("runs/msrc21_gt_seed2"))
