@@ -346,9 +346,11 @@ def onnx_predict(root: Path) -> str:
 
 def label_levers(root: Path) -> str:
     """``benchmarks/label_levers.py``: each lever's A/B against the MSRC-21 benchmark's runs (issue 41)."""
-    header = ["lever", "training labels, train (seed 0; whole pipelines: per seed)", "the walk's labels, train, seed 0",
+    # A confirmation's first seed is not 0 (its row says which seeds it ran).
+    header = ["lever", "training labels, train (first seed; whole pipelines: per seed)",
+              "the walk's labels, train, first seed",
               "network, val (per seed)",
-              "baseline network, val", "time of the lever's stages, seed 0", "decision"]
+              "baseline network, val", "time of the lever's stages, first seed", "decision"]
     rows, sources, notes = [], [], []
     for name, lever in LEVERS.items():
         record = load(root, f"label_levers_{name}")
